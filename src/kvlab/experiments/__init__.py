@@ -1,0 +1,1 @@
+"""Experiments: modules that produce results and plots."""

@@ -1,0 +1,1 @@
+"""Triton GPU kernels (CUDA); the torch path in kvlab.attention is the reference."""

@@ -1,0 +1,141 @@
+"""The method interface: one small dataclass per method, registered by name.
+
+A method may act at three points, and each is optional:
+
+- :meth:`Method.prefill_end` -- once, when the prompt is in the store: evict what it will not keep
+  (SnapKV, StreamingLLM, KV-Compress, ...). It sees the last ``observation_window()`` queries of
+  every layer.
+- :meth:`Method.decode_plan` -- every decode step, every layer: choose which blocks or tokens the
+  step reads (block routing, cluster routing, oracles). ``None`` reads everything.
+- :meth:`Method.step_end` -- after every decode step: evict during decode (StreamingLLM's window).
+
+One vocabulary across methods: ``budget`` is the fraction of the context kept (or read), ``ratio``
+the fraction removed (kvpress's ``compression_ratio``); they are one number, ``budget = 1 - ratio``.
+``budget_tokens`` gives the budget as a token count instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from kvlab.attention.plans import ReadPlan
+from kvlab.cache.store import KVStore, LayerStore
+from kvlab.errors import KVLabError, check
+
+
+@dataclass
+class PrefillContext:
+    """What a method may use from prefill."""
+
+    context_lengths: torch.Tensor  # [B] prompt tokens per sequence (padding excluded)
+    queries: dict[int, torch.Tensor]  # layer -> [B, Hq, w, D] last w post-RoPE queries
+    scaling: float
+    num_query_heads: int
+
+
+@dataclass
+class StepContext:
+    """What a method may use after a decode step."""
+
+    step: int  # 0 for the first generated token
+    positions: torch.Tensor  # [B] position of the token just decoded
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, Hq, 1, D], if observed
+
+
+@dataclass
+class Method:
+    """Base class. Subclasses are dataclasses that add their own parameters and override hooks."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    compresses: ClassVar[bool] = True  # False for methods that never drop or skip anything ("full")
+
+    budget: float | None = None
+    ratio: float | None = None
+    budget_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.budget is not None:
+            check(0 < self.budget <= 1, f"budget must be in (0, 1] (the fraction kept), got {self.budget}")
+        if self.ratio is not None:
+            check(0 <= self.ratio < 1, f"ratio must be in [0, 1) (the fraction removed), got {self.ratio}")
+        if self.budget is not None and self.ratio is not None:
+            check(abs(self.budget + self.ratio - 1) < 1e-9,
+                  f"budget {self.budget} and ratio {self.ratio} disagree: budget = 1 - ratio; give one of them")
+        if self.budget_tokens is not None:
+            check(self.budget_tokens > 0, f"budget_tokens must be a positive token count, got {self.budget_tokens}")
+
+    # ------------------------------------------------------------ budget
+    @property
+    def keep_fraction(self) -> float:
+        """The budget as a fraction kept (1.0 when neither budget nor ratio was given)."""
+        if self.budget is not None:
+            return self.budget
+        if self.ratio is not None:
+            return 1.0 - self.ratio
+        return 1.0
+
+    def tokens_kept(self, context_length: int) -> int:
+        """How many of ``context_length`` tokens the budget keeps (at least one)."""
+        if self.budget_tokens is not None:
+            check(self.budget_tokens <= context_length,
+                  f"budget of {self.budget_tokens} tokens is larger than the context ({context_length} tokens)")
+            return self.budget_tokens
+        return max(1, round(self.keep_fraction * context_length))
+
+    # ------------------------------------------------------------- hooks
+    def observation_window(self) -> int:
+        """How many of the last prefill queries per layer :meth:`prefill_end` needs (0: none)."""
+        return 0
+
+    def observes_decode_queries(self) -> bool:
+        """Whether :meth:`step_end` needs each step's queries."""
+        return False
+
+    def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
+        """Evict from the store after prefill. Default: keep everything."""
+
+    def decode_plan(self, layer_idx: int, layer: LayerStore, query: torch.Tensor,
+                    q_positions: torch.Tensor) -> ReadPlan | None:
+        """Which part of ``layer`` a decode step reads. Default: everything."""
+        return None
+
+    def step_end(self, store: KVStore, ctx: StepContext) -> None:
+        """Evict after a decode step. Default: nothing."""
+
+    # ----------------------------------------------------------- describe
+    @classmethod
+    def parameters(cls) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls) if f.init]
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, **{f.name: getattr(self, f.name) for f in self.parameters()}}
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: add a method to the registry under ``cls.name``."""
+    assert cls.name and cls.name not in METHODS, f"duplicate or empty method name {cls.name!r}"
+    METHODS[cls.name] = cls
+    return cls
+
+
+def make_method(name: str, **params: Any) -> Method:
+    """Build a registered method; unknown names and parameters get one clear error."""
+    if name not in METHODS:
+        raise KVLabError(f"unknown method {name!r}; allowed: {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    allowed = {f.name for f in cls.parameters()}
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise KVLabError(f"method {name!r} has no parameter {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    try:
+        return cls(**params)
+    except TypeError as exc:  # a wrongly typed value
+        raise KVLabError(f"bad parameters for method {name!r}: {exc}") from None
