@@ -20,6 +20,11 @@ app.add_typer(bench_app, name="bench")
 
 COMMAND_MODULES = [
     "kvlab.commands.core",
+    "kvlab.commands.eviction",
+    "kvlab.commands.memory",
+    "kvlab.commands.routing",
+    "kvlab.commands.experiments",
+    "kvlab.commands.kernels",
 ]
 
 for _name in COMMAND_MODULES:

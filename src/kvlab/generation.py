@@ -97,11 +97,11 @@ def prefill(model: Any, token_ids: list[list[int]], *, block_size: int = 16, chu
     """
     check(chunk_size >= observe, f"chunk_size ({chunk_size}) must be at least the observation window ({observe})")
     _check_context(model, [len(x) for x in token_ids], reserve_tokens)
-    dtype = next(model.parameters()).dtype
-    input_ids, valid = left_pad(token_ids)
+    param = next(model.parameters())
+    input_ids, valid = (t.to(param.device) for t in left_pad(token_ids))
     positions = positions_from_valid(valid)
     batch, length = input_ids.shape
-    store = new_store(model.config, batch, block_size, dtype)
+    store = new_store(model.config, batch, block_size, param.dtype, param.device)
     for layer in store.layers:
         layer.reserve(valid.sum(1).repeat_interleave(layer.kv_heads) + reserve_tokens
                       if layer.sliding_window is None else min(length, layer.sliding_window + 64) + reserve_tokens)
@@ -112,7 +112,7 @@ def prefill(model: Any, token_ids: list[list[int]], *, block_size: int = 16, chu
     start_time = time.perf_counter()
     logits = None
     with running(model, cache), progress_bar(f"prefill {length} tokens × {batch}", total=length) as advance:
-        for s, e in zip(starts, bounds):
+        for s, e in zip(starts, bounds, strict=True):
             cache.set_inputs(positions[:, s:e], valid[:, s:e])
             out = model(input_ids=input_ids[:, s:e], position_ids=positions[:, s:e], past_key_values=cache,
                         use_cache=True, logits_to_keep=1)
@@ -146,7 +146,7 @@ def decode(model: Any, snapshot: Snapshot, method: Method, max_new_tokens: int =
     store = snapshot.store.clone()
     bytes_full = store.kv_bytes_allocated()
     ctx = PrefillContext(context_lengths=snapshot.context_lengths.clone(), queries=snapshot.queries,
-                         scaling=snapshot.scaling, num_query_heads=snapshot.num_query_heads)
+                         scaling=snapshot.scaling, num_query_heads=snapshot.num_query_heads, model=model)
     check(method.observation_window() <= MAX_OBSERVED_QUERIES,
           f"observation window must be <= {MAX_OBSERVED_QUERIES} queries, got {method.observation_window()}")
     method.prefill_end(store, ctx)
@@ -160,8 +160,9 @@ def decode(model: Any, snapshot: Snapshot, method: Method, max_new_tokens: int =
     batch = snapshot.logits.shape[0]
     next_token = snapshot.logits.argmax(-1)
     tokens, all_logits = [next_token], [snapshot.logits] if return_logits else []
-    done = torch.tensor([int(t) in eos for t in next_token])
-    valid = torch.ones(batch, 1, dtype=torch.bool)
+    device = snapshot.logits.device
+    done = torch.tensor([int(t) in eos for t in next_token], device=device)
+    valid = torch.ones(batch, 1, dtype=torch.bool, device=device)
     start = time.perf_counter()
     steps = 0
     with running(model, cache), progress_bar(f"decode ({method.name})", total=max_new_tokens - 1) as advance:
@@ -174,7 +175,7 @@ def decode(model: Any, snapshot: Snapshot, method: Method, max_new_tokens: int =
             logits = out.logits[:, -1].float()
             method.step_end(store, StepContext(step=step, positions=pos[:, 0], queries=cache.queries))
             next_token = torch.where(done, next_token, logits.argmax(-1))
-            done |= torch.tensor([int(t) in eos for t in next_token])
+            done |= torch.tensor([int(t) in eos for t in next_token], device=device)
             tokens.append(next_token)
             if return_logits:
                 all_logits.append(logits)

@@ -15,16 +15,19 @@ class ReadPlan:
     ``index`` is ``[batch, kv_heads, n]``: logical block numbers (``kind="blocks"``) or logical token
     slots (``kind="tokens"``) within each row, ascending, padded with -1. Every query head of a GQA
     group reads its KV head's selection. A plan of blocks is read as contiguous runs; a plan of
-    tokens needs a token-granular gather.
+    tokens needs a token-granular gather. ``block_size`` is the tokens per logical block of a plan of
+    blocks (``None``: the store's block size); any power of two works, because a row is contiguous.
     """
 
     kind: Literal["blocks", "tokens"]
     index: torch.Tensor
+    block_size: int | None = None
 
     def token_slots(self, row_lengths: torch.Tensor, block_size: int) -> torch.Tensor:
         """Logical token slots ``[B, H, n_tokens]`` (-1 padded) covered by this plan."""
         if self.kind == "tokens":
             return self.index
+        block_size = self.block_size or block_size
         offsets = torch.arange(block_size, device=self.index.device)
         slots = self.index[..., None] * block_size + offsets  # [B, H, n, bs]
         slots = slots.flatten(-2)

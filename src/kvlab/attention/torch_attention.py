@@ -54,6 +54,9 @@ def _attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
 def attend(layer: LayerStore, query: torch.Tensor, q_positions: torch.Tensor, scaling: float,
            plan: ReadPlan | None = None) -> torch.Tensor:
     """Attention of ``query`` ``[B, Hq, L, D]`` (positions ``[B, L]``) over a layer; returns ``[B, L, Hq, D]``."""
+    override = getattr(layer, "attend_override", None)  # a layer that attends in its own (compressed) space
+    if override is not None:
+        return override(query, q_positions, scaling, plan)
     if plan is not None:
         return attend_plan(layer, query, q_positions, scaling, plan)
     if layer.uniform:
@@ -91,7 +94,17 @@ def attend_ragged(layer: LayerStore, query: torch.Tensor, q_positions: torch.Ten
 
 def attend_plan(layer: LayerStore, query: torch.Tensor, q_positions: torch.Tensor, scaling: float,
                 plan: ReadPlan) -> torch.Tensor:
-    """Attention over the tokens a plan selects, gathered per row (the reference for every plan)."""
+    """Attention over what a plan selects: blocks as contiguous runs, tokens by gather (:mod:`.sparse`)."""
+    from kvlab.attention.sparse import attend_blocks, attend_tokens
+
+    if plan.kind == "blocks":
+        return attend_blocks(layer, query, q_positions, scaling, plan.index, plan.block_size or layer.block_size)
+    return attend_tokens(layer, query, q_positions, scaling, plan.index)
+
+
+def attend_plan_reference(layer: LayerStore, query: torch.Tensor, q_positions: torch.Tensor, scaling: float,
+                          plan: ReadPlan) -> torch.Tensor:
+    """Attention over the tokens a plan selects, gathered per row (the slow reference for every plan)."""
     b, hq, length, d = query.shape
     h = layer.kv_heads
     q = _group(query, h).to(layer.dtype)

@@ -47,10 +47,8 @@ class LayerStore:
 
     def __post_init__(self) -> None:
         rows = self.batch * self.kv_heads
-        self.start = torch.zeros(rows, dtype=torch.long)
-        self.capacity = torch.zeros(rows, dtype=torch.long)
-        self.lengths = torch.zeros(rows, dtype=torch.long)
-        self._allocate(torch.zeros(rows, dtype=torch.long))
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self._allocate(torch.zeros(rows, dtype=torch.long, device=self.device))
 
     # ----------------------------------------------------------------- layout
     @property
@@ -83,8 +81,8 @@ class LayerStore:
         """``[batch, kv_heads, max_blocks]`` physical block ids of the blocks in use, -1 padded."""
         used = ceil_div_tensor(self.lengths, self.block_size)
         width = max(int(used.max()) if self.rows else 0, 1)
-        table = self.start[:, None] + torch.arange(width)[None, :]
-        table = torch.where(torch.arange(width)[None, :] < used[:, None], table, torch.full_like(table, -1))
+        offsets = torch.arange(width, device=self.device)[None, :]
+        table = torch.where(offsets < used[:, None], self.start[:, None] + offsets, -1)
         return table.view(self.batch, self.kv_heads, width)
 
     def dense_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,10 +107,17 @@ class LayerStore:
     # ------------------------------------------------------------- mutation
     def reserve(self, tokens_per_row: torch.Tensor | int) -> None:
         """Make room for at least ``tokens_per_row`` more tokens in every row (repacks if needed)."""
-        extra = torch.as_tensor(tokens_per_row, dtype=torch.long).expand(self.rows)
-        need = ceil_div_tensor(self.lengths + extra, self.block_size)
-        if bool((need > self.capacity).any()):
-            self.repack(keep=None, capacity_blocks=torch.maximum(need, self.capacity))
+        extra = torch.as_tensor(tokens_per_row, dtype=torch.long, device=self.device).expand(self.rows)
+        self._ensure_capacity(ceil_div_tensor(self.lengths + extra, self.block_size))
+
+    def _ensure_capacity(self, need_blocks: torch.Tensor) -> None:
+        """Grow rows that need more blocks. A uniform layer stays uniform (every row gets the largest
+        need), so uncompressed batches keep the one-view dense path; a ragged layer grows per row."""
+        if not bool((need_blocks > self.capacity).any()):
+            return
+        if self.uniform:
+            need_blocks = need_blocks.max().expand(self.rows)
+        self.repack(keep=None, capacity_blocks=torch.maximum(need_blocks, self.capacity))
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                valid: torch.Tensor | None = None) -> None:
@@ -125,11 +130,9 @@ class LayerStore:
         if valid is None:
             valid = torch.ones(batch, new, dtype=torch.bool, device=keys.device)
         counts = valid.sum(1).repeat_interleave(heads)  # [rows]
-        need = ceil_div_tensor(self.lengths + counts, self.block_size)
-        if bool((need > self.capacity).any()):
+        if bool((ceil_div_tensor(self.lengths + counts, self.block_size) > self.capacity).any()):
             grow = torch.clamp(self.lengths // 4, min=self.block_size)  # amortised growth
-            self.repack(keep=None, capacity_blocks=torch.maximum(
-                ceil_div_tensor(self.lengths + counts + grow, self.block_size), self.capacity))
+            self._ensure_capacity(ceil_div_tensor(self.lengths + counts + grow, self.block_size))
         # Slot of each new valid token: row start + current length + rank among the row's valid tokens.
         rank = torch.cumsum(valid.long(), 1) - 1  # [B, L]
         base = (self.start * self.block_size + self.lengths).view(batch, heads, 1)
@@ -152,7 +155,7 @@ class LayerStore:
         old_keys, old_values, old_positions = self.keys, self.values, self.positions
         old_start, old_lengths = self.start, self.lengths
         t = int(old_lengths.max()) if self.rows else 0
-        in_use = torch.arange(t)[None, :] < old_lengths[:, None]  # [rows, T]
+        in_use = torch.arange(t, device=self.device)[None, :] < old_lengths[:, None]  # [rows, T]
         if keep is not None:
             check(keep.shape[0] == self.rows and keep.shape[1] >= t, "repack: keep mask has the wrong shape")
             in_use = in_use & keep[:, :t].to(in_use.device)
@@ -160,7 +163,7 @@ class LayerStore:
         if capacity_blocks is None:
             capacity_blocks = ceil_div_tensor(new_lengths + reserve_tokens, self.block_size)
         self._allocate(capacity_blocks)
-        src = (old_start * self.block_size)[:, None] + torch.arange(t)[None, :]
+        src = (old_start * self.block_size)[:, None] + torch.arange(t, device=self.device)[None, :]
         dst = (self.start * self.block_size)[:, None] + torch.cumsum(in_use.long(), 1) - 1
         src, dst = src[in_use], dst[in_use]
         self.keys[dst] = old_keys[src]
@@ -174,8 +177,7 @@ class LayerStore:
         if w is None or int(self.lengths.max()) <= w + slack:
             return
         t = int(self.lengths.max())
-        idx = torch.arange(t)[None, :]
-        keep = idx >= (self.lengths[:, None] - w)
+        keep = torch.arange(t, device=self.device)[None, :] >= (self.lengths[:, None] - w)
         self.repack(keep=keep, reserve_tokens=slack)
 
     def clone(self) -> LayerStore:

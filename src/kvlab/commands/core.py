@@ -6,7 +6,7 @@ import dataclasses
 import json
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -14,10 +14,10 @@ from kvlab.commands.output import print_table
 from kvlab.errors import KVLabError, check
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="built-in name, random:<shape>, directory or HF id")]
-BudgetOpt = Annotated[Optional[float], typer.Option(help="fraction of the context kept or read, in (0, 1]")]
-RatioOpt = Annotated[Optional[float], typer.Option(help="fraction of the context removed, in [0, 1) (= 1 - budget)")]
-BudgetTokensOpt = Annotated[Optional[int], typer.Option("--budget-tokens", help="budget as a token count")]
-ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-p", help="method parameter NAME=VALUE (repeat)")]
+BudgetOpt = Annotated[float | None, typer.Option(help="fraction of the context kept or read, in (0, 1]")]
+RatioOpt = Annotated[float | None, typer.Option(help="fraction of the context removed, in [0, 1) (= 1 - budget)")]
+BudgetTokensOpt = Annotated[int | None, typer.Option("--budget-tokens", help="budget as a token count")]
+ParamOpt = Annotated[list[str] | None, typer.Option("--param", "-p", help="method parameter NAME=VALUE (repeat)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 
 
@@ -40,6 +40,22 @@ def parse_method_params(method: str, params: list[str] | None, **common: Any) ->
     return out
 
 
+def extra_method_params(args: list[str]) -> list[str]:
+    """``["--rank", "32", "--mode=kv"]`` (options typer did not know) -> ``["rank=32", "mode=kv"]``."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        check(arg.startswith("--") and len(arg) > 2, f"unexpected argument {arg!r}")
+        if "=" in arg:
+            out.append(arg[2:])
+            i += 1
+            continue
+        check(i + 1 < len(args) and not args[i + 1].startswith("--"), f"option {arg} needs a value")
+        out.append(f"{arg[2:]}={args[i + 1]}")
+        i += 2
+    return out
+
+
 def _coerce(raw: str, hint: Any, name: str) -> Any:
     if raw.lower() in ("none", "null"):
         return None
@@ -53,7 +69,8 @@ def _coerce(raw: str, hint: Any, name: str) -> Any:
                 return kind(raw)
         except ValueError:
             continue
-    raise KVLabError(f"parameter {name}={raw!r} is not a valid {' or '.join(getattr(k, '__name__', str(k)) for k in kinds)}")
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in kinds)
+    raise KVLabError(f"parameter {name}={raw!r} is not a valid {names}")
 
 
 def _read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
@@ -67,16 +84,18 @@ def _read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    @app.command()
+    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def generate(
+        ctx: typer.Context,
         model: ModelOpt = "qwen2.5-coder-0.5b",
         method: Annotated[str, typer.Option(help="a method from `kvlab methods`")] = "full",
-        prompt: Annotated[Optional[str], typer.Option(help="prompt text")] = None,
-        prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="file holding the prompt")] = None,
+        prompt: Annotated[str | None, typer.Option(help="prompt text")] = None,
+        prompt_file: Annotated[Path | None, typer.Option("--prompt-file", help="file holding the prompt")] = None,
         budget: BudgetOpt = None,
         ratio: RatioOpt = None,
         budget_tokens: BudgetTokensOpt = None,
         param: ParamOpt = None,
+        quantize: Annotated[int | None, typer.Option(help="also quantize the kept K/V to 8 or 4 bits")] = None,
         max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 64,
         block_size: Annotated[int, typer.Option(help="tokens per block of the store (power of two)")] = 16,
         dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
@@ -87,8 +106,14 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
         prompts = _read_prompts(prompt, prompt_file)
         check(max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        # Method parameters may also be given as options: `--rank 32 --mode v-only` = `-p rank=32 -p mode=v-only`.
+        param = list(param or []) + extra_method_params(ctx.args)
         params = parse_method_params(method, param, budget=budget, ratio=ratio, budget_tokens=budget_tokens)
         method_obj = kvlab.make_method(method, **params)  # validate before the model loads
+        if quantize is not None:
+            from kvlab.methods.quantize import with_quantization
+
+            method_obj = with_quantization(method_obj, bits=quantize)
         check(block_size > 0 and block_size & (block_size - 1) == 0,
               f"--block-size must be a power of two, got {block_size}")
         m, tok = kvlab.load(model, dtype=dtype)
@@ -111,6 +136,41 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         }], title=f"kvlab generate · {model}")
         for text in result.texts:
             typer.echo(text)
+
+    @bench_app.command("decode")
+    def bench_decode(
+        model: ModelOpt = "qwen2.5-coder-0.5b",
+        context: Annotated[list[int], typer.Option(help="context lengths (repeat)")] = [1024, 4096],  # noqa: B006
+        batch: Annotated[int, typer.Option(help="sequences per batch")] = 1,
+        steps: Annotated[int, typer.Option(help="decode steps timed per round")] = 16,
+        rounds: Annotated[int, typer.Option(help="alternating rounds; the median is reported")] = 2,
+        dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "float32",
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Uncompressed decode: kvlab's store vs transformers' DynamicCache + SDPA, as a ratio from one run."""
+        import kvlab
+        from kvlab.experiments.bench_decode import machine, run
+
+        check(batch >= 1 and all(c >= 1 for c in context), "--batch and --context must be >= 1")
+        m, _ = kvlab.load(model, dtype=dtype)
+        rows = run(m, context, batch=batch, steps=steps, rounds=rounds)
+        print_table(rows, title=f"decode, full cache · {model} · {machine()}", as_json=as_json)
+
+    @app.command()
+    def demo(
+        model: ModelOpt = "qwen2.5-coder-0.5b",
+        budget: BudgetOpt = 0.25,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """One long real prompt (stdlib code + a question), prefilled once, answered by `full` and `streaming`."""
+        import kvlab
+        from kvlab.experiments.bench_decode import machine
+        from kvlab.experiments.demo import run
+
+        kvlab.make_method("streaming", budget=budget)  # validate before loading
+        m, tok = kvlab.load(model)
+        rows = run(m, tok, [("full", {}), ("streaming", {"budget": budget})])
+        print_table(rows, title=f"kvlab demo · {model} · {machine()}", as_json=as_json)
 
     @app.command()
     def methods(as_json: JsonOpt = False) -> None:
@@ -136,8 +196,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         for shape, fields in RANDOM_SHAPES.items():
             rows.append({"model": f"random:{shape}", "kind": "random weights", "ready": True, "install": "-",
                          "description": f"{fields['model_type']}, {fields['num_hidden_layers']} layers, "
-                                        f"{fields['num_attention_heads']} q / {fields['num_key_value_heads']} kv heads, "
-                                        f"hidden {fields['hidden_size']}"})
+                                        f"{fields['num_attention_heads']} q / {fields['num_key_value_heads']} "
+                                        f"kv heads, hidden {fields['hidden_size']}"})
         print_table(rows, title="kvlab models", as_json=as_json)
 
 

@@ -35,6 +35,7 @@ class PrefillContext:
     queries: dict[int, torch.Tensor]  # layer -> [B, Hq, w, D] last w post-RoPE queries
     scaling: float
     num_query_heads: int
+    model: Any = None  # the model being decoded (its RoPE, config, name), for methods that need it
 
 
 @dataclass
@@ -80,12 +81,16 @@ class Method:
         return 1.0
 
     def tokens_kept(self, context_length: int) -> int:
-        """How many of ``context_length`` tokens the budget keeps (at least one)."""
+        """How many of ``context_length`` tokens the budget keeps (at least one).
+
+        Rounded down, as kvpress does (``int(T * (1 - compression_ratio))``), so methods shared with
+        kvpress keep exactly the same number of tokens.
+        """
         if self.budget_tokens is not None:
             check(self.budget_tokens <= context_length,
                   f"budget of {self.budget_tokens} tokens is larger than the context ({context_length} tokens)")
             return self.budget_tokens
-        return max(1, round(self.keep_fraction * context_length))
+        return max(1, int(self.keep_fraction * context_length))
 
     # ------------------------------------------------------------- hooks
     def observation_window(self) -> int:
@@ -134,7 +139,8 @@ def make_method(name: str, **params: Any) -> Method:
     allowed = {f.name for f in cls.parameters()}
     unknown = sorted(set(params) - allowed)
     if unknown:
-        raise KVLabError(f"method {name!r} has no parameter {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+        raise KVLabError(f"method {name!r} has no parameter {', '.join(unknown)}; "
+                         f"allowed: {', '.join(sorted(allowed))}")
     try:
         return cls(**params)
     except TypeError as exc:  # a wrongly typed value

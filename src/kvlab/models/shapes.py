@@ -64,6 +64,13 @@ _FULL: dict[str, dict[str, Any]] = {
         max_position_embeddings=131072, sliding_window=1024,
         layer_types=[("full_attention" if (i + 1) % 6 == 0 else "sliding_attention") for i in range(34)],
     ),
+    # Gemma 3 27B (public config): 62 layers, 5 sliding-window layers (1024) per global one.
+    "gemma-3-27b": dict(
+        model_type="gemma3_text", hidden_size=5376, intermediate_size=21504, num_hidden_layers=62,
+        num_attention_heads=32, num_key_value_heads=16, head_dim=128, vocab_size=262208,
+        max_position_embeddings=131072, sliding_window=1024,
+        layer_types=[("full_attention" if (i + 1) % 6 == 0 else "sliding_attention") for i in range(62)],
+    ),
 }
 
 RANDOM_SHAPES: dict[str, dict[str, Any]] = {**_TINY, **_FULL}

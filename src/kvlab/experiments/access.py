@@ -1,0 +1,191 @@
+"""H2, memory access dominates attention latency (``kvlab bench access``).
+
+Claim (the premise of block-contiguous selection, as in Quest, Tang et al. 2024, arXiv 2406.10774,
+and MoBA): at decode, attention is bound by reading K and V, so *how* the selected tokens are laid out
+matters as much as how many: scattered token gathers (ClusterKV-style similarity selection) cost more
+than the FLOPs they save, contiguous blocks do not.
+
+Part 1 (microbenchmark): one decode query, equal token budget, only contiguity varied -- blocks of
+1 (scattered), 4, 16, 64 and 256 tokens chosen at random, plus full attention -- at several context
+lengths; time, and effective GB/s of K+V read against the machine's measured copy bandwidth. The read
+paths are :mod:`kvlab.attention.sparse` (``attend_tokens`` gather for block 1, ``attend_blocks``
+otherwise) when present, else the reference gather of :func:`kvlab.attention.torch_attention.attend_plan`.
+
+Part 2 (end to end): decode tokens/s on the real model at equal budget: ``full``, ``block-route``,
+``cluster-route`` and ``cluster-route --relayout``, all from the same prefilled snapshot.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from typing import Any
+
+import torch
+
+from kvlab.attention.plans import ReadPlan
+from kvlab.attention.torch_attention import attend, attend_plan
+from kvlab.cache.store import KVStore, LayerStore
+from kvlab.errors import check
+
+BLOCK_SIZES = (1, 4, 16, 64, 256)
+
+
+def machine() -> str:
+    """The CPU model and core count (and the GPU when one is used), for every figure."""
+    name = platform.processor() or "CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} torch threads ({_cores()} cores)"
+
+
+def _cores() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def copy_bandwidth(mb: int = 256, reps: int = 5, device: str = "cpu") -> float:
+    """Measured copy bandwidth in GB/s: bytes copied per second by ``dst.copy_(src)`` (best of ``reps``)."""
+    n = mb * 2**20 // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(reps):
+        _sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return n * 4 / best / 1e9
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def make_layer(context: int, kv_heads: int, head_dim: int, seed: int = 0, device: str = "cpu") -> LayerStore:
+    """A one-sequence layer of ``context`` random keys and values (store blocks of 16)."""
+    store = KVStore.empty(1, 1, kv_heads, head_dim, block_size=16, device=device)
+    layer = store.layers[0]
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, kv_heads, context, head_dim, generator=g).to(device)
+    v = torch.randn(1, kv_heads, context, head_dim, generator=g).to(device)
+    pos = torch.arange(context, device=device)[None, :]
+    layer.append(k, v, pos)
+    return layer
+
+
+def random_blocks(context: int, kv_heads: int, block: int, budget: float, seed: int) -> torch.Tensor:
+    """``[1, H, n]`` ascending random block ids covering ``budget * context`` tokens per head."""
+    n_blocks = context // block
+    n = max(1, round(budget * context / block))
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randperm(n_blocks, generator=g)[:n].sort().values for _ in range(kv_heads)]
+    return torch.stack(ids)[None]
+
+
+def _reader(layer: LayerStore, block: int, index: torch.Tensor):
+    try:
+        from kvlab.attention import sparse
+    except ImportError:
+        sparse = None
+    if sparse is not None and hasattr(sparse, "attend_blocks") and hasattr(sparse, "attend_tokens"):
+        if block == 1:
+            return "sparse.attend_tokens(gather)", lambda q, p, s: sparse.attend_tokens(layer, q, p, s, index,
+                                                                                         mode="gather")
+        return "sparse.attend_blocks", lambda q, p, s: sparse.attend_blocks(layer, q, p, s, index, block_size=block)
+    plan = ReadPlan("tokens", _token_index(index, block))
+    return "attend_plan (reference)", lambda q, p, s: attend_plan(layer, q, p, s, plan)
+
+
+def _token_index(index: torch.Tensor, block: int) -> torch.Tensor:
+    return (index[..., None] * block + torch.arange(block)).flatten(-2)
+
+
+def _time(fn, reps: int, device: str, min_seconds: float = 0.4, max_reps: int = 200) -> float:
+    """Best time of at least ``reps`` runs, repeated until ``min_seconds`` have been spent (at most
+    ``max_reps``): on a shared machine the minimum over many short runs is the undisturbed time."""
+    fn()  # warm-up (buffers, caches)
+    times: list[float] = []
+    while len(times) < reps or (sum(times) < min_seconds and len(times) < max_reps):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return min(times)  # best of reps: the machine is shared, noise only adds time
+
+
+def bench_access(contexts: list[int], budget: float = 0.125, kv_heads: int = 8, q_heads: int = 32,
+                 head_dim: int = 128, block_sizes: tuple[int, ...] = BLOCK_SIZES, reps: int = 7,
+                 device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+    """Time attention of one decode query at equal token budget, varying only contiguity."""
+    check(0 < budget < 1, f"budget must be in (0, 1), got {budget}")
+    check(all(c % max(block_sizes) == 0 for c in contexts),
+          f"contexts must be multiples of {max(block_sizes)} tokens, got {contexts}")
+    check(budget * min(contexts) >= max(block_sizes),
+          f"a budget of {budget:g} × {min(contexts)} tokens is smaller than one block of {max(block_sizes)}; "
+          f"use contexts of at least {round(max(block_sizes) / budget)} tokens")
+    bw = copy_bandwidth(device=device)
+    rows = []
+    # Warm-up sweep on the smallest context: first calls pay for lazy initialisation and buffer growth.
+    warm = make_layer(min(contexts), kv_heads, head_dim, seed, device)
+    wq = torch.randn(1, q_heads, 1, head_dim).to(device)
+    wpos = torch.tensor([[min(contexts)]], device=device)
+    for block in block_sizes:
+        _reader(warm, block, random_blocks(min(contexts), kv_heads, block, budget, seed).to(device))[1](
+            wq, wpos, head_dim ** -0.5)
+    from kvlab.progress import track
+
+    for context in track(contexts, f"bench access ({device})"):
+        layer = make_layer(context, kv_heads, head_dim, seed, device)
+        q = torch.randn(1, q_heads, 1, head_dim, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+        pos = torch.tensor([[context]], device=device)
+        scaling = head_dim ** -0.5
+        full_t = _time(lambda layer=layer, q=q, pos=pos, s=scaling: attend(layer, q, pos, s), reps, device)
+        full_bytes = context * kv_heads * head_dim * 2 * 4
+        rows.append({"context": context, "block": "full", "path": "attend_dense", "tokens": context,
+                     "seconds": full_t, "gbps": full_bytes / full_t / 1e9, "copy_gbps": bw, "vs_full": 1.0})
+        for block in block_sizes:
+            index = random_blocks(context, kv_heads, block, budget, seed + block).to(device)
+            name, fn = _reader(layer, block, index)
+            t = _time(lambda fn=fn, q=q, pos=pos, s=scaling: fn(q, pos, s), reps, device)
+            tokens = int(index.shape[-1]) * block
+            nbytes = tokens * kv_heads * head_dim * 2 * 4
+            rows.append({"context": context, "block": block, "path": name, "tokens": tokens, "seconds": t,
+                         "gbps": nbytes / t / 1e9, "copy_gbps": bw, "vs_full": t / full_t})
+    return {"device": device, "machine": machine() if device == "cpu" else torch.cuda.get_device_name(),
+            "budget": budget, "kv_heads": kv_heads, "q_heads": q_heads, "head_dim": head_dim,
+            "copy_gbps": bw, "rows": rows}
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """Verdict: scattered (block 1) vs contiguous (best of ≥ 16) time, and whether the gap widens with length."""
+    rows = result["rows"]
+    contexts = sorted({r["context"] for r in rows})
+    gaps = []
+    for c in contexts:
+        by = {r["block"]: r for r in rows if r["context"] == c}
+        contiguous = min(by[b]["seconds"] for b in by if b != "full" and b != 1 and b >= 16)
+        gaps.append({"context": c, "scattered_s": by[1]["seconds"], "contiguous_s": contiguous,
+                     "full_s": by["full"]["seconds"], "gap": by[1]["seconds"] / contiguous,
+                     "scattered_vs_full": by[1]["seconds"] / by["full"]["seconds"],
+                     "ideal_vs_full": result["budget"]})
+    widening = len(gaps) >= 2 and gaps[-1]["gap"] >= gaps[0]["gap"]
+    costly = all(g["gap"] > 1.5 for g in gaps)
+    verdict = "supported" if costly and widening else ("not supported" if not any(g["gap"] > 1.2 for g in gaps)
+                                                       else "inconclusive")
+    text = "; ".join(f"{g['context']}: scattered {1e3 * g['scattered_s']:.2f} ms vs contiguous "
+                     f"{1e3 * g['contiguous_s']:.2f} ms ({g['gap']:.1f}×), full {1e3 * g['full_s']:.2f} ms"
+                     for g in gaps)
+    return {"gaps": gaps, "widening": widening, "verdict": verdict, "summary": text}

@@ -1,0 +1,101 @@
+"""H3, attention entropy by layer (``kvlab profile entropy``).
+
+Claim (the premise of dense early layers, as in PyramidKV, Cai et al. 2024, arXiv 2406.02069, and
+DuoAttention-style layer splits): early layers attend broadly (high normalized entropy) and resist
+compression; after some boundary layer entropy drops. Measured as the normalized entropy
+``H(p) / log(n_visible)`` of the last observed queries per layer and head, over real code and prose at
+several lengths, on both built-in model families. The boundary is the change point of the per-layer
+mean (:func:`kvlab.experiments.metrics.boundary_layer`), computed per prompt to judge its stability.
+
+The profile written here, ``$KVLAB_CACHE/profiles/<model>-entropy.json``, is what
+``block-route --dense-layers auto`` reads: ``{"model", "dense_layers": [...], "boundary", ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from kvlab.experiments.metrics import boundary_layer
+from kvlab.io import write_atomic
+from kvlab.models.builtin import cache_root
+
+MIN_DROP = 0.05  # a boundary needs the mean entropy to drop by at least this much
+
+
+def profile_path(model_name: str) -> Path:
+    """Where the entropy profile of ``model_name`` lives: the path ``block-route`` reads
+    (:func:`kvlab.methods._routing_common.entropy_profile_path`) when that module exists."""
+    try:
+        from kvlab.methods._routing_common import entropy_profile_path
+    except ImportError:
+        safe = model_name.replace("/", "--").replace(":", "-")
+        return cache_root() / "profiles" / f"{safe}-entropy.json"
+    return entropy_profile_path(model_name)
+
+
+def load_profile(model_name: str) -> dict[str, Any] | None:
+    path = profile_path(model_name)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def summarize(cells: list[dict[str, Any]], model_name: str) -> dict[str, Any]:
+    """Per-layer entropy (mean over heads, kinds, lengths), per-prompt boundaries, the stable boundary."""
+    n_layers = len(cells[0]["layers"])
+    sliding = cells[0].get("sliding", [False] * n_layers)
+    per_layer = [sum(_mean(c["layers"][i]["entropy"]) for c in cells) / len(cells) for i in range(n_layers)]
+    per_head = [[sum(c["layers"][i]["entropy"][h] for c in cells) / len(cells)
+                 for h in range(len(cells[0]["layers"][i]["entropy"]))] for i in range(n_layers)]
+    prompts = []
+    for c in cells:
+        series = [_mean(layer["entropy"]) for layer in c["layers"]]
+        b, drop = boundary_layer(series)
+        prompts.append({"kind": c["kind"], "length": c["length"], "boundary": b, "drop": drop})
+    boundary, drop = boundary_layer(per_layer)
+    counts = Counter(p["boundary"] for p in prompts)
+    agree = sum(v for k, v in counts.items() if abs(k - boundary) <= 1) / len(prompts)
+    found = drop >= MIN_DROP
+    stable = found and agree >= 0.75
+    dense = list(range(boundary)) if found else []
+    return {
+        "model": model_name, "n_layers": n_layers, "entropy_per_layer": per_layer, "entropy_per_head": per_head,
+        "sliding_layers": [i for i, s in enumerate(sliding) if s], "boundary": boundary if found else 0,
+        "drop": drop, "prompt_boundaries": prompts, "agreement": agree, "stable": stable,
+        "dense_layers": dense, "relative_boundary": boundary / n_layers if found else 0.0,
+    }
+
+
+def save_profile(summary: dict[str, Any]) -> Path:
+    """Write the profile ``block-route --dense-layers auto`` reads; returns its path."""
+    path = profile_path(summary["model"])
+    payload = {k: summary[k] for k in ("model", "dense_layers", "boundary", "drop", "stable", "agreement",
+                                       "entropy_per_layer", "n_layers")}
+    payload["source"] = "kvlab profile entropy (normalized attention entropy of the last prefill queries)"
+    write_atomic(path, json.dumps(payload, indent=2))
+    return path
+
+
+def verdict(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """H3 across models: a stable boundary in each, and agreement of relative boundaries across families."""
+    if not summaries:
+        return {"verdict": "inconclusive", "summary": "no model profiled"}
+    parts = [f"{s['model']}: boundary after layer {s['boundary'] - 1 if s['boundary'] else '-'} "
+             f"(drop {s['drop']:.3f}, {100 * s['agreement']:.0f}% of prompts within ±1 layer)" for s in summaries]
+    stable = all(s["stable"] for s in summaries)
+    if len(summaries) >= 2:
+        rel = [s["relative_boundary"] for s in summaries]
+        across = max(rel) - min(rel) <= 0.15
+        parts.append(f"relative boundaries {', '.join(f'{r:.2f}' for r in rel)} "
+                     f"({'agree' if across else 'disagree'} within 0.15 of depth)")
+        v = "supported" if stable and across else ("not supported" if not any(s["stable"] for s in summaries)
+                                                    else "inconclusive")
+    else:
+        parts.append("only one model family profiled")
+        v = "inconclusive" if stable else "not supported"
+    return {"verdict": v, "summary": "; ".join(parts)}
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / max(1, len(xs))

@@ -1,0 +1,156 @@
+"""H1, attention locality (``kvlab profile locality``).
+
+Claim (StreamingLLM, Xiao et al. 2023, arXiv 2309.17453; the premise of block routing): the queries at
+the end of a long context put almost all their attention on the first block (the attention sink) and
+a local window, so the rest (ε) can be read sparsely. Measured per layer and query head, for the last
+observed queries of real code and prose at several context lengths, from the stored keys and the
+observed post-RoPE queries (exact softmax, no eager re-run). Also the mass by log2 distance bucket, as
+a layer × distance heatmap. Verdict: in how many layers ε < 0.05.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvlab.experiments import metrics
+from kvlab.experiments.runner import Captured, Cells, attention_weights, prefill_points, truncate
+from kvlab.experiments.texts import bos_ids, text_tokens
+from kvlab.generation import Snapshot
+from kvlab.progress import track
+
+EPS_THRESHOLD = 0.05
+
+
+class TextPool:
+    """Real code and prose streams of one model, prefilled once (lazily) with capture points at every
+    context length; :meth:`at` gives the exact snapshot at any of those lengths."""
+
+    def __init__(self, model: Any, tokenizer: Any, kinds: list[str], lengths: list[int], seed: int = 0,
+                 extra: int = 256, block_size: int = 16):
+        self.model, self.kinds, self.lengths = model, kinds, sorted(lengths)
+        self.block_size = block_size
+        bos = bos_ids(tokenizer)
+        total = self.lengths[-1] + extra
+        self.ids = [bos + text_tokens(tokenizer, kind, total - len(bos), seed + i) for i, kind in enumerate(kinds)]
+        self._snap: Snapshot | None = None
+        self._captured: dict[int, Captured] = {}
+
+    def _ensure(self) -> None:
+        if self._snap is None:
+            longest = self.lengths[-1]
+            self._snap, self._captured = prefill_points(
+                self.model, [x[:longest] for x in self.ids], self.lengths, block_size=self.block_size,
+                label=f"prefill {'+'.join(self.kinds)}")
+
+    def at(self, length: int) -> tuple[Snapshot, Captured]:
+        self._ensure()
+        assert self._snap is not None
+        captured = self._captured[length]
+        snap = self._snap if length == self.lengths[-1] else truncate(self._snap, length, captured)
+        return snap, captured
+
+    @property
+    def prefill_seconds(self) -> float | None:
+        return None if self._snap is None else self._snap.prefill_seconds
+
+
+@dataclass
+class LayerProfile:
+    sink: list[float]  # per query head, mean over observed queries
+    local: list[float]
+    elsewhere: list[float]
+    entropy: list[float]
+    buckets: list[float]  # mass per distance bucket, mean over heads and queries
+
+
+def profile_snapshot(snapshot: Snapshot, captured: Captured, length: int, batch_index: int, sink: int,
+                     local: int, n_queries: int = 64) -> list[LayerProfile]:
+    """Per-layer attention statistics of the last ``n_queries`` observed queries before ``length``."""
+    buckets = metrics.distance_buckets(length)
+    out = []
+    for layer_idx, layer in enumerate(snapshot.store.layers):
+        q = captured.queries[layer_idx][:, :, -n_queries:]
+        n = q.shape[2]
+        q_pos = torch.arange(length - n, length)
+        w, kpos = attention_weights(layer, q, q_pos, snapshot.scaling, batch_index)
+        kp = kpos[:, None, :]  # [Hq, 1, T]
+        regions = metrics.region_mass(w, kp[:, 0], q_pos, sink, local)
+        visible = (kp >= 0) & (kp <= q_pos[None, :, None])
+        if layer.sliding_window is not None:
+            visible &= (q_pos[None, :, None] - kp) < layer.sliding_window
+        ent = metrics.normalized_entropy(w, visible)
+        dist = metrics.distance_mass(w, kpos, q_pos, buckets)  # [Hq, L, nb]
+        out.append(LayerProfile(
+            sink=regions["sink"].mean(1).tolist(), local=regions["local"].mean(1).tolist(),
+            elsewhere=regions["elsewhere"].mean(1).tolist(), entropy=ent.mean(1).tolist(),
+            buckets=dist.mean((0, 1)).tolist(),
+        ))
+    return out
+
+
+def profile_cells(pool: TextPool, cells: Cells, model_name: str, sink: int = 16, local: int = 128,
+                  seed: int = 0) -> list[dict[str, Any]]:
+    """One cell per (text kind, context length): per-layer sink/local/elsewhere mass, entropy, buckets."""
+    out = []
+    todo = [(b, kind, length) for length in pool.lengths for b, kind in enumerate(pool.kinds)]
+    for b, kind, length in track(todo, "attention profiles"):
+        key = {"model": model_name, "kind": kind, "length": length, "sink": sink, "local": local, "seed": seed}
+        cell = cells.get("profile", key)
+        if cell is None:
+            snap, captured = pool.at(length)
+            layers = profile_snapshot(snap, captured, length, b, sink, local)
+            cell = cells.put("profile", key, {
+                "model": model_name, "kind": kind, "length": length, "sink_tokens": sink, "local_tokens": local,
+                "buckets": [list(x) for x in metrics.distance_buckets(length)],
+                "layers": [vars(x) for x in layers],
+                "sliding": [layer.sliding_window is not None for layer in snap.store.layers],
+            })
+        out.append(cell)
+    return out
+
+
+def summarize(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per length: ε per layer (mean over heads and kinds), the layers with ε < 0.05, and the verdict."""
+    by_length: dict[int, list[dict[str, Any]]] = {}
+    for c in cells:
+        by_length.setdefault(c["length"], []).append(c)
+    rows = []
+    for length, group in sorted(by_length.items()):
+        n_layers = len(group[0]["layers"])
+        eps = [sum(_mean(c["layers"][i]["elsewhere"]) for c in group) / len(group) for i in range(n_layers)]
+        sink = [sum(_mean(c["layers"][i]["sink"]) for c in group) / len(group) for i in range(n_layers)]
+        local = [sum(_mean(c["layers"][i]["local"]) for c in group) / len(group) for i in range(n_layers)]
+        # Head-level: fraction of (layer, head) pairs with ε < threshold.
+        heads = [h for c in group for layer in c["layers"] for h in layer["elsewhere"]]
+        rows.append({
+            "length": length, "eps_per_layer": eps, "sink_per_layer": sink, "local_per_layer": local,
+            "layers_eps_below": sum(e < EPS_THRESHOLD for e in eps), "n_layers": n_layers,
+            "heads_eps_below_fraction": sum(h < EPS_THRESHOLD for h in heads) / max(1, len(heads)),
+            "mean_eps": sum(eps) / n_layers,
+        })
+    if not rows:
+        return {"rows": [], "verdict": "inconclusive", "summary": "no data"}
+    frac = sum(r["layers_eps_below"] for r in rows) / sum(r["n_layers"] for r in rows)
+    verdict = "supported" if frac >= 0.75 else ("not supported" if frac < 0.5 else "inconclusive")
+    text = "; ".join(f"{r['length']} tokens: ε < {EPS_THRESHOLD} in {r['layers_eps_below']}/{r['n_layers']} layers "
+                     f"(mean ε {r['mean_eps']:.3f})" for r in rows)
+    return {"rows": rows, "fraction_layers_below": frac, "verdict": verdict, "summary": text,
+            "sink_tokens": cells[0]["sink_tokens"], "local_tokens": cells[0]["local_tokens"]}
+
+
+def heatmap(cells: list[dict[str, Any]], length: int) -> tuple[list[list[float]], list[str]]:
+    """Layer × distance-bucket mass at ``length`` (mean over kinds), and bucket labels."""
+    group = [c for c in cells if c["length"] == length]
+    n_layers = len(group[0]["layers"])
+    nb = len(group[0]["buckets"])
+    grid = [[sum(c["layers"][i]["buckets"][j] for c in group) / len(group) for j in range(nb)]
+            for i in range(n_layers)]
+    labels = [f"{lo}" if hi - lo == 1 else f"{lo}-{hi - 1}" for lo, hi in group[0]["buckets"]]
+    return grid, labels
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / max(1, len(xs))

@@ -1,0 +1,161 @@
+"""Needle in a haystack (``kvlab niah``): where a retrieval-heavy task breaks position-aware selection.
+
+A pass key ("The pass key is 73914 ...", after Mohtashami & Jaggi 2023, arXiv 2305.16300) or a sentence
+needle is spliced into real prose (Gutenberg) at depths 0–100% of contexts of several lengths, and every
+method answers at budgets from 1/2 to 1/32. All depths of a (length, needle) pair share one haystack and
+one batch, so each context is prefilled once.
+
+Decode-time routing sees the question (it selects per step, with the question's queries); prefill-time
+eviction, as usually evaluated (SnapKV, Li et al. 2024, arXiv 2404.14469), compresses with the question
+in its observation window: the *question-aware* mode. Eviction methods also run *question-agnostic*:
+compressed right after the context, before the question is read (compress once, ask anything).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from kvlab.experiments import metrics
+from kvlab.experiments.runner import (
+    Cells,
+    MethodSpec,
+    decode_texts,
+    eos_ids,
+    family,
+    prefill_points,
+    run_method,
+    truncate,
+)
+from kvlab.experiments.texts import Prompt, build_prompt, encode, text_tokens
+from kvlab.progress import track
+
+KINDS = ("passkey", "sentence")
+COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "silver", "golden", "black", "white"]
+WORDS = ["lantern", "harbor", "velvet", "orchid", "granite", "meadow", "falcon", "cobalt", "saffron", "juniper"]
+INTRO = "Read the text below. Somewhere in it is a piece of information you will be asked about.\n\n"
+
+
+def needle(kind: str, rng: random.Random) -> tuple[str, str, str]:
+    """``(needle text, question, gold answer)``."""
+    if kind == "passkey":
+        key = str(rng.randrange(10000, 100000))
+        return (f"The pass key is {key}. Remember it. {key} is the pass key.",
+                "What is the pass key? Answer with the number only.", key)
+    color, word = rng.choice(COLORS), rng.choice(WORDS)
+    return (f"The magic word for the {color} door is {word}.",
+            f"What is the magic word for the {color} door? Answer with the word only.", word)
+
+
+def prompts(tokenizer: Any, length: int, depths: list[float], kind: str, seed: int = 0) -> list[Prompt]:
+    """One prompt of exactly ``length`` tokens per depth, same haystack and needle."""
+    rng = random.Random(f"{seed}-{length}-{kind}")
+    text, question, gold = needle(kind, rng)
+    needle_ids = encode(tokenizer, "\n" + text + "\n")
+    probe = build_prompt(tokenizer, [(INTRO, False), (needle_ids, True)], question, gold)
+    n_hay = length - len(probe.ids)
+    if n_hay < 16:
+        from kvlab.errors import KVLabError
+
+        raise KVLabError(f"NIAH context of {length} tokens is too short for the needle and question "
+                         f"(needs more than {len(probe.ids) + 16})")
+    hay = text_tokens(tokenizer, "prose", n_hay, seed)
+    out = []
+    for depth in depths:
+        cut = round(depth * n_hay)
+        segs = [(INTRO, False), (hay[:cut], False), (needle_ids, True), (hay[cut:], False)]
+        p = build_prompt(tokenizer, segs, question, gold, {"depth": depth, "kind": kind, "length": length})
+        assert len(p.ids) == length, (len(p.ids), length)
+        out.append(p)
+    return out
+
+
+def correct(answer: str, gold: str) -> bool:
+    return metrics.normalize_answer(gold) in metrics.normalize_answer(answer)
+
+
+def run(model: Any, tokenizer: Any, model_name: str, specs: list[MethodSpec], lengths: list[int],
+        depths: list[float], budgets: list[float], kinds: list[str], cells: Cells, notes: list[str],
+        seed: int = 0, max_new_tokens: int = 8, agnostic: bool = True) -> list[dict[str, Any]]:
+    """Every (length, needle kind, method, budget, mode) cell; each holds all depths."""
+    eos = eos_ids(model, tokenizer)
+    out: list[dict[str, Any]] = []
+    for length in lengths:
+        for kind in kinds:
+            batch = prompts(tokenizer, length, depths, kind, seed)
+            ctx_end = batch[0].context_end
+            plan = []
+            for s in specs:
+                for budget in ([1.0] if s.name == "full" else budgets):
+                    plan.append((s, budget, "aware"))
+                    if agnostic and s.name != "full" and family(s.make(budget)) == "eviction":
+                        plan.append((s, budget, "agnostic"))
+            keys = [{"model": model_name, "length": length, "kind": kind, "depths": depths, "method": s.label,
+                     "budget": b, "mode": mode, "seed": seed, "max_new": max_new_tokens} for s, b, mode in plan]
+            cached = [cells.get("niah", k) for k in keys]
+            snap = captured = None
+            work = list(zip(plan, keys, cached, strict=True))
+            for (s, budget, mode), key, cell in track(work, f"niah {length} {kind}"):
+                if cell is None:
+                    if snap is None:
+                        snap, captured = prefill_points(model, [p.ids[:-1] for p in batch], [ctx_end],
+                                                        reserve_tokens=len(batch[0].ids) - ctx_end + max_new_tokens,
+                                                        label=f"niah prefill {length}")
+                    try:
+                        if mode == "aware":
+                            base, forced = snap, [p.ids[-1:] for p in batch]
+                        else:
+                            base, forced = truncate(snap, ctx_end, captured[ctx_end]), [p.ids[ctx_end:] for p in batch]
+                        res = run_method(model, base, s.make(budget), forced, max_new_tokens, eos, record_reads=True,
+                                         label=f"niah {s.label} {budget:g} {mode}")
+                    except Exception as exc:  # a method that cannot run this cell: noted, not fatal
+                        notes.append(f"niah: {s.label} at budget {budget:g} ({mode}) failed: {exc}")
+                        continue
+                    answers = decode_texts(tokenizer, res.generated, eos)
+                    rows = []
+                    for b, (p, a) in enumerate(zip(batch, answers, strict=False)):
+                        ger = [metrics.global_eviction_ratio(res.reads[i][b], p.relevant) for i in sorted(res.reads)]
+                        rows.append({"depth": p.meta["depth"], "answer": a, "correct": correct(a, p.gold),
+                                     "ger_per_layer": ger})
+                    cell = cells.put("niah", key, {"model": model_name, "length": length, "kind": kind,
+                                                   "method": s.label, "budget": budget, "mode": mode, "rows": rows,
+                                                   "gold": batch[0].gold, "decode_seconds": res.seconds})
+                out.append(cell)
+    return out
+
+
+def summarize(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy per (method, mode, budget), and the full-cache baseline."""
+    table: dict[tuple[str, str, float], list[bool]] = {}
+    for c in cells:
+        table.setdefault((c["method"], c["mode"], c["budget"]), []).extend(r["correct"] for r in c["rows"])
+    rows = [{"method": m, "mode": mode, "budget": b, "accuracy": sum(v) / len(v), "n": len(v)}
+            for (m, mode, b), v in sorted(table.items(), key=lambda x: (x[0][0], x[0][1], -x[0][2]))]
+    full = [r["accuracy"] for r in rows if r["method"] == "full"]
+    base = full[0] if full else None
+    best = {}
+    for r in rows:
+        if r["method"] != "full":
+            best.setdefault(r["budget"], []).append(r)
+    parts = [f"full cache {100 * base:.0f}%" if base is not None else "no full-cache baseline"]
+    for b in sorted(best, reverse=True):
+        ranked = sorted(best[b], key=lambda r: -r["accuracy"])
+        parts.append(f"budget {b:g}: " + ", ".join(f"{r['method']}{'' if r['mode'] == 'aware' else ' (agnostic)'} "
+                                                   f"{100 * r['accuracy']:.0f}%" for r in ranked[:6]))
+    return {"rows": rows, "full_accuracy": base, "summary": "; ".join(parts)}
+
+
+def heat(cells: list[dict[str, Any]], method: str, mode: str, budget: float) -> tuple[list[float], list[int],
+                                                                                       list[list[float]]]:
+    """``(depths, lengths, accuracy[depth][length])`` for one method, mode and budget (mean over needles)."""
+    sel = [c for c in cells if c["method"] == method and c["mode"] == mode and c["budget"] == budget]
+    depths = sorted({r["depth"] for c in sel for r in c["rows"]})
+    lengths = sorted({c["length"] for c in sel})
+    grid = []
+    for d in depths:
+        row = []
+        for length in lengths:
+            v = [r["correct"] for c in sel if c["length"] == length for r in c["rows"] if r["depth"] == d]
+            row.append(sum(v) / len(v) if v else float("nan"))
+        grid.append(row)
+    return depths, lengths, grid

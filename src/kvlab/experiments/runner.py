@@ -1,0 +1,373 @@
+"""The machinery every experiment shares: method configurations from the registry, cached cells,
+prefill with capture points, teacher-forced decoding with a method applied, and attention weights
+recomputed from a snapshot's stored keys and observed queries (no eager re-run).
+
+Prefill once, compress many: a context is prefilled once and every method starts from a copy of the
+same snapshot. A prompt is split into a prefilled part and a forced tail (at least its last token),
+so that no method's answer comes from the uncompressed prefill logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvlab.attention.torch_attention import visibility
+from kvlab.cache.store import KVStore, LayerStore
+from kvlab.errors import KVLabError, check
+from kvlab.generation import MAX_OBSERVED_QUERIES, Snapshot, _scaling
+from kvlab.io import write_atomic
+from kvlab.methods.base import METHODS, Method, PrefillContext, StepContext, make_method
+from kvlab.models.integration import KVLabCache, new_store, running
+from kvlab.progress import progress_bar
+
+# Method families (by registry name); names not registered yet are skipped with a note.
+ROUTING = ["block-route", "cluster-route", "oracle-tokens", "oracle-blocks"]
+EVICTION = ["streaming", "kv-compress", "snapkv", "pyramidkv", "h2o", "tova", "knorm", "random", "ada-snapkv"]
+OTHER = ["low-rank", "quantize", "local-global", "cross-layer"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method configuration: a label for tables, a registry name, fixed parameters."""
+
+    label: str
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def make(self, budget: float | None) -> Method:
+        params = dict(self.params)
+        if budget is not None and budget < 1.0 and self.name != "full":
+            params["budget"] = budget
+        return make_method(self.name, **params)
+
+
+def spec(label: str, name: str | None = None, **params: Any) -> MethodSpec:
+    return MethodSpec(label, name or label, tuple(sorted(params.items())))
+
+
+def all_specs() -> list[MethodSpec]:
+    """Every method the experiments know, in report order (relayout is a cluster-route variant)."""
+    out = [spec("full")]
+    for name in ROUTING + EVICTION + OTHER:
+        out.append(spec(name))
+        if name == "cluster-route":
+            out.append(spec("cluster-route+relayout", "cluster-route", relayout=True))
+    return out
+
+
+def resolve(labels: list[str] | None, notes: list[str], budget: float = 0.25) -> list[MethodSpec]:
+    """The specs for ``labels`` (all when None) whose method is registered and accepts a budget;
+    the rest are dropped with a note in ``notes``."""
+    known = {s.label: s for s in all_specs()}
+    for name in METHODS:  # methods added to the registry that this list does not know yet
+        known.setdefault(name, spec(name))
+    wanted = list(known) if labels is None else labels
+    out = []
+    for label in wanted:
+        if label not in known:
+            raise KVLabError(f"unknown method {label!r}; allowed: {', '.join(known)}")
+        s = known[label]
+        if s.name not in METHODS:
+            _note(notes, f"method {s.name!r} is not registered yet: skipped")
+            continue
+        try:
+            s.make(budget)
+        except KVLabError as exc:
+            _note(notes, f"method {s.label!r} skipped: {exc}")
+            continue
+        out.append(s)
+    return out
+
+
+def _note(notes: list[str], text: str) -> None:
+    if text not in notes:
+        notes.append(text)
+
+
+def family(method: Method) -> str:
+    """``routing`` (chooses what each step reads), ``eviction`` (drops at prefill or decode), ``other``."""
+    cls = type(method)
+    if cls.decode_plan is not Method.decode_plan:
+        return "routing"
+    if cls.prefill_end is not Method.prefill_end or cls.step_end is not Method.step_end:
+        return "eviction"
+    return "none" if not cls.compresses else "other"
+
+
+# ----------------------------------------------------------------------------- cell cache
+class Cells:
+    """One JSON file per finished cell under ``root/<experiment>/``, so an interrupted run resumes."""
+
+    def __init__(self, root: Path | None):
+        self.root = root
+
+    def path(self, experiment: str, key: dict[str, Any]) -> Path | None:
+        if self.root is None:
+            return None
+        text = json.dumps(key, sort_keys=True, default=str)
+        return self.root / experiment / (hashlib.sha1(text.encode()).hexdigest()[:16] + ".json")
+
+    def get(self, experiment: str, key: dict[str, Any]) -> dict[str, Any] | None:
+        path = self.path(experiment, key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def put(self, experiment: str, key: dict[str, Any], value: dict[str, Any]) -> dict[str, Any]:
+        path = self.path(experiment, key)
+        if path is not None:
+            write_atomic(path, json.dumps({**value, "key": key}, default=float))
+        return value
+
+
+# ----------------------------------------------------------------------------- prefill
+@dataclass
+class Captured:
+    """Queries (last ``MAX_OBSERVED_QUERIES``) and next-token logits at one prefill point."""
+
+    queries: dict[int, torch.Tensor]
+    logits: torch.Tensor
+
+
+@torch.inference_mode()
+def prefill_points(model: Any, ids: list[list[int]], points: list[int], chunk_size: int = 1024,
+                   block_size: int = 16, reserve_tokens: int = 0,
+                   label: str = "prefill") -> tuple[Snapshot, dict[int, Captured]]:
+    """Prefill equal-length prompts once, capturing queries and logits at each of ``points``.
+
+    Chunks end at every point, so the queries observed at a point are the last ones before it; a
+    point's snapshot is then :func:`truncate` of the final one (causality makes it exact).
+    """
+    lengths = {len(x) for x in ids}
+    check(len(lengths) == 1, "prefill_points needs prompts of equal length")
+    length = lengths.pop()
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and length + reserve_tokens > limit:
+        raise KVLabError(f"context of {length} tokens (+{reserve_tokens}) exceeds the model's limit of {limit}")
+    points = sorted({p for p in points if 0 < p <= length} | {length})
+    bounds = sorted(set(points) | set(range(chunk_size, length, chunk_size)))
+    dtype = next(model.parameters()).dtype
+    batch = len(ids)
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    positions = torch.arange(length)[None, :].expand(batch, length)
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    store = new_store(model.config, batch, block_size, dtype)
+    for layer in store.layers:
+        layer.reserve(length + reserve_tokens if layer.sliding_window is None
+                      else min(length, layer.sliding_window + 64) + reserve_tokens)
+    cache = KVLabCache(store, observe=MAX_OBSERVED_QUERIES)
+    rolling: dict[int, torch.Tensor] = {}
+    captured: dict[int, Captured] = {}
+    start_time = time.perf_counter()
+    start = 0
+    with running(model, cache), progress_bar(f"{label}: {length} tokens × {batch}", total=length) as advance:
+        for end in bounds:
+            cache.set_inputs(positions[:, start:end], valid[:, start:end])
+            out = model(input_ids=input_ids[:, start:end], position_ids=positions[:, start:end],
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+            for layer_idx, q in cache.queries.items():
+                prev = rolling.get(layer_idx)
+                q = q if prev is None else torch.cat([prev, q], 2)
+                rolling[layer_idx] = q[:, :, -MAX_OBSERVED_QUERIES:]
+            if end in points:
+                captured[end] = Captured({k: v.clone() for k, v in rolling.items()}, out.logits[:, -1].float())
+            advance(end - start)
+            start = end
+    snap = Snapshot(store=store, queries=captured[length].queries, logits=captured[length].logits,
+                    context_lengths=torch.full((batch,), length), scaling=_scaling(model),
+                    num_query_heads=model.config.num_attention_heads,
+                    prefill_seconds=time.perf_counter() - start_time, prompt_ids=ids)
+    return snap, captured
+
+
+def truncate(snapshot: Snapshot, point: int, captured: Captured) -> Snapshot:
+    """The snapshot as it was after ``point`` tokens (keys at positions ≥ point dropped)."""
+    store = snapshot.store.clone()
+    for layer in store.layers:
+        t = int(layer.lengths.max())
+        idx = (layer.start * layer.block_size)[:, None] + torch.arange(t)[None, :]
+        pos = layer.positions[idx.clamp(max=layer.positions.shape[0] - 1)]
+        layer.repack(keep=pos < point, reserve_tokens=layer.block_size)
+    batch = snapshot.context_lengths.shape[0]
+    return Snapshot(store=store, queries=captured.queries, logits=captured.logits,
+                    context_lengths=torch.full((batch,), point), scaling=snapshot.scaling,
+                    num_query_heads=snapshot.num_query_heads, prefill_seconds=snapshot.prefill_seconds,
+                    prompt_ids=[x[:point] for x in snapshot.prompt_ids])
+
+
+# ----------------------------------------------------------------------------- decoding
+@dataclass
+class RunResult:
+    """What one method did on one snapshot."""
+
+    generated: torch.Tensor  # [B, n] greedy tokens after the forced tail
+    forced_nll: torch.Tensor  # [B, n_forced] NLL of forced[:, i] (the first uses the snapshot logits)
+    kept: torch.Tensor  # [layers, B, H] tokens held after prefill_end
+    reads: dict[int, list[list[set[int]]]] = field(default_factory=dict)  # layer -> [b][h] positions read
+    seconds: float = 0.0
+    steps: int = 0
+    compress_seconds: float = 0.0
+
+
+def _positions_of(layer: LayerStore, row: int, slots: torch.Tensor | None = None) -> set[int]:
+    base = int(layer.start[row]) * layer.block_size
+    if slots is None:
+        n = int(layer.lengths[row])
+        return set(layer.positions[base:base + n].tolist())
+    slots = slots[slots >= 0]
+    return set(layer.positions[base + slots].tolist())
+
+
+@torch.inference_mode()
+def run_method(model: Any, snapshot: Snapshot, method: Method, forced: list[list[int]] | None = None,
+               max_new_tokens: int = 0, eos: set[int] | None = None, record_reads: bool = False,
+               compress: bool = True, label: str | None = None) -> RunResult:
+    """Decode from a copy of ``snapshot`` with ``method``: teacher-force ``forced`` (``[B, n]``, every
+    step through the method), then generate ``max_new_tokens`` greedily.
+
+    ``record_reads``: the token positions each (layer, sequence, KV head) read at the step whose logits
+    give the first generated token -- the selection after eviction and routing, for GER and consensus.
+    """
+    eos = eos or set()
+    store = snapshot.store.clone()
+    batch = snapshot.context_lengths.shape[0]
+    ctx = PrefillContext(context_lengths=snapshot.context_lengths.clone(), queries=snapshot.queries,
+                         scaling=snapshot.scaling, num_query_heads=snapshot.num_query_heads)
+    t0 = time.perf_counter()
+    if compress:
+        check(method.observation_window() <= MAX_OBSERVED_QUERIES,
+              f"observation window must be <= {MAX_OBSERVED_QUERIES} queries, got {method.observation_window()}")
+        method.prefill_end(store, ctx)
+    compress_seconds = time.perf_counter() - t0
+    kept = store.lengths().clone()
+    forced_t = torch.tensor(forced, dtype=torch.long) if forced else torch.zeros(batch, 0, dtype=torch.long)
+    n_forced = forced_t.shape[1]
+    total_steps = n_forced + max(0, max_new_tokens - 1)
+    for layer in store.layers:
+        layer.reserve(total_steps + 1)
+    cache = KVLabCache(store, method=method, observe_decode=method.observes_decode_queries())
+    cache.decoding = True
+    reads: dict[int, list[list[set[int]]]] = {}
+    recording = {"on": False}
+    original_plan = method.decode_plan
+
+    def plan_hook(layer_idx: int, layer: LayerStore, query: torch.Tensor, q_positions: torch.Tensor):
+        plan = original_plan(layer_idx, layer, query, q_positions)
+        if recording["on"]:
+            slots = plan.token_slots(layer.lengths, layer.block_size) if plan is not None else None
+            reads[layer_idx] = [[_positions_of(layer, b * layer.kv_heads + h, None if slots is None else slots[b, h])
+                                 for h in range(layer.kv_heads)] for b in range(layer.batch)]
+        return plan
+
+    if record_reads:
+        method.decode_plan = plan_hook  # type: ignore[method-assign]
+    logits = snapshot.logits
+    nll = []
+    generated = []
+    done = torch.zeros(batch, dtype=torch.bool)
+    valid = torch.ones(batch, 1, dtype=torch.bool)
+    start = time.perf_counter()
+    steps = 0
+    try:
+        with running(model, cache), progress_bar(label or f"decode ({method.name})", total=total_steps) as advance:
+            for step in range(total_steps + 1):
+                if step < n_forced:
+                    target = forced_t[:, step]
+                    nll.append(torch.nn.functional.cross_entropy(logits, target, reduction="none"))
+                    token = target
+                else:
+                    token = torch.where(done, torch.zeros_like(done, dtype=torch.long), logits.argmax(-1))
+                    generated.append(token)
+                    done |= torch.tensor([int(t) in eos for t in token])
+                    if step == total_steps or bool(done.all()):
+                        break
+                recording["on"] = record_reads and step == n_forced - 1
+                pos = (snapshot.context_lengths + step)[:, None]
+                cache.set_inputs(pos, valid)
+                out = model(input_ids=token[:, None], position_ids=pos, past_key_values=cache, use_cache=True)
+                logits = out.logits[:, -1].float()
+                if recording["on"]:
+                    _fill_unplanned(reads, store)
+                method.step_end(store, StepContext(step=step, positions=pos[:, 0], queries=cache.queries))
+                steps += 1
+                advance(1)
+    finally:
+        if record_reads:
+            del method.decode_plan
+    return RunResult(
+        generated=torch.stack(generated, 1) if generated else torch.zeros(batch, 0, dtype=torch.long),
+        forced_nll=torch.stack(nll, 1) if nll else torch.zeros(batch, 0), kept=kept, reads=reads,
+        seconds=time.perf_counter() - start, steps=steps, compress_seconds=compress_seconds,
+    )
+
+
+def _fill_unplanned(reads: dict[int, list[list[set[int]]]], store: KVStore) -> None:
+    """Layers with no plan at the recorded step read all they hold."""
+    for i, layer in enumerate(store.layers):
+        if i not in reads:
+            reads[i] = [[_positions_of(layer, b * layer.kv_heads + h) for h in range(layer.kv_heads)]
+                        for b in range(layer.batch)]
+
+
+def decode_texts(tokenizer: Any, tokens: torch.Tensor, eos: set[int]) -> list[str]:
+    out = []
+    for row in tokens.tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        out.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+    return out
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if ids is None:
+        ids = getattr(tokenizer, "eos_token_id", None)
+    if ids is None:
+        return set()
+    return {ids} if isinstance(ids, int) else set(ids)
+
+
+# ----------------------------------------------------------------------------- attention
+def attention_weights(layer: LayerStore, queries: torch.Tensor, q_positions: torch.Tensor, scaling: float,
+                      batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax attention ``[Hq, L, T]`` of observed ``queries [B, Hq, L, D]`` (positions ``[L]``)
+    over one sequence's stored keys, and the key positions ``[H_kv, T]`` (-1 for empty slots)."""
+    h = layer.kv_heads
+    rows = [batch_index * h + i for i in range(h)]
+    t = int(layer.lengths[rows].max())
+    keys = torch.zeros(h, t, layer.head_dim, dtype=torch.float32)
+    kpos = torch.full((h, t), -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        k, _, p = layer.row_view(row)
+        keys[i, :k.shape[0]] = k.float()
+        kpos[i, :k.shape[0]] = p
+    q = queries[batch_index].float()  # [Hq, L, D]
+    hq = q.shape[0]
+    g = hq // h
+    kk = keys.repeat_interleave(g, 0)  # [Hq, T, D]
+    pp = kpos.repeat_interleave(g, 0)  # [Hq, T]
+    scores = torch.einsum("hld,htd->hlt", q, kk) * scaling
+    mask = visibility(pp, q_positions[None, :].expand(hq, -1), layer.sliding_window)  # [Hq, L, T]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    w = torch.softmax(scores, -1).nan_to_num(0.0)
+    return w, pp
+
+
+def budget_label(b: float) -> str:
+    return f"1/{round(1 / b)}" if b < 1 and abs(1 / b - round(1 / b)) < 1e-6 else f"{b:g}"
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t

@@ -1,0 +1,253 @@
+"""Routing physics (``kvlab eval synthetic``): compression as a perturbation of attention routing.
+
+Following arXiv 2603.01426, which finds a hallucination cliff near 90% compression that tracks the
+Global Eviction Ratio (GER: the fraction of answer-relevant tokens that *no* head of a layer keeps),
+template tasks generated from a seed, with facts interleaved in real prose:
+
+- ``tracking``: objects moved between rooms; where is X at the end / what ends in room R;
+- ``instance``: one person mentioned many times (a city per day); which city on day D / which day in city C;
+- ``coref``: gifts told with pronouns ("She gave him a blue scarf"), plus unanswerable questions whose gold
+  answer is "I don't know";
+- ``multihop``: chains of "X's mentor is Y" of 2–4 hops with distractor chains.
+
+Every task is asked in both directions (subject→attribute ``s2a`` and attribute→subject ``a2s``).
+Per method and compression ratio: token F1, the hallucination rate (a confident -- not abstaining --
+wrong answer where the gold is "I don't know" or the fact was evicted), GER per layer and head
+consensus per layer, and where each method's cliff is.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from kvlab.experiments import metrics
+from kvlab.experiments.runner import (
+    Cells,
+    MethodSpec,
+    decode_texts,
+    eos_ids,
+    prefill_points,
+    run_method,
+)
+from kvlab.experiments.texts import Prompt, build_prompt, encode, text_tokens
+from kvlab.progress import track
+
+TASKS = ("tracking", "instance", "coref", "multihop")
+INSTRUCTION = ('Answer the question using only the text above. Reply with just the answer (one word or name). '
+               'If the text does not say, reply "I don\'t know".')
+FEMALE = ["Alice", "Chiara", "Elena", "Greta", "Ingrid", "Katya", "Mei", "Olga", "Rosa", "Yara"]
+MALE = ["Bruno", "Dmitri", "Farid", "Hiro", "Jamal", "Lars", "Nikos", "Pavel", "Sven", "Tariq"]
+OBJECTS = ["key", "coin", "ring", "map", "lamp", "book", "watch", "shell", "stone", "badge"]
+ROOMS = ["kitchen", "garden", "attic", "cellar", "garage", "library", "hallway", "studio", "balcony", "bedroom"]
+CITIES = ["Lisbon", "Oslo", "Cairo", "Lima", "Hanoi", "Dublin", "Quito", "Riga", "Tunis", "Perth"]
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "silver", "brown"]
+ITEMS = ["umbrella", "scarf", "hat", "lantern", "notebook", "kettle", "basket", "compass"]
+
+
+def _tracking(rng: random.Random, direction: str) -> tuple[list[str], list[int], str, str]:
+    objs = rng.sample(OBJECTS, 4)
+    rooms = rng.sample(ROOMS, 8)
+    where = dict(zip(objs, rooms[:4], strict=False))
+    facts, last = [], {}
+    for o in objs:
+        last[o] = len(facts)
+        facts.append(f"The {o} is in the {where[o]}.")
+    for _ in range(5):
+        o = rng.choice(objs)
+        free = [r for r in rooms if r not in where.values()]
+        new = rng.choice(free)
+        last[o] = len(facts)
+        facts.append(f"Later, the {o} is moved from the {where[o]} to the {new}.")
+        where[o] = new
+    target = rng.choice(objs)
+    if direction == "s2a":
+        return facts, [last[target]], f"In which room is the {target} at the end?", where[target]
+    return facts, [last[target]], f"Which object is in the {where[target]} at the end?", target
+
+
+def _instance(rng: random.Random, direction: str) -> tuple[list[str], list[int], str, str]:
+    person = "Dr. " + rng.choice(FEMALE + MALE)
+    days, cities = rng.sample(DAYS, 5), rng.sample(CITIES, 5)
+    facts = [f"On {d}, {person} visited {c}." for d, c in zip(days, cities, strict=False)]
+    i = rng.randrange(5)
+    if direction == "s2a":
+        return facts, [i], f"Which city did {person} visit on {days[i]}?", cities[i]
+    return facts, [i], f"On which day did {person} visit {cities[i]}?", days[i]
+
+
+def _coref(rng: random.Random, direction: str, answerable: bool) -> tuple[list[str], list[int], str, str]:
+    givers, takers = rng.sample(FEMALE, 3), rng.sample(MALE, 3)
+    colors, items = rng.sample(COLORS, 4), rng.sample(ITEMS, 3)
+    facts = [f"{g} met {t} at the market. She gave him a {c} {it}."
+             for g, t, c, it in zip(givers, takers, colors, items, strict=False)]
+    i = rng.randrange(3)
+    if answerable:
+        if direction == "s2a":
+            return facts, [i], f"What color was the {items[i]} that {givers[i]} gave {takers[i]}?", colors[i]
+        return facts, [i], f"Who gave {takers[i]} the {colors[i]} {items[i]}?", givers[i]
+    if direction == "s2a":  # a giver who is never mentioned
+        absent = rng.choice([n for n in FEMALE if n not in givers])
+        return facts, [], f"What color was the {items[i]} that {absent} gave {takers[i]}?", metrics.ABSTAIN
+    return facts, [], f"Who gave {takers[i]} the {colors[3]} {items[i]}?", metrics.ABSTAIN  # colors[3] never given
+
+
+def _multihop(rng: random.Random, direction: str, hops: int) -> tuple[list[str], list[int], str, str]:
+    people = rng.sample(FEMALE + MALE, 2 * (hops + 1))
+    chain, other = people[:hops + 1], people[hops + 1:]
+    facts = [f"{a}'s mentor is {b}." for a, b in zip(chain, chain[1:], strict=False)]
+    distract = [f"{a}'s mentor is {b}." for a, b in zip(other, other[1:], strict=False)]
+    order = list(range(len(facts) + len(distract)))
+    rng.shuffle(order)
+    all_facts = [(facts + distract)[j] for j in order]
+    relevant = [order.index(j) for j in range(len(facts))]
+    path = " of the mentor" * (hops - 1)
+    if direction == "s2a":
+        return all_facts, relevant, f"Who is the mentor{path} of {chain[0]}?", chain[-1]
+    whose = "Whose" + " mentor's" * (hops - 1)
+    return all_facts, relevant, f"{whose} mentor is {chain[-1]}?", chain[0]
+
+
+def generate(tokenizer: Any, seed: int, length: int, n_per_task: int = 1, hops: tuple[int, ...] = (2, 3, 4),
+             tasks: tuple[str, ...] = TASKS) -> list[Prompt]:
+    """Prompts of exactly ``length`` tokens: per task, ``n_per_task`` instances, both directions (coref
+    also unanswerable in both directions, multihop for each hop count). Deterministic for a seed."""
+    out = []
+    filler = text_tokens(tokenizer, "prose", length * 2, seed)
+    for task in tasks:
+        for n in range(n_per_task):
+            variants: list[tuple[str, dict[str, Any]]] = []
+            if task == "coref":
+                variants = [(d, {"answerable": a}) for a in (True, False) for d in ("s2a", "a2s")]
+            elif task == "multihop":
+                variants = [(d, {"hops": h}) for h in hops for d in ("s2a", "a2s")]
+            else:
+                variants = [(d, {}) for d in ("s2a", "a2s")]
+            for direction, extra in variants:
+                rng = random.Random(f"{seed}-{task}-{n}-{direction}-{sorted(extra.items())}")
+                if task == "tracking":
+                    facts, rel, q, gold = _tracking(rng, direction)
+                elif task == "instance":
+                    facts, rel, q, gold = _instance(rng, direction)
+                elif task == "coref":
+                    facts, rel, q, gold = _coref(rng, direction, extra["answerable"])
+                else:
+                    facts, rel, q, gold = _multihop(rng, direction, extra["hops"])
+                meta = {"task": task, "direction": direction, "answerable": gold != metrics.ABSTAIN, **extra}
+                out.append(_assemble(tokenizer, facts, rel, q, gold, filler, length, rng, meta))
+    return out
+
+
+def _assemble(tokenizer: Any, facts: list[str], relevant: list[int], question: str, gold: str,
+              filler: list[int], length: int, rng: random.Random, meta: dict[str, Any]) -> Prompt:
+    fact_ids = [encode(tokenizer, "\n" + f + "\n") for f in facts]
+    q = question + " " + INSTRUCTION
+    probe = build_prompt(tokenizer, [(x, False) for x in fact_ids], q, gold)
+    budget = length - len(probe.ids)
+    if budget < len(facts) + 1:
+        from kvlab.errors import KVLabError
+
+        raise KVLabError(f"synthetic context of {length} tokens is too short (needs more than {len(probe.ids)})")
+    # Split the filler into len(facts) + 1 gaps at sorted random cut points (sequential facts stay in order).
+    cuts = sorted(rng.sample(range(1, budget), len(facts)))
+    bounds = [0] + cuts + [budget]
+    start = rng.randrange(0, len(filler) - budget)
+    hay = filler[start:start + budget]
+    segs: list[tuple[str | list[int], bool]] = []
+    for i, ids in enumerate(fact_ids):
+        segs.append((hay[bounds[i]:bounds[i + 1]], False))
+        segs.append((ids, i in relevant))
+    segs.append((hay[bounds[-2]:bounds[-1]], False))
+    p = build_prompt(tokenizer, segs, q, gold, {**meta, "question": question, "facts": facts})
+    assert len(p.ids) == length, (len(p.ids), length)
+    return p
+
+
+def context_text(tokenizer: Any, prompt: Prompt) -> str:
+    return tokenizer.decode(prompt.ids[:prompt.context_end], skip_special_tokens=True)
+
+
+def run(model: Any, tokenizer: Any, model_name: str, specs: list[MethodSpec], ratios: list[float],
+        length: int, cells: Cells, notes: list[str], seed: int = 0, n_per_task: int = 1,
+        max_new_tokens: int = 8) -> list[dict[str, Any]]:
+    """Every (method, ratio) cell over all generated prompts, from one batched prefill."""
+    eos = eos_ids(model, tokenizer)
+    batch = generate(tokenizer, seed, length, n_per_task)
+    plan = [(s, r) for s in specs for r in ([0.0] if s.name == "full" else ratios)]
+    snap = None
+    out = []
+    for s, ratio in track(plan, "synthetic tasks"):
+        key = {"model": model_name, "method": s.label, "ratio": ratio, "length": length, "seed": seed,
+               "n": n_per_task, "max_new": max_new_tokens}
+        cell = cells.get("synthetic", key)
+        if cell is None:
+            if snap is None:
+                snap, _ = prefill_points(model, [p.ids[:-1] for p in batch], [], reserve_tokens=max_new_tokens + 1,
+                                         label="synthetic prefill")
+            try:
+                res = run_method(model, snap, s.make(1.0 - ratio), [p.ids[-1:] for p in batch], max_new_tokens, eos,
+                                 record_reads=True, label=f"synthetic {s.label} r={ratio:g}")
+            except Exception as exc:
+                notes.append(f"synthetic: {s.label} at ratio {ratio:g} failed: {exc}")
+                continue
+            answers = decode_texts(tokenizer, res.generated, eos)
+            rows = []
+            layers = sorted(res.reads)
+            for b, (p, a) in enumerate(zip(batch, answers, strict=False)):
+                ans = metrics.first_answer(a)
+                ger = [metrics.global_eviction_ratio(res.reads[i][b], p.relevant) for i in layers]
+                cons = [metrics.head_consensus(res.reads[i][b]) for i in layers]
+                rows.append({**{k: v for k, v in p.meta.items() if k not in ("facts",)}, "gold": p.gold,
+                             "answer": ans, "f1": metrics.token_f1(ans, p.gold),
+                             "abstained": metrics.is_abstention(ans), "ger_per_layer": ger,
+                             "consensus_per_layer": cons})
+            cell = cells.put("synthetic", key, {"model": model_name, "method": s.label, "ratio": ratio, "rows": rows,
+                                                "decode_seconds": res.seconds})
+        out.append(cell)
+    return out
+
+
+def hallucinated(row: dict[str, Any]) -> bool | None:
+    """A confident wrong answer where the gold is "I don't know" or the fact was evicted (mean GER ≥ 0.5);
+    None where the question is answerable and its fact survived (not a hallucination opportunity)."""
+    ger = row["ger_per_layer"]
+    evicted = row["answerable"] and bool(ger) and sum(ger) / len(ger) >= 0.5
+    if row["answerable"] and not evicted:
+        return None
+    return (not row["abstained"]) and row["f1"] < 0.5
+
+
+def summarize(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (method, ratio): F1, hallucination rate, mean GER, GER and consensus per layer; cliffs."""
+    rows = []
+    for c in sorted(cells, key=lambda c: (c["method"], c["ratio"])):
+        rs = c["rows"]
+        ans = [r for r in rs if r["answerable"]]
+        hall = [h for h in (hallucinated(r) for r in rs) if h is not None]
+        n_layers = len(rs[0]["ger_per_layer"]) if rs else 0
+        ger_layer = [sum(r["ger_per_layer"][i] for r in ans) / max(1, len(ans)) for i in range(n_layers)]
+        cons_layer = [sum(r["consensus_per_layer"][i] for r in rs) / max(1, len(rs)) for i in range(n_layers)]
+        by_task = {}
+        for t in TASKS:
+            for d in ("s2a", "a2s"):
+                sel = [r["f1"] for r in rs if r["task"] == t and r["direction"] == d]
+                if sel:
+                    by_task[f"{t}/{d}"] = sum(sel) / len(sel)
+        rows.append({"method": c["method"], "ratio": c["ratio"], "f1": sum(r["f1"] for r in rs) / len(rs),
+                     "f1_answerable": sum(r["f1"] for r in ans) / max(1, len(ans)),
+                     "hallucination": sum(hall) / len(hall) if hall else 0.0, "n_hall_cases": len(hall),
+                     "ger": sum(ger_layer) / max(1, n_layers), "max_layer_ger": max(ger_layer, default=0.0),
+                     "ger_per_layer": ger_layer, "consensus_per_layer": cons_layer,
+                     "consensus": sum(cons_layer) / max(1, n_layers), "by_task": by_task})
+    full = next((r["f1"] for r in rows if r["method"] == "full"), None)
+    cliffs = {}
+    for m in sorted({r["method"] for r in rows if r["method"] != "full"}):
+        series = sorted((r for r in rows if r["method"] == m), key=lambda r: r["ratio"])
+        cliff = next((r["ratio"] for r in series if full and r["f1"] < 0.5 * full), None)
+        cliffs[m] = cliff
+    parts = [f"full-cache F1 {full:.2f}" if full is not None else "no full-cache baseline"]
+    for m, c in cliffs.items():
+        top = max(r["ratio"] for r in rows if r["method"] == m)
+        parts.append(f"{m}: cliff at {c:.0%}" if c is not None else f"{m}: no cliff up to {top:.0%}")
+    return {"rows": rows, "full_f1": full, "cliffs": cliffs, "summary": "; ".join(parts)}

@@ -1,0 +1,168 @@
+"""Scoring helpers shared by the eviction methods.
+
+Everything works per layer on the paged store, one *row* per (sequence, KV head) (``row = b * H + h``):
+
+- :func:`padded_layer` -- the layer's keys ``[B, H, T, D]`` and positions ``[B, H, T]`` (-1 past a
+  row's length), views when the layout is uniform, one gather otherwise;
+- :func:`observed_queries` -- the last ``w`` prefill queries of a layer and their positions, with the
+  checks every observation-window method needs;
+- :func:`attention_probs` -- softmax attention of observed queries over the stored keys, GQA-grouped
+  (``[B, H, G, w, T]``, query head ``h * G + g`` serves KV head ``h``) so K/V are never repeated;
+- :func:`snapkv_scores` -- SnapKV's pooled window attention (the exact kvpress convention);
+- :func:`keep_top` and :func:`evict` -- per-row scores to a keep mask, then a real repack that frees
+  the evicted blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvlab.cache.store import LayerStore
+from kvlab.errors import check
+from kvlab.methods.base import Method, PrefillContext
+
+
+def padded_layer(layer: LayerStore) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys ``[B, H, T, D]`` and positions ``[B, H, T]`` of a layer; ``T`` is the longest row, -1 pads."""
+    t = int(layer.lengths.max()) if layer.rows else 0
+    idx = torch.arange(t)
+    in_use = idx[None, :] < layer.lengths[:, None]  # [rows, T]
+    if layer.uniform:
+        k, _, pos = layer.dense_view()
+    else:
+        slots = (layer.start * layer.block_size)[:, None] + idx[None, :]
+        slots = torch.where(in_use, slots, torch.zeros_like(slots))
+        k = layer.keys[slots].view(layer.batch, layer.kv_heads, t, layer.head_dim)
+        pos = layer.positions[slots].view(layer.batch, layer.kv_heads, t)
+    pos = torch.where(in_use.view_as(pos), pos, torch.full_like(pos, -1))
+    return k, pos
+
+
+def observed_queries(ctx: PrefillContext, layer_idx: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last ``window`` prefill queries ``[B, Hq, w, D]`` of a layer and their positions ``[B, w]``.
+
+    Raises :class:`~kvlab.errors.KVLabError` when a sequence is shorter than the window (its window
+    would hold padding queries) or fewer queries were observed than asked for.
+    """
+    shortest = int(ctx.context_lengths.min())
+    check(shortest >= window,
+          f"observation window of {window} tokens is longer than the context ({shortest} tokens); "
+          f"lower the window or use a longer prompt")
+    queries = ctx.queries.get(layer_idx)
+    check(queries is not None and queries.shape[2] >= window,
+          f"the method needs the last {window} prefill queries of layer {layer_idx}, but "
+          f"{0 if queries is None else queries.shape[2]} were observed (prefill with observe >= {window})")
+    q_pos = ctx.context_lengths[:, None] - window + torch.arange(window)[None, :]
+    return queries[:, :, -window:], q_pos
+
+
+def attention_probs(layer: LayerStore, queries: torch.Tensor, q_pos: torch.Tensor, scaling: float,
+                    keys: torch.Tensor | None = None, k_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention probabilities ``[B, H, G, w, T]`` (float32) of ``queries`` ``[B, Hq, w, D]`` over the layer.
+
+    A query at position ``p`` sees stored keys at positions ``0 <= k <= p``; masked entries are 0.
+    """
+    if keys is None or k_pos is None:
+        keys, k_pos = padded_layer(layer)
+    b, hq, w, d = queries.shape
+    h = layer.kv_heads
+    g = hq // h
+    q = queries.reshape(b, h, g * w, d).to(keys.dtype)
+    logits = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # [B, H, G*w, T]
+    logits = logits.view(b, h, g, w, -1)
+    visible = (k_pos[:, :, None, None, :] >= 0) & (k_pos[:, :, None, None, :] <= q_pos[:, None, None, :, None])
+    logits = logits.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)  # a query that sees nothing contributes nothing
+
+
+def snapkv_scores(layer: LayerStore, ctx: PrefillContext, layer_idx: int, window: int,
+                  kernel_size: int) -> torch.Tensor:
+    """SnapKV scores ``[B, H, T]`` with kvpress's conventions (``SnapKVPress.score``, kvpress 0.5.5).
+
+    The window's attention to the keys before it, averaged over the window queries, average-pooled
+    along the sequence (zero padding, the pad counted), then averaged over the GQA group. The window
+    itself gets ``+inf`` (always kept); padding slots get ``-inf``.
+    """
+    queries, q_pos = observed_queries(ctx, layer_idx, window)
+    keys, k_pos = padded_layer(layer)
+    probs = attention_probs(layer, queries, q_pos, ctx.scaling, keys, k_pos)  # [B, H, G, w, T]
+    first_window_pos = q_pos[:, 0].view(-1, 1, 1)  # [B, 1, 1]
+    before = (k_pos >= 0) & (k_pos < first_window_pos)  # [B, H, T] the keys before the window
+    scores = probs.mean(dim=-2)  # [B, H, G, T]
+    scores = scores * before[:, :, None, :]  # zero outside the pooled range = avg_pool1d's zero padding
+    b, h, g, t = scores.shape
+    if kernel_size > 1:
+        scores = F.avg_pool1d(scores.reshape(b * h * g, 1, t), kernel_size=kernel_size, padding=kernel_size // 2,
+                              stride=1).view(b, h, g, -1)[..., :t]
+    scores = scores.mean(dim=2)
+    scores = torch.where(before, scores, torch.full_like(scores, float("inf")))
+    return torch.where(k_pos >= 0, scores, torch.full_like(scores, float("-inf")))
+
+
+def keep_top(scores: torch.Tensor, n_keep: torch.Tensor) -> torch.Tensor:
+    """Keep mask ``[rows, T]``: the ``n_keep[row]`` highest scores of each row (``-inf`` slots never)."""
+    rows, t = scores.shape
+    k = int(n_keep.max()) if rows else 0
+    k = min(k, t)
+    top = torch.topk(scores, k, dim=-1).indices  # [rows, k]
+    chosen = torch.arange(k)[None, :] < n_keep[:, None]
+    keep = torch.zeros(rows, t, dtype=torch.bool)
+    keep.scatter_(1, top, chosen)
+    return keep & (scores > float("-inf"))
+
+
+def evict(layer: LayerStore, keep: torch.Tensor) -> None:
+    """Drop every slot not in ``keep`` ``[rows, T]`` and give the freed blocks back (a real repack)."""
+    in_use = torch.arange(keep.shape[1])[None, :] < layer.lengths[:, None]
+    if bool((keep | ~in_use).all()):
+        return
+    layer.repack(keep=keep)
+
+
+def compact(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per-row values ``[rows, T]`` compacted like :meth:`LayerStore.repack` compacts the slots (0 padded)."""
+    rows, t = values.shape
+    kept = keep.sum(1)
+    width = int(kept.max()) if rows else 0
+    out = torch.zeros(rows, width, dtype=values.dtype)
+    dst = torch.cumsum(keep.long(), 1) - 1
+    r = torch.arange(rows)[:, None].expand(rows, t)
+    out[r[keep], dst[keep]] = values[keep]
+    return out
+
+
+def per_row(values: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``[B]`` per-sequence values -> ``[rows]``."""
+    return values.repeat_interleave(kv_heads)
+
+
+def kept_per_sequence(method: Method, context_lengths: torch.Tensor) -> torch.Tensor:
+    """Tokens each sequence keeps per (layer, KV head) under ``method``'s budget ``[B]``."""
+    return torch.tensor([method.tokens_kept(int(n)) for n in context_lengths], dtype=torch.long)
+
+
+def compresses(method: Method) -> bool:
+    """False when the budget keeps everything (ratio 0 / budget 1): the method is then a no-op."""
+    return method.budget_tokens is not None or method.keep_fraction < 1.0
+
+
+def check_budget(n_keep: torch.Tensor, protected: int, what: str) -> None:
+    """A clear error when the tokens that are always kept do not fit in the budget."""
+    smallest = int(n_keep.min())
+    check(protected <= smallest,
+          f"budget of {smallest} tokens per head is smaller than the {protected} tokens that are always kept "
+          f"({what}); raise the budget or lower it")
+
+
+def grow(values: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad per-row values ``[rows, T]`` on the right to ``width`` columns (new tokens start at 0)."""
+    return F.pad(values, (0, width - values.shape[1])) if width > values.shape[1] else values
+
+
+def recent_mask(layer: LayerStore, recent: torch.Tensor | int, width: int) -> torch.Tensor:
+    """``[rows, width]`` True on the last ``recent`` tokens in use of each row (``recent``: int or ``[rows]``)."""
+    recent = torch.as_tensor(recent, dtype=torch.long).expand(layer.rows)
+    idx = torch.arange(width)[None, :]
+    return (idx >= (layer.lengths - recent)[:, None]) & (idx < layer.lengths[:, None])

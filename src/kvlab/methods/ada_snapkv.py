@@ -1,0 +1,58 @@
+"""``ada-snapkv``: SnapKV scores with AdaKV's head-adaptive budgets (Feng et al., 2024, "Ada-KV:
+Optimizing KV Cache Eviction by Adaptive Budget Allocation", arXiv 2407.11550): one top-k across all
+KV heads of a layer (per sequence), after each head is guaranteed ``safeguard`` of its share.
+
+kvpress's ``AdaKVPress`` only masks the evicted entries (every head keeps its full length in memory);
+kvlab evicts them for real, so heads end up with different lengths and the memory is given back.
+The kept set is the complement of AdaKVPress's masked set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvlab.cache.store import KVStore
+from kvlab.errors import check
+from kvlab.methods import _scoring as S
+from kvlab.methods.base import PrefillContext, register
+from kvlab.methods.snapkv import SnapKV
+
+
+@register
+@dataclass
+class AdaSnapKV(SnapKV):
+    """Per layer and sequence, keep ``heads * budget`` tokens chosen across heads; each head keeps at least
+    ``safeguard * budget`` (its top tokens) and its observation window."""
+
+    name: ClassVar[str] = "ada-snapkv"
+    summary: ClassVar[str] = "AdaKV + SnapKV: head-adaptive budgets, real per-head lengths"
+
+    safeguard: float = 0.2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0 <= self.safeguard <= 1, f"safeguard must be in [0, 1], got {self.safeguard}")
+
+    def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
+        if not S.compresses(self):
+            return
+        check(bool((ctx.context_lengths > self.window).all()),
+              f"window of {self.window} tokens must be shorter than every prompt "
+              f"(shortest: {int(ctx.context_lengths.min())} tokens)")
+        n_keep = S.kept_per_sequence(self, ctx.context_lengths)
+        S.check_budget(n_keep, self.window, f"the observation window of {self.window}")
+        n_safe = torch.tensor([int(int(n) * self.safeguard) for n in n_keep], dtype=torch.long)
+        if self.safeguard > 0:
+            n_safe = n_safe.clamp(min=1)
+        for i in store.compressible_layers():
+            layer = store.layers[i]
+            b, h = layer.batch, layer.kv_heads
+            scores = S.snapkv_scores(layer, ctx, i, self.window, self.kernel_size)  # [B, H, T]
+            t = scores.shape[-1]
+            safe = S.keep_top(scores.view(b * h, t), S.per_row(n_safe, h)).view(b, h, t)
+            scores = scores.masked_fill(safe, float("inf"))
+            keep = S.keep_top(scores.view(b, h * t), n_keep * h).view(b * h, t)
+            S.evict(layer, keep)

@@ -1,0 +1,206 @@
+"""``cluster-route``: similarity-aware decode-time routing, the comparator of ``block-route``.
+
+Follows ClusterKV (Liu et al., 2024, "ClusterKV: Manipulating LLM KV Cache in Semantic Space for
+Recallable Compression", arXiv 2412.03213): at the end of prefill each (layer, KV head)'s keys are
+clustered by k-means on cosine similarity; at each decode step the query is scored against the
+cluster centroids (q · mean key, summed over the GQA group) and whole clusters are read, best first,
+until the budget is filled. Sinks and the local window are the same blocks ``block-route`` always
+reads, so the two differ only in how the rest is chosen. New decode tokens stay in the local window
+and are assigned to their nearest centroid every ``recluster`` steps (at the latest when they leave
+the window).
+
+The selected tokens are scattered in memory and read with a token-granular gather. With
+``relayout=true`` each head's clustered tokens are physically reordered after clustering so every
+cluster is contiguous (positions travel with the keys, so RoPE and masks are unaffected); the tokens
+of a cluster then form one run and are read run by run. ``relayout_seconds`` records what it cost.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from kvlab.attention.plans import ReadPlan
+from kvlab.attention.sparse import row_threads
+from kvlab.cache.store import KVStore, LayerStore, ceil_div_tensor
+from kvlab.errors import check
+from kvlab.methods._routing_common import RoutingMethod, grouped_query, rowwise_mv
+from kvlab.methods.base import PrefillContext, register
+
+
+def cosine_kmeans(x: torch.Tensor, clusters: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means on cosine similarity of ``x`` ``[n, D]``: ``(assignment [n], unit centroids [C, D])``.
+
+    Deterministic: starts from evenly spaced points; an emptied cluster keeps its previous centroid.
+    """
+    n = x.shape[0]
+    xn = torch.nn.functional.normalize(x.float(), dim=-1)
+    c = xn[torch.linspace(0, n - 1, clusters).round().long()].clone()
+    assign = torch.zeros(n, dtype=torch.long)
+    for _ in range(iters):
+        assign = (xn @ c.T).argmax(1)
+        sums = torch.zeros_like(c).index_add_(0, assign, xn)
+        filled = sums.norm(dim=-1, keepdim=True) > 0
+        c = torch.where(filled, torch.nn.functional.normalize(sums, dim=-1), c)
+    assign = (xn @ c.T).argmax(1)
+    return assign, c
+
+
+@dataclass
+class _LayerClusters:
+    assign: torch.Tensor  # [rows, cap] cluster of each logical slot, -1 = not assigned
+    dirs: torch.Tensor  # [rows, C, D] unit centroids (assignment)
+    means: torch.Tensor  # [rows, C, D] mean key of each cluster (scoring)
+    exists: torch.Tensor  # [rows, C] clusters that have members
+
+
+@register
+@dataclass
+class ClusterRoute(RoutingMethod):
+    """Read whole key clusters, best centroid first, until the budget is filled; sinks and local window always."""
+
+    name: ClassVar[str] = "cluster-route"
+    summary: ClassVar[str] = "similarity-aware routing: cosine k-means clusters per KV head (ClusterKV); --relayout"
+
+    cluster_size: int = 32
+    iters: int = 10
+    recluster: int = 16
+    relayout: bool = False
+    stats: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.cluster_size >= 1, f"cluster_size must be >= 1 token (the average cluster size), "
+                                      f"got {self.cluster_size}")
+        check(self.iters >= 1, f"iters must be >= 1 k-means iteration, got {self.iters}")
+        check(self.recluster >= 1, f"recluster must be >= 1 decode step, got {self.recluster}")
+        self.reset()
+
+    def reset(self) -> None:
+        super().reset()
+        self._layers: dict[int, _LayerClusters] = {}
+        self.stats = {"cluster_seconds": 0.0, "relayout_seconds": 0.0}
+
+    # ------------------------------------------------------------ prefill: cluster (and relayout)
+    def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
+        super().prefill_end(store, ctx)
+        with row_threads():  # many small matmuls: one thread each (see kvlab.attention.sparse.row_threads)
+            for i in store.compressible_layers():
+                if not self.is_dense(i):
+                    self._layers[i] = self._cluster_layer(store.layers[i])
+
+    def _span(self, length: int) -> tuple[int, int]:
+        """Slots clustered at prefill: between the sink blocks and the local window."""
+        s = min(self.sink_blocks * self.block_size, length)
+        nb = -(-length // self.block_size)
+        return s, max(s, (nb - self.local_blocks) * self.block_size)
+
+    def _cluster_layer(self, layer: LayerStore) -> _LayerClusters:
+        rows, d = layer.rows, layer.head_dim
+        spans = [self._span(int(n)) for n in layer.lengths.tolist()]
+        c_max = max(1, max(-(-(e - s) // self.cluster_size) for s, e in spans))
+        cap = int(layer.lengths.max())
+        assign = torch.full((rows, cap), -1, dtype=torch.long)
+        dirs = torch.zeros(rows, c_max, d)
+        means = torch.zeros(rows, c_max, d)
+        exists = torch.zeros(rows, c_max, dtype=torch.bool)
+        for row, (s, e) in enumerate(spans):
+            if e <= s:
+                continue
+            t0 = time.perf_counter()
+            first = int(layer.start[row]) * layer.block_size
+            keys = layer.keys[first + s: first + e]
+            clusters = -(-(e - s) // self.cluster_size)
+            a, c = cosine_kmeans(keys, clusters, self.iters)
+            dirs[row, :clusters] = c
+            counts = torch.bincount(a, minlength=clusters)
+            sums = torch.zeros(clusters, d).index_add_(0, a, keys.float())
+            means[row, :clusters] = sums / counts.clamp(min=1)[:, None]
+            exists[row, :clusters] = counts > 0
+            t1 = time.perf_counter()
+            self.stats["cluster_seconds"] += t1 - t0
+            if self.relayout:
+                order = torch.sort(a, stable=True).indices  # cluster by cluster, original order inside
+                src = slice(first + s, first + e)
+                layer.keys[src] = layer.keys[src][order]
+                layer.values[src] = layer.values[src][order]
+                layer.positions[src] = layer.positions[src][order]
+                a = a[order]
+                self.stats["relayout_seconds"] += time.perf_counter() - t1
+            assign[row, s:e] = a
+        return _LayerClusters(assign, dirs, means, exists)
+
+    # ------------------------------------------------------------ decode
+    def _forced(self, lengths: torch.Tensor, width: int) -> torch.Tensor:
+        slots = torch.arange(width)[None, :]
+        nb = ceil_div_tensor(lengths, self.block_size)
+        local_start = (nb - self.local_blocks).clamp(min=0) * self.block_size
+        return ((slots < self.sink_blocks * self.block_size) | (slots >= local_start[:, None])) & (
+            slots < lengths[:, None])
+
+    def _assign_new(self, layer: LayerStore, state: _LayerClusters, todo: torch.Tensor) -> None:
+        """Assign the slots in ``todo`` ``[rows, T]`` to their nearest centroid (cosine)."""
+        for row in todo.any(1).nonzero().flatten().tolist():
+            slots = todo[row].nonzero().flatten()
+            first = int(layer.start[row]) * layer.block_size
+            keys = torch.nn.functional.normalize(layer.keys[first + slots].float(), dim=-1)
+            sim = keys @ state.dirs[row].T
+            sim[:, ~state.exists[row]] = -torch.inf
+            state.assign[row, slots] = sim.argmax(1)
+            state.exists[row, state.assign[row, slots]] = True
+
+    def decode_plan(self, layer_idx: int, layer: LayerStore, query: torch.Tensor,
+                    q_positions: torch.Tensor) -> ReadPlan | None:
+        if self.is_dense(layer_idx):
+            return None
+        step = self.next_step(layer_idx)
+        lengths = layer.lengths
+        budgets = self.row_budgets(lengths)
+        dense = budgets >= lengths
+        if bool(dense.all()):
+            return None
+        for n in lengths[~dense].unique().tolist():
+            self.check_budget(int(n))
+        state = self._layers.get(layer_idx)
+        if state is None:  # decode_plan without prefill_end (benchmarks): cluster now
+            state = self._layers[layer_idx] = self._cluster_layer(layer)
+        width = int(lengths.max())
+        if state.assign.shape[1] < width:
+            grow = torch.full((layer.rows, width + 64 - state.assign.shape[1]), -1, dtype=torch.long)
+            state.assign = torch.cat([state.assign, grow], 1)
+        assign = state.assign[:, :width]
+        slots = torch.arange(width)[None, :]
+        in_row = slots < lengths[:, None]
+        forced = self._forced(lengths, width)
+        todo = (assign < 0) & in_row & (slots >= self.sink_blocks * self.block_size)
+        if step % self.recluster != 0:
+            todo &= ~forced  # in between, only tokens leaving the window must be placed now
+        if bool(todo.any()):
+            self._assign_new(layer, state, todo)
+            assign = state.assign[:, :width]
+        # score clusters, then take whole clusters best first while they fit the budget
+        q = grouped_query(query, layer.kv_heads).sum(1)  # [rows, D]
+        scores = rowwise_mv(state.means, q)
+        scores = torch.where(state.exists, scores, -torch.inf)
+        c = scores.shape[1]
+        member = torch.where(forced | ~in_row | (assign < 0), c, assign)
+        sizes = torch.zeros(layer.rows, c + 1, dtype=torch.long).scatter_add_(1, member, torch.ones_like(member))[:, :c]
+        order = scores.argsort(1, descending=True)
+        room = (budgets - forced.sum(1))[:, None]
+        fits = sizes.gather(1, order).cumsum(1) <= room
+        chosen = torch.zeros(layer.rows, c + 1, dtype=torch.bool)
+        chosen[:, :c].scatter_(1, order, fits & state.exists.gather(1, order))
+        sel = forced | (chosen.gather(1, member) & (member < c))
+        sel |= dense[:, None] & in_row
+        big = torch.iinfo(torch.long).max
+        idx = torch.where(sel, slots, big).sort(1).values[:, : int(sel.sum(1).max())]
+        index = torch.where(idx == big, -1, idx)
+        plan = ReadPlan("tokens", index.view(layer.batch, layer.kv_heads, -1))
+        self.record(layer_idx, step, layer, query, getattr(self, "_scaling", None), plan)
+        return plan
+
+    def describe(self) -> dict:
+        return {**super().describe(), **{k: round(v, 4) for k, v in self.stats.items()}}

@@ -1,0 +1,101 @@
+"""``cross-layer``: layers that reuse the K/V of the layer below instead of caching their own (Cross-Layer
+Attention, Brandon et al., 2024, arXiv 2405.12981; trained in there, applied **post hoc** here).
+
+A sharing layer's store is replaced by :class:`SharedLayerStore`, a view of the layer below: it holds no
+K/V (0 bytes), drops what the model appends to it, and its queries attend over the lower layer's
+keys and values -- which, because layers run in order, already include the current token. Sharing
+layers are chosen as in the calculator (:func:`kvlab.experiments.memory_calc.sharing_layers`):
+``fraction`` of the layers, spread evenly, each reusing the nearest lower layer of the same kind; or
+the explicit ``layers`` list (comma-separated). Only compressible (global) layers share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from kvlab.cache.store import KVStore, LayerStore
+from kvlab.errors import check
+from kvlab.methods.base import Method, PrefillContext, register
+
+
+class SharedLayerStore:
+    """A layer that reads another layer's store and caches nothing itself."""
+
+    def __init__(self, source: LayerStore, source_idx: int):
+        self.source, self.source_idx = source, source_idx
+
+    def __getattr__(self, name: str) -> Any:  # reads: the source layer's
+        return getattr(self.__dict__["source"], name)
+
+    def append(self, *args: Any, **kwargs: Any) -> None:
+        """The layer's own K/V are dropped: the layer below's are used."""
+
+    def repack(self, *args: Any, **kwargs: Any) -> None:
+        """Eviction happens on the source layer."""
+
+    def reserve(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def trim_window(self, slack: int) -> None:
+        pass
+
+    def clone(self) -> SharedLayerStore:
+        return self  # re-pointed by the store that clones the source
+
+    def tensors(self) -> list[torch.Tensor]:
+        return []
+
+    def bytes_allocated(self) -> int:
+        return 0
+
+    def bytes_in_use(self) -> int:
+        return 0
+
+    def kv_bytes_allocated(self) -> int:
+        return 0
+
+
+@register
+@dataclass
+class CrossLayer(Method):
+    """Post hoc CLA: ``fraction`` of the layers (or ``layers``) reuse the K/V of the layer below."""
+
+    name: ClassVar[str] = "cross-layer"
+    summary: ClassVar[str] = "post hoc CLA: chosen layers reuse the K/V of the layer below (0 bytes for them)"
+
+    fraction: float = 0.5
+    layers: str | None = None  # e.g. "1,3,5": explicit sharing layers
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.keep_fraction == 1.0 and self.budget_tokens is None,
+              "cross-layer is set by fraction or layers: leave budget and ratio unset")
+        check(0 <= self.fraction < 1, f"fraction must be in [0, 1), got {self.fraction}")
+
+    def sharing(self, store: KVStore) -> dict[int, int]:
+        """``{layer: source layer}``."""
+        from kvlab.experiments.memory_calc import sharing_layers
+
+        compressible = store.compressible_layers()
+        if self.layers is not None:
+            try:
+                chosen = sorted({int(x) for x in self.layers.split(",") if x.strip()})
+            except ValueError:
+                check(False, f"layers takes comma-separated layer numbers, got {self.layers!r}")
+            for i in chosen:
+                check(i in compressible and compressible.index(i) > 0,
+                      f"layer {i} cannot share: it must be a global layer with a global layer below it")
+        else:
+            chosen = [compressible[j] for j in sharing_layers(len(compressible), self.fraction)]
+        out = {}
+        for i in chosen:
+            below = [j for j in compressible if j < i and j not in out]
+            out[i] = below[-1]
+        return out
+
+    def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
+        for i, src in self.sharing(store).items():
+            store.layers[i] = SharedLayerStore(store.layers[src], src)

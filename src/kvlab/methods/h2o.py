@@ -1,0 +1,82 @@
+"""``h2o``: Heavy-Hitter Oracle (Zhang et al., 2023, "H2O: Heavy-Hitter Oracle for Efficient
+Generative Inference of Large Language Models", arXiv 2306.14048): keep the tokens with the largest
+accumulated attention ("heavy hitters") plus a window of recent tokens, per KV head.
+
+Deliberate difference from the paper: at prefill the attention is accumulated over the last
+``window`` prompt queries (at most 64 are observed), not over every prompt query. During decode every
+new query's attention is added and the cache is held at its post-prefill size (``decode_evict``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvlab.cache.store import KVStore, LayerStore
+from kvlab.errors import check
+from kvlab.methods import _scoring as S
+from kvlab.methods.base import Method, PrefillContext, StepContext, register
+
+
+@register
+@dataclass
+class H2O(Method):
+    """Accumulated attention (summed over the GQA group) plus ``recent_fraction`` of the budget as a recent window."""
+
+    name: ClassVar[str] = "h2o"
+    summary: ClassVar[str] = "H2O: accumulated attention heavy hitters + recent window, per head"
+
+    window: int = 64
+    recent_fraction: float = 0.5
+    decode_evict: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.window >= 1, f"window must be >= 1, got {self.window}")
+        check(0 <= self.recent_fraction <= 1, f"recent_fraction must be in [0, 1], got {self.recent_fraction}")
+        self._acc: dict[int, torch.Tensor] = {}
+        self._capacity: torch.Tensor | None = None
+        self._scaling = 1.0
+
+    def observation_window(self) -> int:
+        return self.window
+
+    def observes_decode_queries(self) -> bool:
+        return self.decode_evict and S.compresses(self)
+
+    def _recent(self, cap: torch.Tensor) -> torch.Tensor:
+        return torch.clamp((cap * self.recent_fraction).long(), min=1)
+
+    def _evict(self, layer: LayerStore, i: int, cap: torch.Tensor) -> None:
+        acc = self._acc[i]
+        scores = acc.masked_fill(S.recent_mask(layer, self._recent(cap), acc.shape[1]), float("inf"))
+        in_use = torch.arange(acc.shape[1])[None, :] < layer.lengths[:, None]
+        keep = S.keep_top(scores.masked_fill(~in_use, float("-inf")), torch.minimum(cap, layer.lengths))
+        S.evict(layer, keep)
+        self._acc[i] = S.compact(acc, keep)
+
+    def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
+        if not S.compresses(self):
+            return
+        self._capacity = S.kept_per_sequence(self, ctx.context_lengths)
+        self._scaling = ctx.scaling
+        for i in store.compressible_layers():
+            layer = store.layers[i]
+            queries, q_pos = S.observed_queries(ctx, i, self.window)
+            probs = S.attention_probs(layer, queries, q_pos, ctx.scaling)
+            self._acc[i] = probs.sum(dim=(2, 3)).reshape(layer.rows, -1)
+            self._evict(layer, i, S.per_row(self._capacity, layer.kv_heads))
+
+    def step_end(self, store: KVStore, ctx: StepContext) -> None:
+        if not self.decode_evict or self._capacity is None:
+            return
+        for i in store.compressible_layers():
+            layer = store.layers[i]
+            probs = S.attention_probs(layer, ctx.queries[i], ctx.positions[:, None], self._scaling)
+            add = probs.sum(dim=(2, 3)).reshape(layer.rows, -1)
+            self._acc[i] = S.grow(self._acc[i], add.shape[1])[:, :add.shape[1]] + add
+            cap = S.per_row(self._capacity, layer.kv_heads)
+            if bool((layer.lengths > cap).any()):
+                self._evict(layer, i, cap)

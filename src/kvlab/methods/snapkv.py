@@ -1,0 +1,52 @@
+"""``snapkv``: SnapKV (Li et al., 2024, "SnapKV: LLM Knows What You are Looking for Before
+Generation", arXiv 2404.14469): score every prompt token by the attention the last ``window``
+prompt queries give it, smoothed by average pooling, and keep the top ones per KV head (plus the
+window). Scoring follows kvpress's ``SnapKVPress`` exactly (checked by tests/test_kvpress_crosscheck.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kvlab.cache.store import KVStore
+from kvlab.errors import check
+from kvlab.methods import _scoring as S
+from kvlab.methods.base import Method, PrefillContext, register
+
+
+@register
+@dataclass
+class SnapKV(Method):
+    """Pooled window attention, top ``budget`` tokens per KV head; the observation window is always kept.
+
+    Deliberate difference from kvpress: when the budget is smaller than the window, kvpress keeps an
+    arbitrary subset of the window (a top-k among equal scores); kvlab raises a KVLabError instead.
+    """
+
+    name: ClassVar[str] = "snapkv"
+    summary: ClassVar[str] = "SnapKV: pooled attention of the last window queries, per-head top-k"
+
+    window: int = 64
+    kernel_size: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.window >= 1, f"window must be >= 1, got {self.window}")
+        check(self.kernel_size >= 1 and self.kernel_size % 2 == 1, f"kernel_size must be odd, got {self.kernel_size}")
+
+    def observation_window(self) -> int:
+        return self.window
+
+    def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
+        if not S.compresses(self):
+            return
+        n_keep = S.kept_per_sequence(self, ctx.context_lengths)
+        check(bool((ctx.context_lengths > self.window).all()),
+              f"window of {self.window} tokens must be shorter than every prompt "
+              f"(shortest: {int(ctx.context_lengths.min())} tokens)")
+        S.check_budget(n_keep, self.window, f"the observation window of {self.window}")
+        for i in store.compressible_layers():
+            layer = store.layers[i]
+            scores = S.snapkv_scores(layer, ctx, i, self.window, self.kernel_size)
+            S.evict(layer, S.keep_top(scores.view(layer.rows, -1), S.per_row(n_keep, layer.kv_heads)))

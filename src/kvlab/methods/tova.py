@@ -1,0 +1,72 @@
+"""``tova``: TOVA (Oren et al., 2024, "Transformers are Multi-State RNNs", arXiv 2401.06104): keep the
+tokens the newest query attends to most, its attention averaged over all heads of the layer, so every
+KV head of a layer keeps the same tokens. After prefill this is kvpress's ``TOVAPress`` exactly (the
+newest token always kept); during decode TOVA holds the cache at that size, evicting the lowest-scored
+token at every step as the paper does (``decode_evict``; kvpress compresses only the prompt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvlab.cache.store import KVStore, LayerStore
+from kvlab.methods import _scoring as S
+from kvlab.methods.base import Method, PrefillContext, StepContext, register
+
+
+def _tova_scores(layer: LayerStore, query: torch.Tensor, q_pos: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Head-averaged attention of one query per sequence ``[B, H, T]``; the newest slot gets +inf."""
+    keys, k_pos = S.padded_layer(layer)
+    probs = S.attention_probs(layer, query, q_pos, scaling, keys, k_pos)  # [B, H, G, 1, T]
+    b, h, g, _, t = probs.shape
+    scores = probs.reshape(b, h * g, t).mean(1)[:, None, :].expand(b, h, t).clone()
+    newest = (layer.lengths - 1).view(b, h, 1)
+    scores.scatter_(2, newest.clamp(min=0), float("inf"))
+    return scores.masked_fill(k_pos < 0, float("-inf"))
+
+
+@register
+@dataclass
+class TOVA(Method):
+    """Top ``budget`` tokens by the newest query's head-averaged attention, the same for every KV head."""
+
+    name: ClassVar[str] = "tova"
+    summary: ClassVar[str] = "TOVA: newest query's head-averaged attention; fixed-size cache in decode"
+
+    decode_evict: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._capacity: torch.Tensor | None = None
+        self._scaling = 1.0
+
+    def observation_window(self) -> int:
+        return 1
+
+    def observes_decode_queries(self) -> bool:
+        return self.decode_evict and S.compresses(self)
+
+    def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
+        if not S.compresses(self):
+            return
+        self._capacity = S.kept_per_sequence(self, ctx.context_lengths)
+        self._scaling = ctx.scaling
+        for i in store.compressible_layers():
+            layer = store.layers[i]
+            query, q_pos = S.observed_queries(ctx, i, 1)
+            scores = _tova_scores(layer, query, q_pos, ctx.scaling)
+            S.evict(layer, S.keep_top(scores.view(layer.rows, -1), S.per_row(self._capacity, layer.kv_heads)))
+
+    def step_end(self, store: KVStore, ctx: StepContext) -> None:
+        if not self.decode_evict or self._capacity is None:
+            return
+        for i in store.compressible_layers():
+            layer = store.layers[i]
+            cap = S.per_row(self._capacity, layer.kv_heads)
+            if bool((layer.lengths <= cap).all()):
+                continue
+            scores = _tova_scores(layer, ctx.queries[i], ctx.positions[:, None], self._scaling)
+            S.evict(layer, S.keep_top(scores.view(layer.rows, -1), torch.minimum(cap, layer.lengths)))

@@ -1,0 +1,35 @@
+"""The CLI on a tiny random model: generate (table and JSON), methods, models."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from kvlab.cli import app
+
+runner = CliRunner()
+
+
+def test_generate_json_reports_kept_tokens_and_cache_bytes():
+    result = runner.invoke(app, ["generate", "--model", "random:tiny-llama", "--method", "streaming",
+                                 "--budget", "0.5", "--prompt", "x" * 80, "--max-new-tokens", "4",
+                                 "--block-size", "8", "-p", "n_sink=2", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    stats = data["stats"]
+    assert stats["method"] == "streaming" and stats["n_sink"] == 2
+    assert {n for layer in stats["kept_tokens_per_layer_head"] for b in layer for n in b} == {40}
+    assert stats["cache_mb_after_prefill"] < stats["cache_mb_full"]
+    assert stats["new_tokens"] == 4 and len(data["texts"]) == 1
+
+
+def test_methods_and_models_list():
+    result = runner.invoke(app, ["methods", "--json"])
+    assert result.exit_code == 0
+    names = {row["method"] for row in json.loads(result.output)}
+    assert {"full", "streaming"} <= names
+    result = runner.invoke(app, ["models", "--json"])
+    assert result.exit_code == 0
+    models = {row["model"] for row in json.loads(result.output)}
+    assert {"qwen2.5-coder-0.5b", "gemma3-270m", "random:tiny-llama", "random:llama-3.1-8b"} <= models

@@ -1,0 +1,129 @@
+"""``kvlab validate``: a whole run on a tiny random model writes a report with every plot embedded; an
+interrupted run resumes from its cached cells without prefilling again; bad input gets one clear error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import kvlab
+from kvlab.experiments import locality, niah, synthetic, validate
+from kvlab.experiments.validate import Config, run_validate
+
+TINY = Config(
+    profile_lengths=[128, 256], kinds=["prose", "code"], access_contexts=[2048], access_reps=1, e2e_budget=0.25,
+    e2e_steps=2, niah_lengths=[384], niah_depths=[0.5], niah_kinds=["passkey"], niah_budgets=[0.25],
+    ppl_lengths=[256], ppl_tokens=4, ppl_budgets=[0.25], synthetic_length=1200, synthetic_ratios=[0.5],
+    synthetic_per_task=1, methods=[m for m in ("full", "block-route", "snapkv") if m in kvlab.METHODS],
+    other_model_lengths=[],
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return kvlab.load("random:tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny, tmp_path_factory):
+    import os
+
+    out = tmp_path_factory.mktemp("validate") / "out"
+    old = os.environ.get("KVLAB_CACHE")
+    os.environ["KVLAB_CACHE"] = str(out.parent / "cache")
+    try:
+        model, tok = tiny
+        res = run_validate("random:tiny-llama", out, "quick", config=TINY, model=model, tokenizer=tok)
+    finally:
+        if old is None:
+            os.environ.pop("KVLAB_CACHE", None)
+        else:
+            os.environ["KVLAB_CACHE"] = old
+    return out, res
+
+
+def test_report_complete(first_run):
+    out, res = first_run
+    assert set(res["experiments"]) == set(validate.EXPERIMENTS)
+    for name, sec in res["experiments"].items():
+        assert sec["verdict"] in ("supported", "not supported", "inconclusive"), name
+        assert sec["text"] and sec["measurement"]
+    html = (out / "report.html").read_text()
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) >= 8
+    assert html.count("data:image/png;base64,") == len(pngs)
+    for title, _ in validate.report.CLAIMS.values():
+        assert title.split("·")[-1].strip() in html
+    data = json.loads((out / "results.json").read_text())
+    assert data["model"] == "random:tiny-llama" and data["conclusion"]
+    assert "cpu" in data["machine"].lower() or "threads" in data["machine"]
+
+
+def test_resume_uses_cached_cells(first_run, tiny, monkeypatch):
+    out, _ = first_run
+
+    def boom(*args, **kwargs):
+        raise AssertionError("prefilled again although every cell was cached")
+
+    for module in (locality, niah, synthetic):
+        monkeypatch.setattr(module, "prefill_points", boom)
+    model, tok = tiny
+    res = run_validate("random:tiny-llama", out, "quick", config=TINY, model=model, tokenizer=tok)
+    assert set(res["experiments"]) == set(validate.EXPERIMENTS)
+
+
+def test_refuses_other_models_out_dir(first_run, tiny):
+    out, _ = first_run
+    model, tok = tiny
+    with pytest.raises(kvlab.KVLabError, match="holds results of model 'random:tiny-llama'"):
+        run_validate("random:tiny-qwen2", out, "quick", config=TINY, model=model, tokenizer=tok)
+
+
+def test_bad_input(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    with pytest.raises(kvlab.KVLabError, match="unknown experiment bogus"):
+        run_validate("random:tiny-llama", tmp_path / "a", "quick", only=["bogus"], config=TINY, model=model,
+                     tokenizer=tok)
+    with pytest.raises(kvlab.KVLabError, match="unknown mode"):
+        run_validate("random:tiny-llama", tmp_path / "a", "medium", model=model, tokenizer=tok)
+    too_long = Config(**{**TINY.__dict__, "profile_lengths": [8192]})
+    with pytest.raises(kvlab.KVLabError, match="exceeds random:tiny-llama's limit of 4096"):
+        run_validate("random:tiny-llama", tmp_path / "b", "quick", config=too_long, model=model, tokenizer=tok)
+    monkeypatch.setattr(validate, "available_memory", lambda: 64 << 20)
+    with pytest.raises(kvlab.KVLabError, match=r"needs about .* GiB .* only 0\.1 GiB is available"):
+        run_validate("random:tiny-llama", tmp_path / "c", "quick", config=TINY, model=model, tokenizer=tok)
+
+
+def test_memory_estimate_grows_with_context(tiny):
+    model, _ = tiny
+    a, b = validate.estimate_memory(model, 1024), validate.estimate_memory(model, 4096)
+    assert b > a > sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_cli_errors_are_one_line():
+    from kvlab.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["validate", "--model", "random:tiny-llama", "--only", "bogus", "--out", "/tmp/x"])
+    assert isinstance(result.exception, kvlab.KVLabError)
+    assert "unknown experiment bogus" in str(result.exception)
+    result = runner.invoke(app, ["validate", "--quick", "--full"])
+    assert isinstance(result.exception, kvlab.KVLabError)
+    result = runner.invoke(app, ["niah", "--model", "random:tiny-llama", "--kind", "haystack"])
+    assert "unknown needle kind" in str(result.exception)
+
+
+def test_cli_commands_small(tmp_path):
+    from kvlab.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["bench", "access", "--context", "2048", "--reps", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)[0]["context"] == 2048
+    r = runner.invoke(app, ["profile", "locality", "--model", "random:tiny-llama", "--length", "128", "--json"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["eval", "synthetic", "--model", "random:tiny-llama", "--method", "full", "--length", "1200",
+                            "--ratio", "0.5", "--json"])
+    assert r.exit_code == 0, r.output
