@@ -8,6 +8,9 @@ import pytest
 import torch
 
 os.environ.setdefault("KVLAB_QUIET", "1")
+# The tests run tiny shapes, where thread start-up dominates; one thread is faster and immune to
+# oversubscription when the machine is shared.
+torch.set_num_threads(1)
 
 ARCHS = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma3"]
 

@@ -153,6 +153,19 @@ def test_truncate_matches_a_shorter_prefill(tiny):
     assert res.forced_nll.shape == (1, 10) and torch.isfinite(res.forced_nll).all()
 
 
+def test_truncate_sliding_window_layers():
+    """Gemma-style sliding layers keep only their window: a truncated snapshot must use the copy taken at
+    the capture point, and then decodes exactly like a prefill of the shorter prompt."""
+    model, tok = kvlab.load("random:tiny-gemma3")
+    ids = [text_tokens(tok, "prose", 200, 0)]
+    snap, cap = prefill_points(model, ids, [120], chunk_size=64)
+    short, _ = prefill_points(model, [ids[0][:120]], [])
+    forced = [ids[0][120:128]]
+    a = run_method(model, truncate(snap, 120, cap[120]), kvlab.make_method("full"), forced, 0)
+    b = run_method(model, short, kvlab.make_method("full"), forced, 0)
+    assert torch.allclose(a.forced_nll, b.forced_nll, atol=1e-4)
+
+
 def test_resolve_notes_unregistered_methods():
     notes: list[str] = []
     specs = resolve(["full", "streaming", "cross-layer"] if "cross-layer" not in kvlab.METHODS else ["full"], notes)
@@ -190,9 +203,9 @@ def test_locality_and_entropy_end_to_end(tiny, tmp_path, monkeypatch):
 def test_access_bench_small():
     res = access.bench_access([2048, 4096], reps=1)
     blocks = {r["block"] for r in res["rows"]}
-    assert blocks == {"full", 1, 4, 16, 64, 256}
+    assert blocks == {"full", "all", 1, 4, 16, 64, 256}
     assert all(r["seconds"] > 0 and r["gbps"] > 0 for r in res["rows"])
-    tokens = {r["tokens"] for r in res["rows"] if r["context"] == 2048 and r["block"] != "full"}
+    tokens = {r["tokens"] for r in res["rows"] if r["context"] == 2048 and isinstance(r["block"], int)}
     assert tokens == {256}  # equal budget for every block size
     with pytest.raises(kvlab.KVLabError, match="smaller than one block"):
         access.bench_access([512], reps=1)

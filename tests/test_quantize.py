@@ -157,3 +157,12 @@ def test_batch_with_left_padding() -> None:
     res = decode(model, snap, make_method("quantize", bits=8, group=16), 5, return_logits=True)
     assert float((res.logits - full.logits).abs().max()) < 5e-3
     assert torch.equal(res.kept_at_end, full.kept_at_end)
+
+
+@pytest.mark.parametrize("bits,length", [(8, 100), (4, 96), (4, 7)])
+def test_dense_fast_path_equals_slot_decode(bits: int, length: int) -> None:
+    q = QuantizedLayerStore(_layer(length), bits, group=32)
+    t = int(q.lengths.max())
+    k, v = q._decode_dense(t)
+    k2, v2 = q._decode_slots(q._row_slot_index(t))
+    assert torch.allclose(k, k2, atol=1e-6) and torch.allclose(v, v2, atol=1e-6)

@@ -30,6 +30,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         methods: Annotated[str, typer.Option(help="eviction methods, comma-separated")] = "kv-compress,snapkv",
         block_size: Annotated[int, typer.Option(help="tokens per block of the store")] = 16,
         rounds: Annotated[int, typer.Option(help="decode every config this many times, report the fastest")] = 1,
+        threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
         dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
         markdown: Annotated[bool, typer.Option("--markdown", help="print a Markdown table")] = False,
         as_json: JsonOpt = False,
@@ -39,6 +40,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
         cfg = bt.ThroughputConfig(model=model, batch=batch, context=context, new_tokens=new_tokens,
                                   ratios=_floats(ratios), block_size=block_size, dtype=dtype, rounds=rounds,
+                                  threads=threads,
                                   methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
         result = bt.run(cfg)
         if as_json:

@@ -36,6 +36,7 @@ class ThroughputConfig:
     dtype: str = "float32"
     seed: int = 0
     rounds: int = 1
+    threads: int | None = None  # torch CPU threads (None: torch's default)
     params: dict[str, Any] = field(default_factory=dict)  # extra method parameters, by method name
 
 
@@ -75,6 +76,9 @@ def run(cfg: ThroughputConfig) -> dict[str, Any]:
         return kvlab.make_method(name, **({} if name == "full" else {"ratio": ratio, **cfg.params.get(name, {})}))
 
     methods = [make(m, r) for m, r in configs]  # validate everything before the model loads
+    if cfg.threads is not None:
+        check(cfg.threads >= 1, f"threads must be >= 1, got {cfg.threads}")
+        torch.set_num_threads(cfg.threads)
     model, _ = kvlab.load(cfg.model, dtype=cfg.dtype)
     ids = prompts(model.config.vocab_size, cfg.batch, cfg.context, cfg.seed)
     observe = max(1, *(m.observation_window() for m in methods))

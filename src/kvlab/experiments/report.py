@@ -120,7 +120,7 @@ def plot_all(results: dict[str, Any], out_dir: Path) -> dict[str, list[Path]]:
         for bench in h2["bench"]:
             rows = bench["rows"]
             contexts = sorted({r["context"] for r in rows})
-            blocks = [b for b in dict.fromkeys(r["block"] for r in rows) if b != "full"]
+            blocks = [b for b in dict.fromkeys(r["block"] for r in rows) if isinstance(b, int)]
             fig, axes = plt.subplots(1, 2, figsize=(12, 4))
             for c in contexts:
                 sel = {r["block"]: r for r in rows if r["context"] == c}

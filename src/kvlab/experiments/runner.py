@@ -134,10 +134,12 @@ class Cells:
 # ----------------------------------------------------------------------------- prefill
 @dataclass
 class Captured:
-    """Queries (last ``MAX_OBSERVED_QUERIES``) and next-token logits at one prefill point."""
+    """Queries (last ``MAX_OBSERVED_QUERIES``) and next-token logits at one prefill point, and copies of
+    the sliding-window layers (they keep only their window, so they cannot be truncated afterwards)."""
 
     queries: dict[int, torch.Tensor]
     logits: torch.Tensor
+    sliding: dict[int, LayerStore] = field(default_factory=dict)
 
 
 @torch.inference_mode()
@@ -181,7 +183,9 @@ def prefill_points(model: Any, ids: list[list[int]], points: list[int], chunk_si
                 q = q if prev is None else torch.cat([prev, q], 2)
                 rolling[layer_idx] = q[:, :, -MAX_OBSERVED_QUERIES:]
             if end in points:
-                captured[end] = Captured({k: v.clone() for k, v in rolling.items()}, out.logits[:, -1].float())
+                sliding = {i: layer.clone() for i, layer in enumerate(store.layers)
+                           if layer.sliding_window is not None and end < length}
+                captured[end] = Captured({k: v.clone() for k, v in rolling.items()}, out.logits[:, -1].float(), sliding)
             advance(end - start)
             start = end
     snap = Snapshot(store=store, queries=captured[length].queries, logits=captured[length].logits,
@@ -194,7 +198,11 @@ def prefill_points(model: Any, ids: list[list[int]], points: list[int], chunk_si
 def truncate(snapshot: Snapshot, point: int, captured: Captured) -> Snapshot:
     """The snapshot as it was after ``point`` tokens (keys at positions ≥ point dropped)."""
     store = snapshot.store.clone()
-    for layer in store.layers:
+    for i, window_layer in captured.sliding.items():
+        store.layers[i] = window_layer.clone()
+    for i, layer in enumerate(store.layers):
+        if i in captured.sliding:
+            continue
         t = int(layer.lengths.max())
         idx = (layer.start * layer.block_size)[:, None] + torch.arange(t)[None, :]
         pos = layer.positions[idx.clamp(max=layer.positions.shape[0] - 1)]

@@ -27,6 +27,7 @@ from kvlab.experiments import access, entropy, locality, niah, ppl, report, synt
 from kvlab.experiments.runner import Cells, resolve, run_method
 from kvlab.io import write_atomic
 
+MIN_PPL_TOKENS = 200  # fewer scored tokens per method than this: perplexity differences are noise
 EXPERIMENTS = ("h1", "h3", "h2", "niah", "ppl", "synthetic")
 QUICK_METHODS = ["full", "block-route", "cluster-route", "oracle-tokens", "streaming", "snapkv", "kv-compress", "h2o"]
 E2E_METHODS = ["full", "block-route", "cluster-route", "cluster-route+relayout"]
@@ -62,7 +63,7 @@ class Config:
 QUICK = Config(
     profile_lengths=[1024, 2048, 4096], kinds=["prose", "code"], access_contexts=[4096, 16384, 32768], access_reps=5,
     e2e_budget=0.125, e2e_steps=8, niah_lengths=[1024, 2048], niah_depths=[0.1, 0.5, 0.9], niah_kinds=["passkey"],
-    niah_budgets=[0.125], ppl_lengths=[2048], ppl_tokens=16, ppl_budgets=[0.125], synthetic_length=384,
+    niah_budgets=[0.125], ppl_lengths=[2048], ppl_tokens=16, ppl_budgets=[0.125], synthetic_length=768,
     synthetic_ratios=[0.5, 0.9], synthetic_per_task=1, methods=QUICK_METHODS, other_model_lengths=[1024, 2048],
 )
 FULL = Config(
@@ -240,16 +241,19 @@ def section_ppl(data: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
     by = {(r["method"], r["budget"]): r["ppl"] for r in s["rows"]}
     cmp_ = [(b, by[("block-route", b)], by[("cluster-route", b)]) for b in cfg.ppl_budgets
             if ("block-route", b) in by and ("cluster-route", b) in by]
-    if not cmp_:
-        v = "inconclusive"
+    scored = sum(c["tokens"] * len(c["nll"]) for c in data if c["method"] == "full")
+    if not cmp_ or scored < MIN_PPL_TOKENS:
+        v = "inconclusive"  # no comparison, or too few scored tokens to separate methods
     else:
         v = "supported" if all(br <= 1.05 * cr for _, br, cr in cmp_) else "not supported"
     text = "; ".join(f"budget {b:g}: block-route {br:.2f} vs cluster-route {cr:.2f}" for b, br, cr in cmp_)
+    text = f"{scored} scored tokens per method{' (too few to judge)' if scored < MIN_PPL_TOKENS else ''}; " + text
     return {"verdict": v, "summary": s, "cells": data,
             "measurement": f"Teacher-forced perplexity of the next {cfg.ppl_tokens - 1} tokens after "
                            f"{cfg.ppl_lengths} tokens of {', '.join(cfg.kinds)}, every step through the method "
                            "(the first forced token, scored by the prefill logits, is left out). Tested claim: "
-                           "block-route's perplexity is within 5% of cluster-route's at equal budget.",
+                           "block-route's perplexity is within 5% of cluster-route's at equal budget (judged only "
+                           f"with at least {MIN_PPL_TOKENS} scored tokens per method).",
             "text": (text + "; " if text else "") + s["summary"]}
 
 

@@ -89,7 +89,7 @@ class CodedLayerStore(LayerStore):
         assert self.uniform
         t = int(self.lengths.max()) if self.rows else 0
         slots = self._row_slot_index(t)
-        k, v = self._decode_slots(slots)
+        k, v = self._decode_dense(t) if hasattr(self, "_decode_dense") else self._decode_slots(slots)
         p = torch.where(torch.arange(t)[None, :] < self.lengths[:, None], self.positions[slots], -1)
         shape = (self.batch, self.kv_heads, t)
         return k.view(*shape, self.head_dim), v.view(*shape, self.head_dim), p.view(*shape)

@@ -4,9 +4,9 @@ with full attention everywhere, to measure what the pattern would cost it.
 
 Every ``(locals_per_global + 1)``-th layer stays global; the others become sliding-window layers of ``window``
 tokens: after prefill they keep only the last ``window`` tokens, and from then on the store's own
-sliding-window path (mask ``q - k < window`` and trimming) keeps them there. Only compressible layers
-are touched, so on a model that is already local/global (``gemma3-270m``) its native sliding layers stay
-as they are, and with the native pattern (``locals_per_global=5``) nothing changes.
+sliding-window path (mask ``q - k < window`` and trimming) keeps them there. A model that is already
+local/global (``gemma3-270m``) is left as it is: its native pattern stands and its global layers stay
+global.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ class LocalGlobal(Method):
 
     def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
         compressible = set(store.compressible_layers())
+        if len(compressible) < store.num_layers:
+            return  # natively local/global (Gemma 3): the model's own pattern stands, its global layers stay global
         for i in self.local_layers(store.num_layers):
             if i not in compressible:
                 continue

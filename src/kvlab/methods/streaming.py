@@ -17,7 +17,11 @@ from kvlab.methods.base import Method, PrefillContext, StepContext, register
 @register
 @dataclass
 class Streaming(Method):
-    """Sinks plus a recent window. The window is ``budget * context - n_sink`` tokens unless ``window`` is set."""
+    """Sinks plus a recent window. The window is ``budget * context - n_sink`` tokens unless ``window`` is set.
+
+    With no budget, ratio, token budget or window (or budget 1), nothing is ever evicted: the full
+    budget is the uncompressed cache, as for every kvlab method.
+    """
 
     name: ClassVar[str] = "streaming"
     summary: ClassVar[str] = "StreamingLLM: n_sink first tokens + recent window"
@@ -32,17 +36,22 @@ class Streaming(Method):
         self._capacity: torch.Tensor | None = None
 
     def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
+        if self.window is None and self.budget_tokens is None and self.keep_fraction == 1.0:
+            self._capacity = None  # full budget: keep everything, during decode too
+            return
         if self.window is not None:
             keep = torch.full_like(ctx.context_lengths, self.n_sink + self.window)
         else:
-            keep = torch.tensor([self.tokens_kept(int(n)) for n in ctx.context_lengths])
+            keep = torch.tensor([self.tokens_kept(int(n)) for n in ctx.context_lengths],
+                                device=ctx.context_lengths.device)
             check(bool((keep > self.n_sink).all()),
                   f"budget leaves no room for a window after {self.n_sink} sink tokens; raise the budget")
         self._capacity = keep  # tokens kept per sequence, held through decode
         self._evict(store)
 
     def step_end(self, store: KVStore, ctx: StepContext) -> None:
-        self._evict(store)
+        if self._capacity is not None:
+            self._evict(store)
 
     def _evict(self, store: KVStore) -> None:
         for i in store.compressible_layers():
@@ -50,6 +59,6 @@ class Streaming(Method):
             cap = self._capacity.repeat_interleave(layer.kv_heads)  # [rows]
             if bool((layer.lengths <= cap).all()):
                 continue
-            idx = torch.arange(int(layer.lengths.max()))[None, :]
+            idx = torch.arange(int(layer.lengths.max()), device=layer.device)[None, :]
             keep = (idx < self.n_sink) | (idx >= (layer.lengths - (cap - self.n_sink))[:, None])
             layer.repack(keep=keep, reserve_tokens=layer.block_size)
