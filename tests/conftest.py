@@ -11,6 +11,10 @@ os.environ.setdefault("KVLAB_QUIET", "1")
 # The tests run tiny shapes, where thread start-up dominates; one thread is faster and immune to
 # oversubscription when the machine is shared.
 torch.set_num_threads(1)
+# Without a GPU the Triton kernels run in the interpreter; the flag must be set before triton is
+# first imported, by any test module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ARCHS = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma3"]
 
