@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/kvlab demo
+	$(BIN)/kvlab validate --model qwen2.5-coder-0.5b --quick --out out/validate
+	@echo "report: out/validate/report.html"
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests
