@@ -162,14 +162,15 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         budget: BudgetOpt = 0.25,
         as_json: JsonOpt = False,
     ) -> None:
-        """One long real prompt (stdlib code + a question), prefilled once, answered by `full` and `streaming`."""
+        """One long real prompt (stdlib code + a question), prefilled once, answered by several methods."""
         import kvlab
         from kvlab.experiments.bench_decode import machine
         from kvlab.experiments.demo import run
 
         kvlab.make_method("streaming", budget=budget)  # validate before loading
         m, tok = kvlab.load(model)
-        rows = run(m, tok, [("full", {}), ("streaming", {"budget": budget})])
+        methods = [("full", {})] + [(name, {"budget": budget}) for name in ("streaming", "block-route", "kv-compress")]
+        rows = run(m, tok, methods)
         print_table(rows, title=f"kvlab demo · {model} · {machine()}", as_json=as_json)
 
     @app.command()

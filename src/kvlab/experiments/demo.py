@@ -36,7 +36,7 @@ def run(model: Any, tokenizer: Any, methods: list[tuple[str, dict[str, Any]]], p
         rows.append({
             "method": name + "".join(f" {k}={v}" for k, v in params.items()),
             "prompt tokens": int(snapshot.context_lengths[0]),
-            "tokens kept %": 100 * float(result.kept_after_prefill.sum()) / full_tokens,
+            "tokens held %": 100 * float(result.kept_after_prefill.sum()) / full_tokens,
             "cache MB": result.bytes_after_prefill / 2**20,
             "decode tok/s": result.steps / result.decode_seconds if result.decode_seconds else None,
             "answer": answer.strip(),
