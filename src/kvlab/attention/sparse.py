@@ -30,6 +30,7 @@ from typing import Literal
 
 import torch
 
+from kvlab.attention.torch_attention import group_queries, ungroup_output
 from kvlab.cache.store import LayerStore
 from kvlab.errors import check
 
@@ -85,16 +86,6 @@ def row_threads(n: int | None = None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _group(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    b, hq, length, d = query.shape
-    return query.reshape(b, kv_heads, (hq // kv_heads) * length, d)
-
-
-def _ungroup(out: torch.Tensor, q_heads: int, length: int) -> torch.Tensor:
-    b, _, _, d = out.shape
-    return out.reshape(b, q_heads, length, d).transpose(1, 2)
-
-
 def copy_unit(layer: LayerStore, block_size: int) -> int:
     """Largest power of two ≤ ``block_size`` that divides every row's first slot and capacity.
 
@@ -148,7 +139,7 @@ def _attend_units_rows(layer: LayerStore, query: torch.Tensor, q_positions: torc
     b, hq, length, d = query.shape
     h, rows = layer.kv_heads, layer.rows
     g = hq // h
-    q = _group(query, h).to(layer.dtype)  # [B, H, G*L, D]
+    q = group_queries(query, h).to(layer.dtype)  # [B, H, G*L, D]
     out = torch.empty_like(q)
     units = _compact(units.reshape(rows, -1).to(torch.long), layer.lengths, unit)
     counts = (units >= 0).sum(1)
@@ -179,7 +170,7 @@ def _attend_units_rows(layer: LayerStore, query: torch.Tensor, q_positions: torc
         qr = q.reshape(rows, g * length, d)
         p = torch.softmax(torch.bmm(qr, k.transpose(1, 2)).mul_(scaling), dim=-1)
         torch.bmm(p, v, out=out.view(rows, g * length, d))
-        return _ungroup(out, hq, length).to(query.dtype)
+        return ungroup_output(out, hq, length).to(query.dtype)
     for row in range(rows):
         bi, hi = divmod(row, h)
         c, n = counts_l[row], n_tok[row]
@@ -219,7 +210,7 @@ def _attend_units_rows(layer: LayerStore, query: torch.Tensor, q_positions: torc
             vis = vis.unsqueeze(0).expand(g, length, n).reshape(g * length, n)
             vis = vis | ~vis.any(-1, keepdim=True)  # a query that sees nothing attends to slot 0, as elsewhere
             out[bi, hi] = torch.nn.functional.scaled_dot_product_attention(qr, k, v, attn_mask=vis, scale=scaling)
-    return _ungroup(out, hq, length).to(query.dtype)
+    return ungroup_output(out, hq, length).to(query.dtype)
 
 
 def attend_blocks(layer: LayerStore, query: torch.Tensor, q_positions: torch.Tensor, scaling: float,

@@ -25,20 +25,20 @@ def visibility(key_pos: torch.Tensor, q_pos: torch.Tensor, window: int | None) -
     return mask
 
 
-def _group(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+def group_queries(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """``[B, Hq, L, D]`` -> ``[B, H_kv, G * L, D]`` (query head ``h * G + g`` serves KV head ``h``)."""
     b, hq, length, d = query.shape
     return query.reshape(b, kv_heads, (hq // kv_heads) * length, d)
 
 
-def _ungroup(out: torch.Tensor, q_heads: int, length: int) -> torch.Tensor:
+def ungroup_output(out: torch.Tensor, q_heads: int, length: int) -> torch.Tensor:
     """``[B, H_kv, G * L, D]`` -> ``[B, L, Hq, D]`` (the layout transformers' attention returns)."""
     b, _, _, d = out.shape
     return out.reshape(b, q_heads, length, d).transpose(1, 2)
 
 
 def _expand_groups(mask: torch.Tensor, groups: int) -> torch.Tensor:
-    """``[..., L, T]`` -> ``[..., G * L, T]`` matching :func:`_group`'s row order."""
+    """``[..., L, T]`` -> ``[..., G * L, T]`` matching :func:`group_queries`'s row order."""
     *lead, length, t = mask.shape
     return mask.unsqueeze(-3).expand(*lead, groups, length, t).reshape(*lead, groups * length, t)
 
@@ -69,27 +69,27 @@ def attend_dense(layer: LayerStore, query: torch.Tensor, q_positions: torch.Tens
     b, hq, length, _ = query.shape
     h = layer.kv_heads
     k, v, kpos = layer.dense_view()
-    q = _group(query, h).to(k.dtype)
+    q = group_queries(query, h).to(k.dtype)
     full_rows = bool((layer.lengths == k.shape[2]).all())
     if length == 1 and layer.sliding_window is None and full_rows:
         mask = None  # one new token, every row full: it sees everything (the common decode step)
     else:
         mask = _expand_groups(visibility(kpos, q_positions[:, None, :], layer.sliding_window), hq // h)
-    return _ungroup(_attend_rows(q, k, v, mask, scaling), hq, length).to(query.dtype)
+    return ungroup_output(_attend_rows(q, k, v, mask, scaling), hq, length).to(query.dtype)
 
 
 def attend_ragged(layer: LayerStore, query: torch.Tensor, q_positions: torch.Tensor, scaling: float) -> torch.Tensor:
     """Rows of different capacities: one attention per row, each over a contiguous slice."""
     b, hq, length, d = query.shape
     h = layer.kv_heads
-    q = _group(query, h).to(layer.dtype)
+    q = group_queries(query, h).to(layer.dtype)
     out = torch.empty_like(q)
     for row in range(layer.rows):
         bi, hi = divmod(row, h)
         k, v, kpos = layer.row_view(row)
         mask = _expand_groups(visibility(kpos, q_positions[bi], layer.sliding_window), hq // h)
         out[bi, hi] = _attend_rows(q[bi, hi], k, v, mask, scaling)
-    return _ungroup(out, hq, length).to(query.dtype)
+    return ungroup_output(out, hq, length).to(query.dtype)
 
 
 def attend_plan(layer: LayerStore, query: torch.Tensor, q_positions: torch.Tensor, scaling: float,
@@ -107,7 +107,7 @@ def attend_plan_reference(layer: LayerStore, query: torch.Tensor, q_positions: t
     """Attention over the tokens a plan selects, gathered per row (the slow reference for every plan)."""
     b, hq, length, d = query.shape
     h = layer.kv_heads
-    q = _group(query, h).to(layer.dtype)
+    q = group_queries(query, h).to(layer.dtype)
     out = torch.empty_like(q)
     slots = plan.token_slots(layer.lengths, layer.block_size)
     for row in range(layer.rows):
@@ -117,4 +117,4 @@ def attend_plan_reference(layer: LayerStore, query: torch.Tensor, q_positions: t
         k, v, kpos = layer.keys[sel], layer.values[sel], layer.positions[sel]
         mask = _expand_groups(visibility(kpos, q_positions[bi], layer.sliding_window), hq // h)
         out[bi, hi] = _attend_rows(q[bi, hi], k, v, mask, scaling)
-    return _ungroup(out, hq, length).to(query.dtype)
+    return ungroup_output(out, hq, length).to(query.dtype)

@@ -17,7 +17,6 @@ Part 2 (end to end): decode tokens/s on the real model at equal budget: ``full``
 
 from __future__ import annotations
 
-import platform
 import time
 from typing import Any
 
@@ -27,30 +26,14 @@ from kvlab.attention.plans import ReadPlan
 from kvlab.attention.torch_attention import attend, attend_plan
 from kvlab.cache.store import KVStore, LayerStore
 from kvlab.errors import check
+from kvlab.machine import cores, cpu_name
 
 BLOCK_SIZES = (1, 4, 16, 64, 256)
 
 
 def machine() -> str:
-    """The CPU model and core count (and the GPU when one is used), for every figure."""
-    name = platform.processor() or "CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {torch.get_num_threads()} torch threads ({_cores()} cores)"
-
-
-def _cores() -> int:
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    """The CPU model and core count, for every figure."""
+    return f"{cpu_name()}, {torch.get_num_threads()} torch threads ({cores()} cores)"
 
 
 def copy_bandwidth(mb: int = 256, reps: int = 5, device: str = "cpu") -> float:

@@ -28,6 +28,7 @@ from kvlab.attention.sparse import WORKSPACE, attend_blocks, attend_tokens
 from kvlab.attention.torch_attention import attend
 from kvlab.cache.store import KVStore, LayerStore
 from kvlab.errors import KVLabError, check
+from kvlab.machine import cores, cpu_name
 
 DEFAULT_CONTEXTS = (8192, 32768, 65536)
 
@@ -153,14 +154,4 @@ def _loadavg() -> str:
 
 def machine_description() -> str:
     """CPU model and core count, from /proc/cpuinfo (lscpu's "Model name")."""
-    import os
-
-    name = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
+    return f"{cpu_name()}, {cores()} cores"

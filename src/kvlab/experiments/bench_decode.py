@@ -6,7 +6,6 @@ that noise on a shared machine hits both; the figure that matters is the ratio o
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from typing import Any
@@ -15,22 +14,9 @@ import torch
 
 from kvlab.errors import check
 from kvlab.generation import decode, left_pad, positions_from_valid, prefill
+from kvlab.machine import describe as machine  # noqa: F401  (re-exported for the CLI)
 from kvlab.methods import make_method
 from kvlab.progress import track
-
-
-def machine() -> str:
-    """A one-line description of the CPU this runs on."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 @torch.inference_mode()

@@ -384,14 +384,14 @@ class KernelBlockRoute:
 
     def decode_plan(self, layer_idx: int, layer: Any, query: torch.Tensor, q_positions: torch.Tensor) -> Any:
         from kvlab.attention.plans import ReadPlan
-        from kvlab.attention.torch_attention import _group
+        from kvlab.attention.torch_attention import group_queries
         from kvlab.kernels import dispatch
 
         lists = dispatch.read_lists(layer)
         device = layer.keys.device
         counts = -(-lists.seq_lens // layer.block_size)
         physical = torch.where(lists.table >= 0, lists.table + layer.start.to(device)[:, None].int(), -1)
-        q = _group(query, layer.kv_heads).to(layer.dtype).contiguous()
+        q = group_queries(query, layer.kv_heads).to(layer.dtype).contiguous()
         scores = dispatch.block_scores(q, physical, counts, centroids=self.centroids[layer_idx])
         cols = torch.arange(scores.shape[1], device=device)[None, :]
         forced = (cols < self.sink) | (cols >= counts[:, None] - self.local)

@@ -21,8 +21,8 @@ from typing import Literal
 import torch
 
 from kvlab.attention.plans import ReadPlan
-from kvlab.attention.torch_attention import _group, _ungroup
 from kvlab.attention.torch_attention import attend as torch_attend
+from kvlab.attention.torch_attention import group_queries, ungroup_output
 from kvlab.cache.store import LayerStore
 from kvlab.errors import KVLabError
 from kvlab.kernels import reference
@@ -192,9 +192,9 @@ def attend(layer: LayerStore, query: torch.Tensor, q_positions: torch.Tensor, sc
     from kvlab.kernels.paged_attention import paged_decode_attention as kernel
 
     lists = read_lists(layer, plan)
-    q = _group(query, layer.kv_heads).to(layer.dtype).contiguous()
+    q = group_queries(query, layer.kv_heads).to(layer.dtype).contiguous()
     use_pos = length > 1 or layer.sliding_window is not None
     out = kernel(q, layer.keys, layer.values, lists.table, lists.seq_lens, lists.block_size, scaling,
                  q_positions.to(q.device) if use_pos else None, layer.positions if use_pos else None,
                  layer.sliding_window, row_offsets=lists.row_offsets, max_tokens=lists.max_tokens)
-    return _ungroup(out, hq, length).to(query.dtype)
+    return ungroup_output(out, hq, length).to(query.dtype)

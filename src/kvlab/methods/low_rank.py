@@ -36,10 +36,10 @@ from kvlab.attention.plans import ReadPlan
 from kvlab.attention.torch_attention import (
     _attend_rows,
     _expand_groups,
-    _group,
-    _ungroup,
     attend_plan,
     attend_ragged,
+    group_queries,
+    ungroup_output,
     visibility,
 )
 from kvlab.cache.store import KVStore, LayerStore
@@ -117,7 +117,7 @@ class LowRankLayerStore(CodedLayerStore):
         slots = self._row_slot_index(t)  # [rows, t]
         live = torch.arange(t)[None, :] < self.lengths[:, None]
         kpos = torch.where(live, self.positions[slots], -1).view(b, h, t)
-        q = _group(query, h).to(self.dtype)  # [B, H, G*L, D]
+        q = group_queries(query, h).to(self.dtype)  # [B, H, G*L, D]
         kc = self.k_codes[slots].view(b, h, t, -1)
         vc = self.v_codes[slots].view(b, h, t, -1)
         if self.pk is None:
@@ -132,7 +132,7 @@ class LowRankLayerStore(CodedLayerStore):
         else:
             mask = _expand_groups(visibility(kpos, q_positions[:, None, :], self.sliding_window), hq // h)
         out = _attend_rows(q, k, vc, mask, scaling) @ self.pv.transpose(1, 2)[None]  # expand once per head
-        return _ungroup(out, hq, length).to(query.dtype)
+        return ungroup_output(out, hq, length).to(query.dtype)
 
 
 def random_orthogonal(d: int, r: int, generator: torch.Generator) -> torch.Tensor:
