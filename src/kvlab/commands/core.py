@@ -126,13 +126,13 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         kept = stats["kept_tokens_per_layer_head"]
         print_table([{
             "method": method,
-            "prompt tokens": stats["prompt_tokens"][0],
-            "tokens kept (mean per layer·head)": round(sum(sum(sum(h) for h in b) for b in kept)
+            "prompt": stats["prompt_tokens"][0],
+            "kept/head": round(sum(sum(sum(h) for h in b) for b in kept)
                                                       / max(1, sum(len(b) * len(b[0]) for b in kept)), 1),
             "kept %": 100 * stats["kept_fraction"],
-            "cache MB (full → kept)": f"{stats['cache_mb_full']:.2f} → {stats['cache_mb_after_prefill']:.2f}",
+            "cache MB": f"{stats['cache_mb_full']:.2f} → {stats['cache_mb_after_prefill']:.2f}",
             "prefill s": stats["prefill_seconds"],
-            "decode tok/s": stats["decode_tokens_per_second"],
+            "tok/s": stats["decode_tokens_per_second"],
         }], title=f"kvlab generate · {model}")
         for text in result.texts:
             typer.echo(text)
