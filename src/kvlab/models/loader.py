@@ -55,13 +55,15 @@ def check_architecture(config: Any) -> None:
 def random_model(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[Any, ByteTokenizer]:
     """A model of a known shape with random weights (N(0, 0.02)); built without any download."""
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     config = random_config(shape)
     config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    with torch.device("meta"):
+
+    # Skip transformers' (slow) initialisation but build on the CPU, so that non-persistent buffers
+    # (RoPE frequencies, Gemma's embedding scale) are computed as usual; then fill every parameter.
+    with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model = model.to_empty(device="cpu")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -70,12 +72,6 @@ def random_model(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0) 
                 param.fill_(0.0 if config.model_type.startswith("gemma") else 1.0)
             else:
                 param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32).mul_(0.02))
-    # Non-persistent buffers (RoPE inverse frequencies) were left uninitialised on the meta device:
-    # rebuild the rotary modules on the CPU from the config.
-    for name, module in list(model.named_modules()):
-        if name.endswith("rotary_emb"):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, type(module)(config=module.config))
     model.eval()
     return model, ByteTokenizer(config.vocab_size)
 
