@@ -197,7 +197,8 @@ class GenerationResult:
     result: DecodeResult
 
 
-def _eos_ids(tokenizer: Any, model: Any) -> list[int]:
+def eos_ids(tokenizer: Any, model: Any) -> list[int]:
+    """The token ids that end a generation (the model's generation config, else the tokenizer's)."""
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if ids is None:
         ids = getattr(tokenizer, "eos_token_id", None)
@@ -223,9 +224,9 @@ def generate(model: Any, tokenizer: Any, prompts: list[str] | str, method: str |
     ids = encode_prompts(tokenizer, prompts, chat)
     snapshot = prefill(model, ids, block_size=block_size, reserve_tokens=max_new_tokens,
                        observe=max(method.observation_window(), 1))
-    result = decode(model, snapshot, method, max_new_tokens, eos_token_id=_eos_ids(tokenizer, model))
-    texts = [tokenizer.decode(_trim_eos(row.tolist(), _eos_ids(tokenizer, model)), skip_special_tokens=True)
-             for row in result.tokens]
+    eos = eos_ids(tokenizer, model)
+    result = decode(model, snapshot, method, max_new_tokens, eos_token_id=eos)
+    texts = decode_texts(tokenizer, result.tokens, eos)
     new_tokens = result.steps * len(prompts)
     stats = {
         **method.describe(),
@@ -243,8 +244,10 @@ def generate(model: Any, tokenizer: Any, prompts: list[str] | str, method: str |
     return GenerationResult(texts=texts, stats=stats, result=result)
 
 
-def _trim_eos(ids: list[int], eos: list[int]) -> list[int]:
-    for i, t in enumerate(ids):
-        if t in eos:
-            return ids[:i]
-    return ids
+def decode_texts(tokenizer: Any, tokens: torch.Tensor, eos: list[int]) -> list[str]:
+    """Text of each row of generated ``tokens`` ``[B, n]``, cut at the first end-of-sequence token."""
+    texts = []
+    for row in tokens.tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+    return texts

@@ -149,7 +149,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     ) -> None:
         """Uncompressed decode: kvlab's store vs transformers' DynamicCache + SDPA, as a ratio from one run."""
         import kvlab
-        from kvlab.experiments.bench_decode import machine, run
+        from kvlab.experiments.bench_decode import run
+        from kvlab.machine import describe as machine
 
         check(batch >= 1 and all(c >= 1 for c in context), "--batch and --context must be >= 1")
         m, _ = kvlab.load(model, dtype=dtype)
@@ -164,8 +165,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     ) -> None:
         """One long real prompt (stdlib code + a question), prefilled once, answered by several methods."""
         import kvlab
-        from kvlab.experiments.bench_decode import machine
         from kvlab.experiments.demo import run
+        from kvlab.machine import describe as machine
 
         kvlab.make_method("streaming", budget=budget)  # validate before loading
         m, tok = kvlab.load(model)

@@ -14,7 +14,6 @@ import torch
 
 from kvlab.errors import check
 from kvlab.generation import decode, left_pad, positions_from_valid, prefill
-from kvlab.machine import describe as machine  # noqa: F401  (re-exported for the CLI)
 from kvlab.methods import make_method
 from kvlab.progress import track
 

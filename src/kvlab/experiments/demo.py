@@ -6,7 +6,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from kvlab.generation import _eos_ids, _trim_eos, decode, encode_prompts, prefill
+from kvlab.generation import decode, decode_texts, encode_prompts, eos_ids, prefill
 from kvlab.methods import make_method
 
 QUESTION = ("\n\nQuestion: which function defined in the module above removes any common leading whitespace "
@@ -27,12 +27,12 @@ def run(model: Any, tokenizer: Any, methods: list[tuple[str, dict[str, Any]]], p
     ids = encode_prompts(tokenizer, [prompt or demo_prompt()])
     snapshot = prefill(model, ids, reserve_tokens=max_new_tokens)
     full_tokens = int(snapshot.store.lengths().sum())
-    eos = _eos_ids(tokenizer, model)
+    eos = eos_ids(tokenizer, model)
     rows = []
     for name, params in methods:
         method = make_method(name, **params)
         result = decode(model, snapshot, method, max_new_tokens, eos_token_id=eos)
-        answer = tokenizer.decode(_trim_eos(result.tokens[0].tolist(), eos), skip_special_tokens=True)
+        answer = decode_texts(tokenizer, result.tokens[:1], eos)[0]
         rows.append({
             "method": name + "".join(f" {k}={v}" for k, v in params.items()),
             "prompt tokens": int(snapshot.context_lengths[0]),

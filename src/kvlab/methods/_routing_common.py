@@ -152,6 +152,17 @@ class RoutingMethod(Method):
         self._calls[layer_idx] = step + 1
         return step
 
+    def begin_plan(self, layer_idx: int, layer: LayerStore) -> tuple[int, torch.Tensor] | None:
+        """``(step, per-row token budgets)`` for a token-budgeted ``decode_plan`` call, or None where the
+        layer reads everything (a dense layer, or every row within budget)."""
+        if self.is_dense(layer_idx):
+            return None
+        step = self.next_step(layer_idx)
+        budgets = self.row_budgets(layer.lengths)
+        if bool((budgets >= layer.lengths).all()):
+            return None
+        return step, budgets
+
     # ------------------------------------------------------------ budget
     def forced_tokens(self, length: int) -> int:
         """Tokens the sink and local blocks take at ``length`` (at most the context)."""

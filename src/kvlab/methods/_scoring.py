@@ -148,6 +148,13 @@ def compresses(method: Method) -> bool:
     return method.budget_tokens is not None or method.keep_fraction < 1.0
 
 
+def check_window_fits(window: int, context_lengths: torch.Tensor) -> None:
+    """A clear error when an observation window is not shorter than every prompt of the batch."""
+    check(bool((context_lengths > window).all()),
+          f"window of {window} tokens must be shorter than every prompt "
+          f"(shortest: {int(context_lengths.min())} tokens)")
+
+
 def check_budget(n_keep: torch.Tensor, protected: int, what: str) -> None:
     """A clear error when the tokens that are always kept do not fit in the budget."""
     smallest = int(n_keep.min())

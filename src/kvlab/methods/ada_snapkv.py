@@ -39,9 +39,7 @@ class AdaSnapKV(SnapKV):
     def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
         if not S.compresses(self):
             return
-        check(bool((ctx.context_lengths > self.window).all()),
-              f"window of {self.window} tokens must be shorter than every prompt "
-              f"(shortest: {int(ctx.context_lengths.min())} tokens)")
+        S.check_window_fits(self.window, ctx.context_lengths)
         n_keep = S.kept_per_sequence(self, ctx.context_lengths)
         S.check_budget(n_keep, self.window, f"the observation window of {self.window}")
         n_safe = torch.tensor([int(int(n) * self.safeguard) for n in n_keep], dtype=torch.long)

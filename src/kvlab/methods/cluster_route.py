@@ -154,14 +154,12 @@ class ClusterRoute(RoutingMethod):
 
     def decode_plan(self, layer_idx: int, layer: LayerStore, query: torch.Tensor,
                     q_positions: torch.Tensor) -> ReadPlan | None:
-        if self.is_dense(layer_idx):
+        begun = self.begin_plan(layer_idx, layer)
+        if begun is None:
             return None
-        step = self.next_step(layer_idx)
+        step, budgets = begun
         lengths = layer.lengths
-        budgets = self.row_budgets(lengths)
         dense = budgets >= lengths
-        if bool(dense.all()):
-            return None
         for n in lengths[~dense].unique().tolist():
             self.check_budget(int(n))
         state = self._layers.get(layer_idx)

@@ -47,13 +47,12 @@ class OracleTokens(_Oracle):
 
     def decode_plan(self, layer_idx: int, layer: LayerStore, query: torch.Tensor,
                     q_positions: torch.Tensor) -> ReadPlan | None:
-        if self.is_dense(layer_idx):
+        begun = self.begin_plan(layer_idx, layer)
+        if begun is None:
             return None
-        step = self.next_step(layer_idx)
+        step, budgets = begun
         lengths = layer.lengths
-        budgets = torch.minimum(self.row_budgets(lengths), lengths)
-        if bool((budgets >= lengths).all()):
-            return None
+        budgets = torch.minimum(budgets, lengths)
         mass = self._mass(layer, query)
         index = top_blocks(mass, lengths, budgets, None)  # tokens are blocks of one
         plan = ReadPlan("tokens", index.view(layer.batch, layer.kv_heads, -1))
@@ -71,13 +70,11 @@ class OracleBlocks(_Oracle):
 
     def decode_plan(self, layer_idx: int, layer: LayerStore, query: torch.Tensor,
                     q_positions: torch.Tensor) -> ReadPlan | None:
-        if self.is_dense(layer_idx):
+        begun = self.begin_plan(layer_idx, layer)
+        if begun is None:
             return None
-        step = self.next_step(layer_idx)
+        step, budgets = begun
         lengths = layer.lengths
-        budgets = self.row_budgets(lengths)
-        if bool((budgets >= lengths).all()):
-            return None
         bs = self.block_size
         nb = ceil_div_tensor(lengths, bs)
         k = torch.where(budgets >= lengths, nb, torch.minimum(budgets // bs, nb)).clamp(min=1)

@@ -49,9 +49,7 @@ class PyramidKV(SnapKV):
     def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
         if not S.compresses(self):
             return
-        check(bool((ctx.context_lengths > self.window).all()),
-              f"window of {self.window} tokens must be shorter than every prompt "
-              f"(shortest: {int(ctx.context_lengths.min())} tokens)")
+        S.check_window_fits(self.window, ctx.context_lengths)
         for i in store.compressible_layers():
             layer = store.layers[i]
             n_keep = torch.tensor([self.layer_budget(i, store.num_layers, int(n)) for n in ctx.context_lengths])

@@ -42,9 +42,7 @@ class SnapKV(Method):
         if not S.compresses(self):
             return
         n_keep = S.kept_per_sequence(self, ctx.context_lengths)
-        check(bool((ctx.context_lengths > self.window).all()),
-              f"window of {self.window} tokens must be shorter than every prompt "
-              f"(shortest: {int(ctx.context_lengths.min())} tokens)")
+        S.check_window_fits(self.window, ctx.context_lengths)
         S.check_budget(n_keep, self.window, f"the observation window of {self.window}")
         for i in store.compressible_layers():
             layer = store.layers[i]
