@@ -107,7 +107,7 @@ def test_baselines_keep_their_window_and_budget(name, lengths, block_size, ratio
             kept = 0
             for h in range(KV_HEADS):
                 pos = positions_of(store, i, b * KV_HEADS + h)
-                assert set(range(n - protected, n)) <= set(pos)
+                assert set(range(max(0, n - protected), n)) <= set(pos)
                 assert pos == sorted(pos) and len(set(pos)) == len(pos)
                 kept += len(pos)
             per_layer.append(kept)

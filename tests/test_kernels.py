@@ -1,9 +1,10 @@
-"""Triton kernels against their torch references, under the Triton CPU interpreter.
+"""Triton kernels against their torch references: on a CUDA GPU when there is one, else under the
+Triton CPU interpreter.
 
 Every launch gets fresh random inputs (the seed is in the failure message) and a NaN-poisoned output
 buffer, so an element the kernel forgets to write fails the test. Tolerances on ‖out − ref‖/‖ref‖:
 1e-5 in fp32, 1e-2 in fp16 and bf16 (bf16 operands are upcast to fp32 under the interpreter, whose
-bf16 ``tl.dot`` is wrong; bf16 proper must be checked on a GPU).
+bf16 ``tl.dot`` is wrong; on a GPU bf16 runs as is).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import os
 import random
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from kvlab.attention import ReadPlan, attend  # noqa: E402
 from kvlab.cache.store import KVStore  # noqa: E402
@@ -23,6 +26,7 @@ from kvlab.kernels import dispatch, reference  # noqa: E402
 HAS_TRITON = dispatch.triton_available()
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install 'kvlab[triton]'; "
                                                          "make test installs it)")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -46,7 +50,12 @@ def check_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, gen: t
 
 
 def poisoned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    return torch.full(shape, float("nan"), dtype=dtype)
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+def dev(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The inputs on the device the kernels run on (drawn on the CPU, from the test's generator)."""
+    return tuple(None if t is None else t.to(DEVICE) for t in tensors)
 
 
 def random_lists(gen: torch.Generator, rows: int, max_tokens: int, block_size: int, extra_blocks: int = 3
@@ -74,6 +83,7 @@ def test_paged_decode_attention(gen: torch.Generator, dtype: torch.dtype, block_
     k = torch.randn(slots, d, generator=gen).to(dtype)
     v = torch.randn(slots, d, generator=gen).to(dtype)
     q = torch.randn(b, h, groups, d, generator=gen).to(dtype)
+    q, k, v, table, lens = dev(q, k, v, table, lens)
     out = paged_decode_attention(q, k, v, table, lens, block_size, d**-0.5, num_splits=num_splits,
                                  out=poisoned(q.shape, dtype))
     ref = reference.paged_decode_attention_ref(q, k, v, table, lens, block_size, d**-0.5)
@@ -93,6 +103,7 @@ def test_paged_decode_attention_positions(gen: torch.Generator, window: int | No
     kv_pos = torch.randint(-1, 160, (slots,), generator=gen)  # -1: empty slots
     q_pos = torch.randint(60, 160, (b, length), generator=gen)
     q = torch.randn(b, h, groups * length, d, generator=gen)
+    q, k, v, table, lens, kv_pos, q_pos = dev(q, k, v, table, lens, kv_pos, q_pos)
     out = paged_decode_attention(q, k, v, table, lens, bs, d**-0.5, q_pos, kv_pos, window, num_splits=2,
                                  out=poisoned(q.shape, torch.float32))
     ref = reference.paged_decode_attention_ref(q, k, v, table, lens, bs, d**-0.5, q_pos, kv_pos, window)
@@ -109,10 +120,11 @@ def test_paged_decode_attention_empty_rows(gen: torch.Generator) -> None:
     lens[1] = 0
     k, v = torch.randn(slots, d, generator=gen), torch.randn(slots, d, generator=gen)
     q = torch.randn(2, 2, 4, d, generator=gen)
+    q, k, v, table, lens = dev(q, k, v, table, lens)
     for splits in (1, 3):
         out = paged_decode_attention(q, k, v, table, lens, 16, d**-0.5, num_splits=splits,
                                      out=poisoned(q.shape, torch.float32))
-        assert torch.equal(out[0, 1], torch.zeros(4, d))
+        assert torch.equal(out[0, 1].cpu(), torch.zeros(4, d))
         check_close(out, reference.paged_decode_attention_ref(q, k, v, table, lens, 16, d**-0.5), torch.float32, gen)
 
 
@@ -131,6 +143,7 @@ def test_block_scores(gen: torch.Generator, dtype: torch.dtype, quest: bool) -> 
     lo = torch.randn(num_blocks, d, generator=gen).to(dtype)
     hi = (lo.float() + torch.rand(num_blocks, d, generator=gen)).to(dtype)
     cent = torch.randn(num_blocks, d, generator=gen).to(dtype)
+    q, table, counts, lo, hi, cent = dev(q, table, counts, lo, hi, cent)
     kw = dict(kmin=lo, kmax=hi) if quest else dict(centroids=cent)
     out = block_scores(q, table, counts, out=poisoned((b * h, n), torch.float32), **kw)
     ref = reference.block_scores_ref(q, table, counts, **kw)
@@ -183,6 +196,8 @@ def test_lowrank_decode_attention(gen: torch.Generator, dtype: torch.dtype, k_mo
     v_basis = (torch.randn(h, rv, d, generator=gen) / rv**0.5).to(dtype)
     pos = torch.randint(0, 4000, (slots,), generator=gen)
     inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d) if k_mode == "lowrank-rope" else None
+    q, table, lens, k_cache, k_basis, v_latent, v_basis, pos, inv_freq = dev(
+        q, table, lens, k_cache, k_basis, v_latent, v_basis, pos, inv_freq)
     for splits in (1, 2):
         out = lowrank_decode_attention(q, k_cache, v_latent, v_basis, table, lens, bs, d**-0.5, k_basis, pos, inv_freq,
                                        num_splits=splits, out=poisoned(q.shape, dtype))
@@ -211,17 +226,18 @@ def test_lowrank_reference_matches_expanded_cache(gen: torch.Generator) -> None:
 
 # ------------------------------------------------------------ the dispatcher over the store
 def make_layer(gen: torch.Generator, dtype: torch.dtype, block_size: int, tokens: int = 90, window: int | None = None,
-               evict: bool = False):
-    b, h, d = 2, 2, 32
+               evict: bool = False, device: str | torch.device = "cpu"):
+    b, h, d, device = 2, 2, 32, torch.device(device)
     store = KVStore.empty(1, b, h, d, block_size=block_size, dtype=dtype,
-                          sliding_windows=[window])
+                          sliding_windows=[window], device=device)
     layer = store.layers[0]
-    layer.append(torch.randn(b, h, tokens, d, generator=gen), torch.randn(b, h, tokens, d, generator=gen),
-                 torch.arange(tokens)[None].expand(b, tokens))
+    keys = torch.randn(b, h, tokens, d, generator=gen).to(device)
+    values = torch.randn(b, h, tokens, d, generator=gen).to(device)
+    layer.append(keys, values, torch.arange(tokens, device=device)[None].expand(b, tokens))
     if evict:  # rows keep different numbers of tokens (and the layout stops being uniform)
         keep = torch.rand(layer.rows, tokens, generator=gen) < torch.rand(layer.rows, 1, generator=gen)
         keep[:, -1] = True
-        layer.repack(keep=keep, reserve_tokens=3)
+        layer.repack(keep=keep.to(device), reserve_tokens=3)
     return layer
 
 
@@ -231,7 +247,8 @@ def make_layer(gen: torch.Generator, dtype: torch.dtype, block_size: int, tokens
 def test_dispatch_attend_matches_torch_attention(gen: torch.Generator, dtype: torch.dtype, case: str) -> None:
     """``dispatch.attend`` (Triton) equals ``kvlab.attention.attend`` for every kind of read."""
     bs = 8
-    layer = make_layer(gen, dtype, bs, window=24 if case == "window" else None, evict=case == "evicted")
+    layer = make_layer(gen, dtype, bs, window=24 if case == "window" else None, evict=case == "evicted",
+                       device=DEVICE)
     b, h, groups, d = layer.batch, layer.kv_heads, 4, layer.head_dim
     length = 3 if case == "chunk" else 1
     tokens = int(layer.lengths.max())
@@ -250,6 +267,9 @@ def test_dispatch_attend_matches_torch_attention(gen: torch.Generator, dtype: to
         index = torch.stack([torch.randperm(tokens, generator=gen)[:23].sort().values for _ in range(b * h)])
         index[1, -4:] = -1
         plan = ReadPlan("tokens", index.view(b, h, 23))
+    query, q_pos = dev(query, q_pos)
+    if plan is not None:
+        plan = ReadPlan(plan.kind, plan.index.to(DEVICE), block_size=plan.block_size)
     out = dispatch.attend(layer, query, q_pos, d**-0.5, plan, backend="triton")
     ref = attend(layer, query, q_pos, d**-0.5, plan)
     assert out.shape == ref.shape == (b, length, h * groups, d)
@@ -298,9 +318,14 @@ def test_bench_gpu_targets_from_rows() -> None:
          "GBps": 1700.0},
     ]
     targets = {t["target"]: t["met"] for t in evaluate_targets(rows, copy_gbps=2400.0)}
-    assert targets["kvlab full within 10% of the best library kernel"] is True
-    assert targets["block-route 1/8 ≥ 6× faster than full at 128K (attention)"] is True
-    assert targets["block-route bandwidth on selected bytes ≥ 70% of copy bandwidth"] is True
+    assert targets["kvlab full within 10% of the best library kernel (eager)"] is True
+    assert targets["block-route 1/8 ≥ 6× faster than full at 128K (attention; eager)"] is True
+    assert targets["block-route bandwidth on selected bytes ≥ 70% of copy bandwidth (eager)"] is True
+    for r in rows:  # the CUDA-graph times judge the same targets separately
+        r["us_graph"], r["GBps_graph"] = r["us"] * 2, r["GBps"] / 2
+    graph = {t["target"]: t["met"] for t in evaluate_targets(rows, copy_gbps=2400.0, timing="us_graph")}
+    assert graph["block-route bandwidth on selected bytes ≥ 70% of copy bandwidth (CUDA graph)"] is False
+    assert graph["kvlab full within 10% of the best library kernel (CUDA graph)"] is True
 
 
 def test_kernel_block_route_plan_keeps_sink_and_newest_blocks(gen: torch.Generator) -> None:

@@ -106,10 +106,10 @@ def merge_runs(units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = units.numel()
     if n == 0:
         return units, units
-    brk = torch.ones(n, dtype=torch.bool)
+    brk = torch.ones(n, dtype=torch.bool, device=units.device)
     brk[1:] = units[1:] != units[:-1] + 1
     first = brk.nonzero().flatten()
-    counts = torch.diff(first, append=torch.tensor([n]))
+    counts = torch.diff(first, append=torch.tensor([n], device=units.device))
     return units[first], counts
 
 
@@ -141,10 +141,11 @@ def _attend_units_rows(layer: LayerStore, query: torch.Tensor, q_positions: torc
     g = hq // h
     q = group_queries(query, h).to(layer.dtype)  # [B, H, G*L, D]
     out = torch.empty_like(q)
-    units = _compact(units.reshape(rows, -1).to(torch.long), layer.lengths, unit)
+    lengths, first_slot = layer.lengths.to(units.device), (layer.start * layer.block_size).to(units.device)
+    units = _compact(units.reshape(rows, -1).to(torch.long), lengths, unit)
     counts = (units >= 0).sum(1)
     last = units.gather(1, (counts - 1).clamp(min=0)[:, None])[:, 0]
-    overhang = torch.where(counts > 0, ((last + 1) * unit - layer.lengths).clamp(min=0), 0)
+    overhang = torch.where(counts > 0, ((last + 1) * unit - lengths).clamp(min=0), 0)
     n_tok = (counts * unit - overhang).tolist()  # tokens read per row (a prefix of the row's buffer)
     width = max(units.shape[1], 1) * unit
     kbuf = WORKSPACE.take("k", width * d, layer.dtype, layer.device).view(-1, unit * d)
@@ -160,7 +161,7 @@ def _attend_units_rows(layer: LayerStore, query: torch.Tensor, q_positions: torc
         # small selections, same size in every row: one batched copy and attention for all rows
         # (a per-row loop of tiny ops costs more than the work; large ones stay row by row for the cache)
         c, n = counts_l[0], n_tok[0]
-        gid = (units[:, :c] + (layer.start * layer.block_size // unit)[:, None]).flatten()
+        gid = (units[:, :c] + (first_slot // unit)[:, None]).flatten()
         kb = WORKSPACE.take("kb", rows * c * unit * d, layer.dtype, layer.device).view(-1, unit * d)
         vb = WORKSPACE.take("vb", rows * c * unit * d, layer.dtype, layer.device).view(-1, unit * d)
         torch.index_select(kpool, 0, gid, out=kb)
@@ -228,7 +229,7 @@ def attend_blocks(layer: LayerStore, query: torch.Tensor, q_positions: torch.Ten
     idx = index.reshape(layer.rows, -1).to(torch.long)
     r = block_size // unit
     if r > 1:
-        units = idx[:, :, None] * r + torch.arange(r)
+        units = idx[:, :, None] * r + torch.arange(r, device=idx.device)
         units = torch.where(idx[:, :, None] >= 0, units, -1).flatten(1)
     else:
         units = idx

@@ -10,6 +10,10 @@ Part 1 (microbenchmark): one decode query, equal token budget, only contiguity v
 lengths; time, and effective GB/s of K+V read against the machine's measured copy bandwidth. The read
 paths are :mod:`kvlab.attention.sparse` (``attend_tokens`` gather for block 1, ``attend_blocks``
 otherwise) when present, else the reference gather of :func:`kvlab.attention.torch_attention.attend_plan`.
+On a CUDA device every read, the full one included, goes through kvlab's Triton paged kernel (one
+kernel for every access pattern, as the kernels issue asks), in bf16, timed by replaying a CUDA graph
+of the calls so that the host's launch overhead does not hide the memory access; full attention is
+also timed through torch SDPA.
 
 Part 2 (end to end): decode tokens/s on the real model at equal budget: ``full``, ``block-route``,
 ``cluster-route`` and ``cluster-route --relayout``, all from the same prefilled snapshot.
@@ -56,9 +60,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def make_layer(context: int, kv_heads: int, head_dim: int, seed: int = 0, device: str = "cpu") -> LayerStore:
+def make_layer(context: int, kv_heads: int, head_dim: int, seed: int = 0, device: str = "cpu",
+               dtype: torch.dtype = torch.float32) -> LayerStore:
     """A one-sequence layer of ``context`` random keys and values (store blocks of 16)."""
-    store = KVStore.empty(1, 1, kv_heads, head_dim, block_size=16, device=device)
+    store = KVStore.empty(1, 1, kv_heads, head_dim, block_size=16, dtype=dtype, device=device)
     layer = store.layers[0]
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(1, kv_heads, context, head_dim, generator=g).to(device)
@@ -91,6 +96,37 @@ def _reader(layer: LayerStore, block: int, index: torch.Tensor):
     return "attend_plan (reference)", lambda q, p, s: attend_plan(layer, q, p, s, plan)
 
 
+def _kernel_reader(layer: LayerStore, block: int, index: torch.Tensor):
+    """The Triton paged kernel over the blocks ``index`` ``[1, H, n]`` of ``block`` tokens, lists built once."""
+    from kvlab.kernels.dispatch import read_lists
+    from kvlab.kernels.paged_attention import paged_decode_attention
+
+    plan = ReadPlan("tokens", index) if block == 1 else ReadPlan("blocks", index, block_size=block)
+    lists = read_lists(layer, plan)
+    out = torch.empty(1, layer.kv_heads, 1, 1, device=layer.keys.device)  # resized on first use
+
+    def run(q: torch.Tensor, pos: torch.Tensor, scaling: float) -> torch.Tensor:
+        nonlocal out
+        qg = q.view(1, layer.kv_heads, -1, q.shape[-1]).to(layer.dtype)  # one query token: heads grouped
+        if out.shape != qg.shape or out.dtype != qg.dtype:
+            out = torch.empty_like(qg)
+        return paged_decode_attention(qg, layer.keys, layer.values, lists.table, lists.seq_lens, lists.block_size,
+                                      scaling, row_offsets=lists.row_offsets, max_tokens=lists.max_tokens, out=out)
+
+    return f"triton paged kernel (bs={block})", run
+
+
+def _time_cuda(fn, reps: int) -> tuple[float, float | None]:
+    """``(seconds per call from a CUDA-graph replay, eager seconds)``; the graph time is the kernel's own."""
+    from kvlab.experiments.bench_gpu import cuda_time_us, graph_time_us
+
+    eager = cuda_time_us(lambda _: fn(), 1, warmup=5, iters=max(reps, 20)) / 1e6
+    try:
+        return graph_time_us(lambda _: fn(), 1, warmup=3, iters=max(reps, 10)) / 1e6, eager
+    except Exception:  # noqa: BLE001 -- not capturable: fall back to the eager time
+        return eager, eager
+
+
 def _token_index(index: torch.Tensor, block: int) -> torch.Tensor:
     return (index[..., None] * block + torch.arange(block)).flatten(-2)
 
@@ -120,40 +156,50 @@ def bench_access(contexts: list[int], budget: float = 0.125, kv_heads: int = 8, 
           f"a budget of {budget:g} × {min(contexts)} tokens is smaller than one block of {max(block_sizes)}; "
           f"use contexts of at least {round(max(block_sizes) / budget)} tokens")
     bw = copy_bandwidth(device=device)
+    cuda = device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    elt = torch.finfo(dtype).bits // 8
     rows = []
     # Warm-up sweep on the smallest context: first calls pay for lazy initialisation and buffer growth.
-    warm = make_layer(min(contexts), kv_heads, head_dim, seed, device)
-    wq = torch.randn(1, q_heads, 1, head_dim).to(device)
+    warm = make_layer(min(contexts), kv_heads, head_dim, seed, device, dtype)
+    wq = torch.randn(1, q_heads, 1, head_dim).to(device, dtype)
     wpos = torch.tensor([[min(contexts)]], device=device)
+    reader = _kernel_reader if cuda else _reader
     for block in block_sizes:
-        _reader(warm, block, random_blocks(min(contexts), kv_heads, block, budget, seed).to(device))[1](
+        reader(warm, block, random_blocks(min(contexts), kv_heads, block, budget, seed).to(device))[1](
             wq, wpos, head_dim ** -0.5)
     from kvlab.progress import track
 
+    def timed(fn) -> tuple[float, float | None]:
+        return _time_cuda(fn, reps) if cuda else (_time(fn, reps, device), None)
+
     for context in track(contexts, f"bench access ({device})"):
-        layer = make_layer(context, kv_heads, head_dim, seed, device)
-        q = torch.randn(1, q_heads, 1, head_dim, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+        layer = make_layer(context, kv_heads, head_dim, seed, device, dtype)
+        q = torch.randn(1, q_heads, 1, head_dim, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
         pos = torch.tensor([[context]], device=device)
         scaling = head_dim ** -0.5
-        full_t = _time(lambda layer=layer, q=q, pos=pos, s=scaling: attend(layer, q, pos, s), reps, device)
-        full_bytes = context * kv_heads * head_dim * 2 * 4
-        rows.append({"context": context, "block": "full", "path": "attend_dense", "tokens": context,
-                     "seconds": full_t, "gbps": full_bytes / full_t / 1e9, "copy_gbps": bw, "vs_full": 1.0})
-        # The whole context through the same copy-then-attend path as the sparse reads (every block once).
+        full_t, full_eager = timed(lambda layer=layer, q=q, pos=pos, s=scaling: attend(layer, q, pos, s))
+        full_bytes = context * kv_heads * head_dim * 2 * elt
+        rows.append({"context": context, "block": "full", "path": "attend (dense; torch SDPA)", "tokens": context,
+                     "seconds": full_t, "eager_seconds": full_eager, "gbps": full_bytes / full_t / 1e9,
+                     "copy_gbps": bw, "vs_full": 1.0})
+        # The whole context through the same path as the sparse reads (every block once).
         every = torch.arange(context // max(block_sizes))[None, None, :].expand(1, kv_heads, -1).to(device)
-        name, fn = _reader(layer, max(block_sizes), every)
-        t_all = _time(lambda fn=fn, q=q, pos=pos, s=scaling: fn(q, pos, s), reps, device)
+        name, fn = reader(layer, max(block_sizes), every)
+        t_all, all_eager = timed(lambda fn=fn, q=q, pos=pos, s=scaling: fn(q, pos, s))
         rows.append({"context": context, "block": "all", "path": name + " (every block)", "tokens": context,
-                     "seconds": t_all, "gbps": full_bytes / t_all / 1e9, "copy_gbps": bw, "vs_full": t_all / full_t})
+                     "seconds": t_all, "eager_seconds": all_eager, "gbps": full_bytes / t_all / 1e9,
+                     "copy_gbps": bw, "vs_full": t_all / full_t})
         for block in block_sizes:
             index = random_blocks(context, kv_heads, block, budget, seed + block).to(device)
-            name, fn = _reader(layer, block, index)
-            t = _time(lambda fn=fn, q=q, pos=pos, s=scaling: fn(q, pos, s), reps, device)
+            name, fn = reader(layer, block, index)
+            t, eager = timed(lambda fn=fn, q=q, pos=pos, s=scaling: fn(q, pos, s))
             tokens = int(index.shape[-1]) * block
-            nbytes = tokens * kv_heads * head_dim * 2 * 4
+            nbytes = tokens * kv_heads * head_dim * 2 * elt
             rows.append({"context": context, "block": block, "path": name, "tokens": tokens, "seconds": t,
-                         "gbps": nbytes / t / 1e9, "copy_gbps": bw, "vs_full": t / full_t})
-    return {"device": device, "machine": machine() if device == "cpu" else torch.cuda.get_device_name(),
+                         "eager_seconds": eager, "gbps": nbytes / t / 1e9, "copy_gbps": bw, "vs_full": t / full_t})
+    return {"device": device, "machine": machine() if not cuda else torch.cuda.get_device_name(),
+            "dtype": str(dtype).removeprefix("torch."), "timing": "CUDA-graph replay" if cuda else "best of runs",
             "budget": budget, "kv_heads": kv_heads, "q_heads": q_heads, "head_dim": head_dim,
             "copy_gbps": bw, "rows": rows}
 

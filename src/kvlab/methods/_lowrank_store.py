@@ -34,7 +34,7 @@ class CodedLayerStore(LayerStore):
     def _init_from(self, layer: LayerStore) -> None:
         for name in ("batch", "kv_heads", "head_dim", "block_size", "dtype", "device", "sliding_window"):
             setattr(self, name, getattr(layer, name))
-        self.lengths = torch.zeros(self.rows, dtype=torch.long)
+        self.lengths = torch.zeros_like(layer.lengths)  # row metadata stays where the plain store keeps it
 
     def _fill_from(self, layer: LayerStore) -> None:
         """Encode every row of a plain layer (called once by the subclass constructor)."""
@@ -73,16 +73,16 @@ class CodedLayerStore(LayerStore):
         self._alloc_codes(slots)
 
     def slot_rows(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row of each physical slot and its offset within the row."""
-        first = self.start * self.block_size
+        """Row of each physical slot and its offset within the row (on the slots' device)."""
+        first = (self.start * self.block_size).to(slots.device)
         row = torch.searchsorted(first, slots, right=True) - 1
         return row, slots - first[row]
 
     def _row_slot_index(self, t: int) -> torch.Tensor:
         """``[rows, t]`` physical slots of each row's first ``t`` logical slots (clamped into the row)."""
-        first = self.start * self.block_size
-        last = first + (self.capacity * self.block_size - 1).clamp(min=0)
-        return torch.minimum(first[:, None] + torch.arange(t)[None, :], last[:, None])
+        first = (self.start * self.block_size).to(self.device)
+        last = first + (self.capacity.to(self.device) * self.block_size - 1).clamp(min=0)
+        return torch.minimum(first[:, None] + torch.arange(t, device=self.device)[None, :], last[:, None])
 
     # -- reads (decoded)
     def dense_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,20 +90,21 @@ class CodedLayerStore(LayerStore):
         t = int(self.lengths.max()) if self.rows else 0
         slots = self._row_slot_index(t)
         k, v = self._decode_dense(t) if hasattr(self, "_decode_dense") else self._decode_slots(slots)
-        p = torch.where(torch.arange(t)[None, :] < self.lengths[:, None], self.positions[slots], -1)
+        live = torch.arange(t, device=self.device)[None, :] < self.lengths.to(self.device)[:, None]
+        p = torch.where(live, self.positions[slots], -1)
         shape = (self.batch, self.kv_heads, t)
         return k.view(*shape, self.head_dim), v.view(*shape, self.head_dim), p.view(*shape)
 
     def row_view(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = self.row_slots(row)
-        slots = torch.arange(s.start, s.stop)
+        slots = torch.arange(s.start, s.stop, device=self.device)
         k, v = self._decode_slots(slots)
         return k, v, self.positions[s]
 
     def _live_slots(self) -> torch.Tensor:
         t = int(self.lengths.max()) if self.rows else 0
         idx = self._row_slot_index(t)
-        return idx[torch.arange(t)[None, :] < self.lengths[:, None]]
+        return idx[torch.arange(t, device=self.device)[None, :] < self.lengths.to(self.device)[:, None]]
 
     def _decoded_pool(self, which: int) -> torch.Tensor:
         out = torch.zeros(self.positions.shape[0], self.head_dim, dtype=self.dtype, device=self.device)
@@ -139,7 +140,7 @@ class CodedLayerStore(LayerStore):
         check(batch == self.batch and heads == self.kv_heads, "append: batch or KV heads do not match the store")
         if valid is None:
             valid = torch.ones(batch, new, dtype=torch.bool, device=keys.device)
-        counts = valid.sum(1).repeat_interleave(heads)
+        counts = valid.sum(1).repeat_interleave(heads).to(self.lengths.device)
         need = ceil_div_tensor(self.lengths + counts, self.block_size)
         if bool((need > self.capacity).any()):
             grow = torch.clamp(self.lengths // 4, min=self.block_size)
@@ -166,11 +167,11 @@ class CodedLayerStore(LayerStore):
                 m = keep[row, :k.shape[0]].to(k.device)
                 k, v, p = k[m], v[m], p[m]
             rows.append((k.clone(), v.clone(), p.clone()))
-        new_lengths = torch.tensor([len(r[2]) for r in rows], dtype=torch.long)
+        new_lengths = torch.tensor([len(r[2]) for r in rows], dtype=torch.long, device=self.lengths.device)
         if capacity_blocks is None:
             capacity_blocks = ceil_div_tensor(new_lengths + reserve_tokens, self.block_size)
         self._allocate(capacity_blocks)
-        self.lengths = torch.zeros(self.rows, dtype=torch.long)
+        self.lengths = torch.zeros_like(new_lengths)
         for row, (k, v, p) in enumerate(rows):
             self._write_row(row, k, v, p)
 

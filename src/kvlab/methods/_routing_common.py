@@ -200,8 +200,9 @@ class RoutingMethod(Method):
         return nb, k, dense
 
     def forced_blocks(self, nb: torch.Tensor, width: int) -> torch.Tensor:
-        """``[rows, width]`` bool: the sink blocks and the newest ``local_blocks`` blocks of each row."""
-        cols = torch.arange(width)[None, :]
+        """``[rows, width]`` bool: the sink blocks and the newest ``local_blocks`` blocks of each row
+        (on ``nb``'s device)."""
+        cols = torch.arange(width, device=nb.device)[None, :]
         return ((cols < self.sink_blocks) | (cols >= (nb - self.local_blocks)[:, None])) & (cols < nb[:, None])
 
     # ------------------------------------------------------------ diagnostic
@@ -219,18 +220,19 @@ class RoutingMethod(Method):
 def top_blocks(scores: torch.Tensor, nb: torch.Tensor, k: torch.Tensor, forced: torch.Tensor | None) -> torch.Tensor:
     """Per row the ``k`` best of its ``nb`` blocks by ``scores`` ``[rows, width]`` (forced ones first).
 
-    Returns ascending block ids ``[rows, max k]``, -1 padded.
+    Returns ascending block ids ``[rows, max k]``, -1 padded, on the device of ``scores``.
     """
     rows, width = scores.shape
+    kmax = min(max(int(k.max()), 1), width)  # before k moves: no device sync for a CPU k
+    device = scores.device
+    nb, k = nb.to(device), k.to(device)
     s = scores.float().clone()
-    cols = torch.arange(width)[None, :]
+    cols = torch.arange(width, device=device)[None, :]
     if forced is not None:
-        s = torch.where(forced, torch.inf, s)
+        s = torch.where(forced.to(device), torch.inf, s)
     s = torch.where(cols < nb[:, None], s.nan_to_num(nan=-torch.inf), -torch.inf)
-    kmax = max(int(k.max()), 1)
-    kmax = min(kmax, width)
     top = s.topk(kmax, dim=1).indices
-    keep = torch.arange(kmax)[None, :] < torch.minimum(k, nb)[:, None]
+    keep = torch.arange(kmax, device=device)[None, :] < torch.minimum(k, nb)[:, None]
     big = torch.iinfo(torch.long).max
     idx = torch.where(keep, top, big).sort(1).values
     return torch.where(idx == big, -1, idx)
@@ -245,8 +247,11 @@ def grouped_query(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
 def rowwise_mv(mat: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
     """``[rows, n, D] @ [rows, D] -> [rows, n]`` as one matrix-vector product per row.
 
-    On the CPU ``torch.bmm`` with a single column is several times slower than ``torch.mv``.
+    On the CPU ``torch.bmm`` with a single column is several times slower than ``torch.mv``; on a GPU
+    one ``bmm`` launch is what is fast.
     """
+    if mat.device.type != "cpu":
+        return torch.bmm(mat.float(), vec.float()[:, :, None])[:, :, 0]
     out = torch.empty(mat.shape[0], mat.shape[1], dtype=torch.float32)
     for r in range(mat.shape[0]):
         torch.mv(mat[r], vec[r], out=out[r])
@@ -272,10 +277,12 @@ class BlockMeta:
         self._key: tuple | None = None
         self.centroid = self.kmin = self.kmax = torch.empty(0)
         self.capacity = 0
+        self.device = torch.device("cpu")  # the device of the keys summarised (set by update)
         self.blocks_recomputed = 0  # how many (row, block) entries the last update recomputed
 
     def update(self, layer: LayerStore) -> None:
         key = (layer.keys.data_ptr(), layer.keys.shape[0], tuple(layer.start.tolist()))
+        self.device = layer.keys.device
         u = self.unit
         nb = int(ceil_div_tensor(layer.lengths.max(), u)) if layer.rows else 0
         rebuild = self._key != key or self.lengths is None or bool((layer.lengths < self.lengths).any())
@@ -298,9 +305,10 @@ class BlockMeta:
     def _allocate(self, layer: LayerStore, nb: int) -> None:
         shape = (layer.rows, nb + max(4, nb // 8), layer.head_dim)
         self.capacity = shape[1]
-        self.centroid = torch.zeros(shape) if self.need_centroid else torch.empty(0)
-        self.kmin = torch.full(shape, torch.inf) if self.need_bounds else torch.empty(0)
-        self.kmax = torch.full(shape, -torch.inf) if self.need_bounds else torch.empty(0)
+        dev = self.device
+        self.centroid = torch.zeros(shape, device=dev) if self.need_centroid else torch.empty(0, device=dev)
+        self.kmin = torch.full(shape, torch.inf, device=dev) if self.need_bounds else torch.empty(0, device=dev)
+        self.kmax = torch.full(shape, -torch.inf, device=dev) if self.need_bounds else torch.empty(0, device=dev)
 
     def _grow(self, nb: int) -> None:
         self.capacity = nb + max(4, nb // 4)
@@ -308,7 +316,7 @@ class BlockMeta:
         def grow(t: torch.Tensor, fill: float) -> torch.Tensor:
             if t.numel() == 0:
                 return t
-            out = torch.full((t.shape[0], self.capacity, t.shape[2]), fill)
+            out = torch.full((t.shape[0], self.capacity, t.shape[2]), fill, device=t.device)
             out[:, : t.shape[1]] = t
             return out
 
@@ -317,14 +325,15 @@ class BlockMeta:
         self.kmax = grow(self.kmax, -torch.inf)
 
     def _compute(self, layer: LayerStore, b0: int, b1: int) -> None:
-        u = self.unit
-        base = layer.start * layer.block_size
-        last = (layer.lengths - 1).clamp(min=0)
+        u, dev = self.unit, self.device
+        lengths = layer.lengths.to(dev)
+        base = layer.start.to(dev) * layer.block_size
+        last = (lengths - 1).clamp(min=0)
         step = max(1, self.CHUNK_TOKENS // u)
         for c0 in range(b0, b1, step):
             c1 = min(b1, c0 + step)
-            slots = torch.arange(c0 * u, c1 * u)[None, :]
-            valid = slots < layer.lengths[:, None]  # [rows, S]
+            slots = torch.arange(c0 * u, c1 * u, device=dev)[None, :]
+            valid = slots < lengths[:, None]  # [rows, S]
             phys = base[:, None] + torch.minimum(slots, last[:, None])
             k = layer.keys[phys].float().view(layer.rows, c1 - c0, u, -1)
             vm = valid.view(layer.rows, c1 - c0, u, 1)
@@ -347,7 +356,7 @@ def attention_mass(layer: LayerStore, query: torch.Tensor, scaling: float) -> to
     h = layer.kv_heads
     g = hq // h
     t = int(layer.lengths.max()) if layer.rows else 0
-    out = torch.zeros(b, h, g, t)
+    out = torch.zeros(b, h, g, t, device=layer.keys.device)
     q = grouped_query(query, h)
     for row in range(layer.rows):
         bi, hi = divmod(row, h)
@@ -363,7 +372,7 @@ def mass_recall(layer: LayerStore, query: torch.Tensor, scaling: float, plan: Re
     if plan is None:
         return torch.ones(b, hq)
     mass = attention_mass(layer, query, scaling)  # [B, H, G, T]
-    slots = plan.token_slots(layer.lengths, layer.block_size)  # [B, H, n]
+    slots = plan.token_slots(layer.lengths.to(plan.index.device), layer.block_size)  # [B, H, n]
     slots = torch.where(slots < mass.shape[-1], slots, -1)
     idx = slots.clamp(min=0)[:, :, None, :].expand(*mass.shape[:3], slots.shape[-1])
     picked = mass.gather(-1, idx) * (slots >= 0)[:, :, None, :]

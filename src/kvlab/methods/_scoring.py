@@ -25,13 +25,14 @@ from kvlab.methods.base import Method, PrefillContext
 
 def padded_layer(layer: LayerStore) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys ``[B, H, T, D]`` and positions ``[B, H, T]`` of a layer; ``T`` is the longest row, -1 pads."""
+    device = layer.device
     t = int(layer.lengths.max()) if layer.rows else 0
-    idx = torch.arange(t)
-    in_use = idx[None, :] < layer.lengths[:, None]  # [rows, T]
+    idx = torch.arange(t, device=device)
+    in_use = idx[None, :] < layer.lengths.to(device)[:, None]  # [rows, T]
     if layer.uniform:
         k, _, pos = layer.dense_view()
     else:
-        slots = (layer.start * layer.block_size)[:, None] + idx[None, :]
+        slots = (layer.start.to(device) * layer.block_size)[:, None] + idx[None, :]
         slots = torch.where(in_use, slots, torch.zeros_like(slots))
         k = layer.keys[slots].view(layer.batch, layer.kv_heads, t, layer.head_dim)
         pos = layer.positions[slots].view(layer.batch, layer.kv_heads, t)
@@ -40,7 +41,8 @@ def padded_layer(layer: LayerStore) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def observed_queries(ctx: PrefillContext, layer_idx: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The last ``window`` prefill queries ``[B, Hq, w, D]`` of a layer and their positions ``[B, w]``.
+    """The last ``window`` prefill queries ``[B, Hq, w, D]`` of a layer and their positions ``[B, w]``
+    (on the queries' device).
 
     Raises :class:`~kvlab.errors.KVLabError` when a sequence is shorter than the window (its window
     would hold padding queries) or fewer queries were observed than asked for.
@@ -53,7 +55,8 @@ def observed_queries(ctx: PrefillContext, layer_idx: int, window: int) -> tuple[
     check(queries is not None and queries.shape[2] >= window,
           f"the method needs the last {window} prefill queries of layer {layer_idx}, but "
           f"{0 if queries is None else queries.shape[2]} were observed (prefill with observe >= {window})")
-    q_pos = ctx.context_lengths[:, None] - window + torch.arange(window)[None, :]
+    device = queries.device
+    q_pos = ctx.context_lengths.to(device)[:, None] - window + torch.arange(window, device=device)[None, :]
     return queries[:, :, -window:], q_pos
 
 
@@ -65,6 +68,7 @@ def attention_probs(layer: LayerStore, queries: torch.Tensor, q_pos: torch.Tenso
     """
     if keys is None or k_pos is None:
         keys, k_pos = padded_layer(layer)
+    q_pos = q_pos.to(k_pos.device)  # decode positions may come from the host
     b, hq, w, d = queries.shape
     h = layer.kv_heads
     g = hq // h
@@ -87,6 +91,7 @@ def snapkv_scores(layer: LayerStore, ctx: PrefillContext, layer_idx: int, window
     """
     queries, q_pos = observed_queries(ctx, layer_idx, window)
     keys, k_pos = padded_layer(layer)
+    q_pos = q_pos.to(k_pos.device)
     probs = attention_probs(layer, queries, q_pos, ctx.scaling, keys, k_pos)  # [B, H, G, w, T]
     first_window_pos = q_pos[:, 0].view(-1, 1, 1)  # [B, 1, 1]
     before = (k_pos >= 0) & (k_pos < first_window_pos)  # [B, H, T] the keys before the window
@@ -102,20 +107,22 @@ def snapkv_scores(layer: LayerStore, ctx: PrefillContext, layer_idx: int, window
 
 
 def keep_top(scores: torch.Tensor, n_keep: torch.Tensor) -> torch.Tensor:
-    """Keep mask ``[rows, T]``: the ``n_keep[row]`` highest scores of each row (``-inf`` slots never)."""
+    """Keep mask ``[rows, T]`` on the scores' device: the ``n_keep[row]`` highest scores of each row
+    (``-inf`` slots never); ``n_keep`` may live on another device (it is moved)."""
     rows, t = scores.shape
+    device = scores.device
     k = int(n_keep.max()) if rows else 0
     k = min(k, t)
     top = torch.topk(scores, k, dim=-1).indices  # [rows, k]
-    chosen = torch.arange(k)[None, :] < n_keep[:, None]
-    keep = torch.zeros(rows, t, dtype=torch.bool)
+    chosen = torch.arange(k, device=device)[None, :] < n_keep.to(device)[:, None]
+    keep = torch.zeros(rows, t, dtype=torch.bool, device=device)
     keep.scatter_(1, top, chosen)
     return keep & (scores > float("-inf"))
 
 
 def evict(layer: LayerStore, keep: torch.Tensor) -> None:
     """Drop every slot not in ``keep`` ``[rows, T]`` and give the freed blocks back (a real repack)."""
-    in_use = torch.arange(keep.shape[1])[None, :] < layer.lengths[:, None]
+    in_use = torch.arange(keep.shape[1], device=keep.device)[None, :] < layer.lengths.to(keep.device)[:, None]
     if bool((keep | ~in_use).all()):
         return
     layer.repack(keep=keep)
@@ -124,11 +131,13 @@ def evict(layer: LayerStore, keep: torch.Tensor) -> None:
 def compact(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Per-row values ``[rows, T]`` compacted like :meth:`LayerStore.repack` compacts the slots (0 padded)."""
     rows, t = values.shape
+    device = values.device
+    keep = keep.to(device)
     kept = keep.sum(1)
     width = int(kept.max()) if rows else 0
-    out = torch.zeros(rows, width, dtype=values.dtype)
+    out = torch.zeros(rows, width, dtype=values.dtype, device=device)
     dst = torch.cumsum(keep.long(), 1) - 1
-    r = torch.arange(rows)[:, None].expand(rows, t)
+    r = torch.arange(rows, device=device)[:, None].expand(rows, t)
     out[r[keep], dst[keep]] = values[keep]
     return out
 
@@ -138,9 +147,11 @@ def per_row(values: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return values.repeat_interleave(kv_heads)
 
 
-def kept_per_sequence(method: Method, context_lengths: torch.Tensor) -> torch.Tensor:
-    """Tokens each sequence keeps per (layer, KV head) under ``method``'s budget ``[B]``."""
-    return torch.tensor([method.tokens_kept(int(n)) for n in context_lengths], dtype=torch.long)
+def kept_per_sequence(method: Method, context_lengths: torch.Tensor,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """Tokens each sequence keeps per (layer, KV head) under ``method``'s budget ``[B]`` (on ``device``,
+    the CPU by default)."""
+    return torch.tensor([method.tokens_kept(int(n)) for n in context_lengths], dtype=torch.long, device=device)
 
 
 def compresses(method: Method) -> bool:
@@ -169,7 +180,11 @@ def grow(values: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def recent_mask(layer: LayerStore, recent: torch.Tensor | int, width: int) -> torch.Tensor:
-    """``[rows, width]`` True on the last ``recent`` tokens in use of each row (``recent``: int or ``[rows]``)."""
-    recent = torch.as_tensor(recent, dtype=torch.long).expand(layer.rows)
-    idx = torch.arange(width)[None, :]
-    return (idx >= (layer.lengths - recent)[:, None]) & (idx < layer.lengths[:, None])
+    """``[rows, width]`` True on the last ``recent`` tokens in use of each row (``recent``: int or ``[rows]``),
+    on the layer's device."""
+    device = layer.device
+    lengths = layer.lengths.to(device)
+    if isinstance(recent, torch.Tensor):
+        recent = recent.to(device)
+    idx = torch.arange(width, device=device)[None, :]
+    return (idx >= (lengths - recent)[:, None]) & (idx < lengths[:, None])

@@ -75,7 +75,7 @@ class BlockRoute(RoutingMethod):
         else:  # Σ_i max(q_i min_i, q_i max_i) = q⁺·max + q⁻·min, summed over the group
             s = rowwise_mv(meta.kmax[:, :nsub], q.clamp(min=0).sum(1))
             s += rowwise_mv(meta.kmin[:, :nsub], q.clamp(max=0).sum(1))
-        filled = torch.arange(nsub)[None, :] * self._sub < layer.lengths[:, None]
+        filled = torch.arange(nsub, device=s.device)[None, :] * self._sub < layer.lengths.to(s.device)[:, None]
         s = torch.where(filled, s.nan_to_num(nan=-torch.inf), -torch.inf)
         r = self.block_size // self._sub
         if r > 1:
@@ -92,15 +92,18 @@ class BlockRoute(RoutingMethod):
         if bool(dense.all()):
             return None
         width = int(nb.max())
-        forced = self.forced_blocks(nb, width)
+        device = layer.keys.device  # the selection is made where the keys are
+        nb_dev = nb.to(device)
+        forced = self.forced_blocks(nb_dev, width)
         prev = self._prev.get(layer_idx)
         if prev is not None and step % self.refresh != 0:
-            chosen = torch.zeros(layer.rows, width, dtype=torch.bool)
+            cols = torch.arange(width, device=device)[None, :]
+            chosen = torch.zeros(layer.rows, width, dtype=torch.bool, device=device)
             valid = prev >= 0
-            chosen[torch.arange(layer.rows)[:, None].expand_as(prev)[valid], prev[valid]] = True
-            chosen |= forced | (dense[:, None] & (torch.arange(width)[None, :] < nb[:, None]))
+            chosen[torch.arange(layer.rows, device=device)[:, None].expand_as(prev)[valid], prev[valid]] = True
+            chosen |= forced | (dense.to(device)[:, None] & (cols < nb_dev[:, None]))
             big = torch.iinfo(torch.long).max
-            idx = torch.where(chosen, torch.arange(width)[None, :], big).sort(1).values
+            idx = torch.where(chosen, cols, big).sort(1).values
             idx = idx[:, : int(chosen.sum(1).max())]
             index = torch.where(idx == big, -1, idx)
         else:

@@ -38,8 +38,8 @@ def cosine_kmeans(x: torch.Tensor, clusters: int, iters: int) -> tuple[torch.Ten
     """
     n = x.shape[0]
     xn = torch.nn.functional.normalize(x.float(), dim=-1)
-    c = xn[torch.linspace(0, n - 1, clusters).round().long()].clone()
-    assign = torch.zeros(n, dtype=torch.long)
+    c = xn[torch.linspace(0, n - 1, clusters, device=x.device).round().long()].clone()
+    assign = torch.zeros(n, dtype=torch.long, device=x.device)
     for _ in range(iters):
         assign = (xn @ c.T).argmax(1)
         sums = torch.zeros_like(c).index_add_(0, assign, xn)
@@ -99,14 +99,14 @@ class ClusterRoute(RoutingMethod):
         return s, max(s, (nb - self.local_blocks) * self.block_size)
 
     def _cluster_layer(self, layer: LayerStore) -> _LayerClusters:
-        rows, d = layer.rows, layer.head_dim
+        rows, d, dev = layer.rows, layer.head_dim, layer.keys.device  # the clusters live where the keys are
         spans = [self._span(int(n)) for n in layer.lengths.tolist()]
         c_max = max(1, max(-(-(e - s) // self.cluster_size) for s, e in spans))
         cap = int(layer.lengths.max())
-        assign = torch.full((rows, cap), -1, dtype=torch.long)
-        dirs = torch.zeros(rows, c_max, d)
-        means = torch.zeros(rows, c_max, d)
-        exists = torch.zeros(rows, c_max, dtype=torch.bool)
+        assign = torch.full((rows, cap), -1, dtype=torch.long, device=dev)
+        dirs = torch.zeros(rows, c_max, d, device=dev)
+        means = torch.zeros(rows, c_max, d, device=dev)
+        exists = torch.zeros(rows, c_max, dtype=torch.bool, device=dev)
         for row, (s, e) in enumerate(spans):
             if e <= s:
                 continue
@@ -117,7 +117,7 @@ class ClusterRoute(RoutingMethod):
             a, c = cosine_kmeans(keys, clusters, self.iters)
             dirs[row, :clusters] = c
             counts = torch.bincount(a, minlength=clusters)
-            sums = torch.zeros(clusters, d).index_add_(0, a, keys.float())
+            sums = torch.zeros(clusters, d, device=dev).index_add_(0, a, keys.float())
             means[row, :clusters] = sums / counts.clamp(min=1)[:, None]
             exists[row, :clusters] = counts > 0
             t1 = time.perf_counter()
@@ -135,7 +135,7 @@ class ClusterRoute(RoutingMethod):
 
     # ------------------------------------------------------------ decode
     def _forced(self, lengths: torch.Tensor, width: int) -> torch.Tensor:
-        slots = torch.arange(width)[None, :]
+        slots = torch.arange(width, device=lengths.device)[None, :]
         nb = ceil_div_tensor(lengths, self.block_size)
         local_start = (nb - self.local_blocks).clamp(min=0) * self.block_size
         return ((slots < self.sink_blocks * self.block_size) | (slots >= local_start[:, None])) & (
@@ -158,19 +158,20 @@ class ClusterRoute(RoutingMethod):
         if begun is None:
             return None
         step, budgets = begun
-        lengths = layer.lengths
-        dense = budgets >= lengths
-        for n in lengths[~dense].unique().tolist():
+        dense = budgets >= layer.lengths
+        for n in layer.lengths[~dense].unique().tolist():
             self.check_budget(int(n))
         state = self._layers.get(layer_idx)
         if state is None:  # decode_plan without prefill_end (benchmarks): cluster now
             state = self._layers[layer_idx] = self._cluster_layer(layer)
-        width = int(lengths.max())
+        width = int(layer.lengths.max())
+        device = layer.keys.device
+        lengths, budgets, dense = layer.lengths.to(device), budgets.to(device), dense.to(device)
         if state.assign.shape[1] < width:
-            grow = torch.full((layer.rows, width + 64 - state.assign.shape[1]), -1, dtype=torch.long)
+            grow = torch.full((layer.rows, width + 64 - state.assign.shape[1]), -1, dtype=torch.long, device=device)
             state.assign = torch.cat([state.assign, grow], 1)
         assign = state.assign[:, :width]
-        slots = torch.arange(width)[None, :]
+        slots = torch.arange(width, device=device)[None, :]
         in_row = slots < lengths[:, None]
         forced = self._forced(lengths, width)
         todo = (assign < 0) & in_row & (slots >= self.sink_blocks * self.block_size)
@@ -185,11 +186,12 @@ class ClusterRoute(RoutingMethod):
         scores = torch.where(state.exists, scores, -torch.inf)
         c = scores.shape[1]
         member = torch.where(forced | ~in_row | (assign < 0), c, assign)
-        sizes = torch.zeros(layer.rows, c + 1, dtype=torch.long).scatter_add_(1, member, torch.ones_like(member))[:, :c]
+        sizes = torch.zeros(layer.rows, c + 1, dtype=torch.long, device=device)
+        sizes = sizes.scatter_add_(1, member, torch.ones_like(member))[:, :c]
         order = scores.argsort(1, descending=True)
         room = (budgets - forced.sum(1))[:, None]
         fits = sizes.gather(1, order).cumsum(1) <= room
-        chosen = torch.zeros(layer.rows, c + 1, dtype=torch.bool)
+        chosen = torch.zeros(layer.rows, c + 1, dtype=torch.bool, device=device)
         chosen[:, :c].scatter_(1, order, fits & state.exists.gather(1, order))
         sel = forced | (chosen.gather(1, member) & (member < c))
         sel |= dense[:, None] & in_row

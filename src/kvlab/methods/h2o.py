@@ -52,7 +52,7 @@ class H2O(Method):
     def _evict(self, layer: LayerStore, i: int, cap: torch.Tensor) -> None:
         acc = self._acc[i]
         scores = acc.masked_fill(S.recent_mask(layer, self._recent(cap), acc.shape[1]), float("inf"))
-        in_use = torch.arange(acc.shape[1])[None, :] < layer.lengths[:, None]
+        in_use = torch.arange(acc.shape[1], device=acc.device)[None, :] < layer.lengths.to(acc.device)[:, None]
         keep = S.keep_top(scores.masked_fill(~in_use, float("-inf")), torch.minimum(cap, layer.lengths))
         S.evict(layer, keep)
         self._acc[i] = S.compact(acc, keep)
@@ -60,7 +60,8 @@ class H2O(Method):
     def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
         if not S.compresses(self):
             return
-        self._capacity = S.kept_per_sequence(self, ctx.context_lengths)
+        # on the device of the row lengths it is compared with at every step
+        self._capacity = S.kept_per_sequence(self, ctx.context_lengths, device=store.layers[0].lengths.device)
         self._scaling = ctx.scaling
         for i in store.compressible_layers():
             layer = store.layers[i]

@@ -109,8 +109,8 @@ class KVCompress(Method):
     def _eviction_order(self, layer: LayerStore, metric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's slots sorted by pooled metric, protected and unused slots last; and the evictable count."""
         t = metric.shape[1]
-        idx = torch.arange(t)[None, :]
-        in_use = idx < layer.lengths[:, None]
+        idx = torch.arange(t, device=metric.device)[None, :]
+        in_use = idx < layer.lengths.to(metric.device)[:, None]
         m = metric.masked_fill(~in_use, float("-inf"))
         if self.pool_kernel > 1:
             m = F.max_pool1d(m[:, None, :], self.pool_kernel, stride=1, padding=self.pool_kernel // 2)[:, 0]
@@ -131,7 +131,8 @@ class KVCompress(Method):
             return torch.full_like(full_lengths, self.max_cache_tokens)
         if self.budget_tokens is not None:
             return torch.full_like(full_lengths, self.budget_tokens * heads)
-        return torch.tensor([int(self.keep_fraction * int(n) * heads) for n in full_lengths], dtype=torch.long)
+        return torch.tensor([int(self.keep_fraction * int(n) * heads) for n in full_lengths], dtype=torch.long,
+                            device=full_lengths.device)
 
     def compress(self, store: KVStore, full_lengths: torch.Tensor) -> None:
         """Evict whole blocks, lowest candidate first, until every sequence is within its budget."""
@@ -139,20 +140,21 @@ class KVCompress(Method):
         if not layers:
             return
         b, h, bs = store.batch, store.kv_heads, store.block_size
-        allowed = self._allowed(store, full_lengths)
+        device = store.layers[layers[0]].device  # the data's; full_lengths and row lengths may be elsewhere
+        allowed = self._allowed(store, full_lengths).to(device)
         orders, scores, tokens = {}, [], []
         for i in layers:
             layer = store.layers[i]
             order, n_evictable = self._eviction_order(layer, self._metric[i])
             orders[i] = (order, n_evictable)
             t = order.values.shape[1]
-            j = torch.arange(1, ceil_div(t, bs) + 1)  # candidate j evicts the j*bs lowest (capped)
+            j = torch.arange(1, ceil_div(t, bs) + 1, device=device)  # candidate j evicts the j*bs lowest (capped)
             last = torch.minimum(j[None, :] * bs, n_evictable[:, None])  # [rows, J]
             valid = (j[None, :] - 1) * bs < n_evictable[:, None]
             score = order.values.gather(1, (last - 1).clamp(min=0).clamp(max=max(t - 1, 0)))
             scores.append(torch.where(valid, score, torch.full_like(score, float("inf"))).view(b, -1))
             tokens.append(torch.where(valid, last - (j[None, :] - 1) * bs, torch.zeros_like(last)).view(b, -1))
-        held = sum(store.layers[i].lengths.view(b, h).sum(1) for i in layers)
+        held = sum(store.layers[i].lengths.view(b, h).sum(1) for i in layers).to(device)
         need = (held - allowed).clamp(min=0)  # [B]
         scores_all, tokens_all = torch.cat(scores, 1), torch.cat(tokens, 1)
         evictable_all = tokens_all.sum(1)
@@ -177,9 +179,10 @@ class KVCompress(Method):
             if not bool(drop_count.any()):
                 continue
             t = order.values.shape[1]
-            drop_sorted = torch.arange(t)[None, :] < drop_count[:, None]
-            keep = torch.ones(layer.rows, t, dtype=torch.bool).scatter_(1, order.indices, ~drop_sorted)
-            keep &= torch.arange(t)[None, :] < layer.lengths[:, None]
+            idx = torch.arange(t, device=device)[None, :]
+            drop_sorted = idx < drop_count[:, None]
+            keep = torch.ones(layer.rows, t, dtype=torch.bool, device=device).scatter_(1, order.indices, ~drop_sorted)
+            keep &= idx < layer.lengths.to(device)[:, None]
             S.evict(layer, keep)
             self._metric[i] = S.compact(self._metric[i], keep)
 

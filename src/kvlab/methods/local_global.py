@@ -54,5 +54,5 @@ class LocalGlobal(Method):
             layer.sliding_window = self.window
             t = int(layer.lengths.max()) if layer.rows else 0
             if t > self.window:
-                keep = torch.arange(t)[None, :] >= (layer.lengths[:, None] - self.window)
+                keep = torch.arange(t, device=layer.lengths.device)[None, :] >= (layer.lengths[:, None] - self.window)
                 layer.repack(keep=keep, reserve_tokens=layer.block_size)

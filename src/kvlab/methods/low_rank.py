@@ -61,8 +61,8 @@ class LowRankLayerStore(CodedLayerStore):
 
     def __init__(self, layer: LayerStore, pk: torch.Tensor | None, pv: torch.Tensor, rope: Rope | None = None):
         self._init_from(layer)
-        self.pk = None if pk is None else pk.to(self.dtype)
-        self.pv = pv.to(self.dtype)
+        self.pk = None if pk is None else pk.to(self.device, self.dtype)  # projections are made on the CPU
+        self.pv = pv.to(self.device, self.dtype)
         self.rope = rope if pk is not None else None
         self._fill_from(layer)
 
@@ -90,11 +90,12 @@ class LowRankLayerStore(CodedLayerStore):
         self.v_codes[s:s + n] = v.to(self.dtype) @ self.pv[h]
 
     def _decode_slots(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = slots.to(self.device)
         row, _ = self.slot_rows(slots)
         head = row % self.kv_heads
         kc, vc = self.k_codes[slots], self.v_codes[slots]
-        k = kc if self.pk is None else torch.zeros(*slots.shape, self.head_dim, dtype=self.dtype)
-        v = torch.zeros(*slots.shape, self.head_dim, dtype=self.dtype)
+        k = kc if self.pk is None else torch.zeros(*slots.shape, self.head_dim, dtype=self.dtype, device=self.device)
+        v = torch.zeros(*slots.shape, self.head_dim, dtype=self.dtype, device=self.device)
         for h in range(self.kv_heads):
             m = head == h
             if self.pk is not None:
@@ -115,7 +116,7 @@ class LowRankLayerStore(CodedLayerStore):
         h = self.kv_heads
         t = int(self.lengths.max()) if self.rows else 0
         slots = self._row_slot_index(t)  # [rows, t]
-        live = torch.arange(t)[None, :] < self.lengths[:, None]
+        live = torch.arange(t, device=self.device)[None, :] < self.lengths.to(self.device)[:, None]
         kpos = torch.where(live, self.positions[slots], -1).view(b, h, t)
         q = group_queries(query, h).to(self.dtype)  # [B, H, G*L, D]
         kc = self.k_codes[slots].view(b, h, t, -1)

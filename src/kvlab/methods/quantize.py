@@ -114,26 +114,30 @@ class QuantizedLayerStore(CodedLayerStore):
         """The first ``t`` tokens of every row ``[rows, t, D]`` (uniform layout): scales broadcast per group."""
         g, rows, d = self.group, self.rows, self.head_dim
         groups = -(-t // g)
-        first = self.start * self.block_size  # multiples of the group (capacities are aligned)
-        idx = first[:, None] + torch.arange(groups * g)[None, :]
-        ks = self.k_scale[(first // g)[:, None] + torch.arange(groups)[None, :]].float()  # [rows, groups, 2, D]
+        device = self.device
+        lengths = self.lengths.to(device)
+        first = (self.start * self.block_size).to(device)  # multiples of the group (capacities are aligned)
+        idx = first[:, None] + torch.arange(groups * g, device=device)[None, :]
+        scale_idx = (first // g)[:, None] + torch.arange(groups, device=device)[None, :]
+        ks = self.k_scale[scale_idx].float()  # [rows, groups, 2, D]
         k = unpack(self.k_codes[idx], self.bits).view(rows, groups, g, d).float()
         k = (k * ks[:, :, None, 0] + ks[:, :, None, 1]).view(rows, groups * g, d)
-        open_rows = torch.nonzero(self.lengths % g != 0).flatten()
+        open_rows = torch.nonzero(lengths % g != 0).flatten()
         if open_rows.numel():  # the open group of a row is its full-precision residual
-            gi = self.lengths[open_rows] // g
+            gi = lengths[open_rows] // g
             k.view(rows, groups, g, d)[open_rows, gi] = self.k_residual[open_rows].float()
         vs = self.v_scale[idx].float()
         v = unpack(self.v_codes[idx], self.bits).float() * vs[..., :1] + vs[..., 1:]
         return k[:, :t].to(self.dtype), v[:, :t].to(self.dtype)
 
     def _decode_slots(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = slots.to(self.device)
         vs = self.v_scale[slots]
         v = dequantize(unpack(self.v_codes[slots], self.bits), vs[..., :1], vs[..., 1:])
         ks = self.k_scale[slots // self.group]
         k = dequantize(unpack(self.k_codes[slots], self.bits), ks[..., 0, :], ks[..., 1, :])
         row, off = self.slot_rows(slots)
-        in_residual = off >= (self.lengths[row] // self.group) * self.group
+        in_residual = off >= (self.lengths.to(self.device)[row] // self.group) * self.group
         if bool(in_residual.any()):
             k[in_residual] = self.k_residual[row[in_residual], off[in_residual] % self.group].float()
         return k.to(self.dtype), v.to(self.dtype)

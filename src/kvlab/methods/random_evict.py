@@ -31,5 +31,6 @@ class RandomEvict(Method):
         for i in store.compressible_layers():
             layer = store.layers[i]
             _, pos = S.padded_layer(layer)
-            scores = torch.rand(pos.shape, generator=generator).masked_fill(pos < 0, float("-inf"))
+            # drawn on the CPU (the generator's device), so every device draws the same numbers
+            scores = torch.rand(pos.shape, generator=generator).to(pos.device).masked_fill(pos < 0, float("-inf"))
             S.evict(layer, S.keep_top(scores.view(layer.rows, -1), S.per_row(n_keep, layer.kv_heads)))

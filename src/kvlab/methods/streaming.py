@@ -46,7 +46,8 @@ class Streaming(Method):
                                 device=ctx.context_lengths.device)
             check(bool((keep > self.n_sink).all()),
                   f"budget leaves no room for a window after {self.n_sink} sink tokens; raise the budget")
-        self._capacity = keep  # tokens kept per sequence, held through decode
+        # tokens kept per sequence, held through decode, on the device of the row lengths it is compared with
+        self._capacity = keep.to(store.layers[0].lengths.device)
         self._evict(store)
 
     def step_end(self, store: KVStore, ctx: StepContext) -> None:
@@ -59,6 +60,6 @@ class Streaming(Method):
             cap = self._capacity.repeat_interleave(layer.kv_heads)  # [rows]
             if bool((layer.lengths <= cap).all()):
                 continue
-            idx = torch.arange(int(layer.lengths.max()), device=layer.device)[None, :]
+            idx = torch.arange(int(layer.lengths.max()), device=layer.lengths.device)[None, :]
             keep = (idx < self.n_sink) | (idx >= (layer.lengths - (cap - self.n_sink))[:, None])
             layer.repack(keep=keep, reserve_tokens=layer.block_size)

@@ -23,7 +23,7 @@ def _tova_scores(layer: LayerStore, query: torch.Tensor, q_pos: torch.Tensor, sc
     probs = S.attention_probs(layer, query, q_pos, scaling, keys, k_pos)  # [B, H, G, 1, T]
     b, h, g, _, t = probs.shape
     scores = probs.reshape(b, h * g, t).mean(1)[:, None, :].expand(b, h, t).clone()
-    newest = (layer.lengths - 1).view(b, h, 1)
+    newest = (layer.lengths.to(scores.device) - 1).view(b, h, 1)
     scores.scatter_(2, newest.clamp(min=0), float("inf"))
     return scores.masked_fill(k_pos < 0, float("-inf"))
 
@@ -52,7 +52,8 @@ class TOVA(Method):
     def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
         if not S.compresses(self):
             return
-        self._capacity = S.kept_per_sequence(self, ctx.context_lengths)
+        # on the device of the row lengths it is compared with at every step
+        self._capacity = S.kept_per_sequence(self, ctx.context_lengths, device=store.layers[0].lengths.device)
         self._scaling = ctx.scaling
         for i in store.compressible_layers():
             layer = store.layers[i]

@@ -1,0 +1,130 @@
+"""Correctness of the model path on a CUDA GPU (run by ``benchmarks/gpu_run.sh``; needs CUDA).
+
+1. With nothing compressed, kvlab (decode steps through the Triton kernels) reproduces transformers'
+   logits and greedy tokens on tiny random models of every supported architecture, fp32 and bf16.
+2. Every routing and eviction method at full budget decodes the same greedy tokens as ``full``.
+3. ``block-route`` at 1/4 budget gives the same logits through the Triton kernels as through the
+   torch path (same plan, two attention implementations).
+4. Every method at budget 1/2 runs on the GPU and decodes what it decodes on the CPU (fp32; logits
+   within 1e-2: CPU and GPU arithmetic differ in rounding, which can move a near-tie in a selection).
+
+Prints one line per check and exits non-zero if any fails.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import kvlab
+from kvlab.experiments.bench_gpu import kernels_in_model
+from kvlab.experiments.runner import EVICTION, OTHER, ROUTING
+from kvlab.generation import decode, left_pad, positions_from_valid, prefill
+from kvlab.methods import make_method
+
+ARCHS = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma3"]
+TOL = {torch.float32: 1e-3, torch.bfloat16: 0.15}  # max |Δlogit|; logits of these models are O(1)
+failures: list[str] = []
+
+
+def report(name: str, ok: bool, detail: str) -> None:
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
+    if not ok:
+        failures.append(name)
+
+
+@torch.no_grad()
+def reference(model, ids: list[list[int]], new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding with plain transformers (DynamicCache, SDPA) on the model's device."""
+    device = next(model.parameters()).device
+    input_ids, valid = (t.to(device) for t in left_pad(ids))
+    positions = positions_from_valid(valid)
+    mask = valid.long()
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    logits, cache = [out.logits[:, -1]], out.past_key_values
+    token, pos = out.logits[:, -1].argmax(-1), positions[:, -1]
+    tokens = [token]
+    for _ in range(new_tokens - 1):
+        mask = torch.cat([mask, torch.ones(len(ids), 1, dtype=torch.long, device=device)], 1)
+        pos = pos + 1
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos[:, None],
+                    past_key_values=cache, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+        logits.append(out.logits[:, -1])
+        tokens.append(token)
+    return torch.stack(tokens, 1), torch.stack(logits, 1).float()
+
+
+def prompts(lengths: tuple[int, ...], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 250, (n,), generator=g).tolist() for n in lengths]
+
+
+def main() -> int:
+    device = torch.device("cuda")
+    print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
+    ids = prompts((300, 211))
+    for arch in ARCHS:
+        for dtype in (torch.float32, torch.bfloat16):
+            model, _ = kvlab.load(f"random:{arch}", dtype=dtype)
+            model = model.to(device)
+            ref_tokens, ref_logits = reference(model, ids, 12)
+            snap = prefill(model, ids, block_size=16, reserve_tokens=4, observe=8)
+            out = decode(model, snap, make_method("full"), max_new_tokens=12, return_logits=True)
+            same = torch.equal(out.tokens.cpu(), ref_tokens.cpu())
+            # bf16 rounding can flip a near-tie; from then on the two decode different text, so logits are
+            # compared up to and including the first step whose greedy tokens differ
+            agree = (out.tokens.cpu() == ref_tokens.cpu()).all(0).long().cumprod(0)
+            steps = int(agree.sum()) + 1
+            diff = (out.logits.float()[:, :steps] - ref_logits[:, :steps]).abs().max().item()
+            report(f"{arch} {str(dtype)[6:]} full vs transformers", diff <= TOL[dtype] and
+                   (same or dtype == torch.bfloat16),
+                   f"max |Δlogit| {diff:.2e} over the first {min(steps, 12)} steps, tokens equal {same}")
+            if dtype != torch.float32:
+                continue
+            full = out.tokens.cpu()
+            for name in ROUTING + EVICTION:
+                try:
+                    extra = {"dense_layers": 0} if name in ROUTING else {}
+                    res = decode(model, snap, make_method(name, budget=1.0, **extra), max_new_tokens=12)
+                    eq = torch.equal(res.tokens.cpu(), full)
+                    report(f"{arch} {name} at budget 1.0", eq, "same greedy tokens as full" if eq else
+                           f"tokens differ: {res.tokens.cpu().tolist()} vs {full.tolist()}")
+                except Exception as exc:  # noqa: BLE001 -- a method that cannot run at full budget: reported
+                    report(f"{arch} {name} at budget 1.0", False, f"{type(exc).__name__}: {exc}")
+            if arch == "tiny-gemma3":
+                continue
+            results = {}
+            for use_kernels in (True, False):
+                with kernels_in_model(use_kernels):
+                    results[use_kernels] = decode(model, snap, make_method("block-route", budget=0.25, dense_layers=0),
+                                                  max_new_tokens=12, return_logits=True)
+            diff = (results[True].logits - results[False].logits).abs().max().item()
+            report(f"{arch} block-route 1/4: Triton vs torch path", diff <= 1e-3, f"max |Δlogit| {diff:.2e}")
+            del model, snap
+            torch.cuda.empty_cache()
+    cpu_model, _ = kvlab.load("random:tiny-llama")
+    gpu_model = kvlab.load("random:tiny-llama")[0].to(device)
+    cpu_snap = prefill(cpu_model, ids, block_size=16, reserve_tokens=4, observe=8)
+    gpu_snap = prefill(gpu_model, ids, block_size=16, reserve_tokens=4, observe=8)
+    for name in ROUTING + EVICTION + OTHER:
+        params = {"budget": 0.5}
+        if name in ("snapkv", "pyramidkv", "ada-snapkv", "h2o"):
+            params["window"] = 8
+        if name in ("quantize", "local-global", "cross-layer", "low-rank"):  # set by their own parameters
+            params = {"low-rank": {"rank": 8}, "local-global": {"window": 64}}.get(name, {})
+        try:
+            a = decode(cpu_model, cpu_snap, make_method(name, **params), max_new_tokens=8, return_logits=True)
+            b = decode(gpu_model, gpu_snap, make_method(name, **params), max_new_tokens=8, return_logits=True)
+            diff = (a.logits - b.logits.cpu()).abs().max().item()
+            report(f"tiny-llama {name} at 1/2: GPU vs CPU", diff <= 1e-2, f"max |Δlogit| {diff:.2e}, tokens equal "
+                   f"{torch.equal(a.tokens, b.tokens.cpu())}")
+        except Exception as exc:  # noqa: BLE001 -- a method that fails on the GPU: reported, the rest go on
+            report(f"tiny-llama {name} at 1/2: GPU vs CPU", False, f"{type(exc).__name__}: {str(exc)[:300]}")
+    print(f"{len(failures)} failed" + (": " + ", ".join(failures) if failures else ""), flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Everything kvlab measures on a CUDA GPU, in one command (the device machine of this workplace has
+# python3 with CUDA torch and Triton, but a newer transformers: the pinned one travels as a wheel in .whl/).
+#   bash benchmarks/gpu_run.sh [smoke|bench|full]   -> logs and JSON under $OUT (default ./out/gpu)
+# smoke: quick sizes; bench: the benchmarks and model checks; full: also the kernel tests on the GPU.
+# Each step has its own time limit, so a slow or broken step still leaves the others' results.
+set -uo pipefail
+mode=${1:-full}
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 KVLAB_QUIET=1 KVLAB_CACHE=/tmp/kvlab-cache
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/nvidia-smi.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+
+checks() {
+  echo "== model-path checks on the GPU"
+  timeout "$1" python3 benchmarks/gpu_checks.py > "$OUT/gpu-checks.txt" 2>&1; grep -v "^ok  " "$OUT/gpu-checks.txt" | tail -20
+}
+kernel_tests() {
+  echo "== kernel tests on the GPU"
+  timeout "$1" python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py "${@:2}" > "$OUT/kernel-tests.txt" 2>&1
+  tail -5 "$OUT/kernel-tests.txt"
+}
+case "$mode" in
+smoke)
+  checks 150
+  timeout 120 python3 -m kvlab bench access --device cuda --context 4096 --context 65536 --reps 3 2>&1 | tail -20
+  timeout 200 python3 -m kvlab bench gpu --quick --no-tune --iters 10 --warmup 3 --batch 4 --out-dir "$OUT" --no-docs \
+    > "$OUT/quick.txt" 2> "$OUT/quick.log"; tail -25 "$OUT/quick.log"
+  kernel_tests 120 -k dispatch ;;
+full|bench)
+  echo "== kvlab bench gpu"
+  timeout 360 python3 -m kvlab bench gpu --out-dir "$OUT" --no-docs > "$OUT/bench-gpu.txt" 2> "$OUT/bench-gpu.log"
+  grep -E "tuned|copy|e2e|wrote|Error|error" "$OUT/bench-gpu.log" | tail -25
+  echo "== kvlab bench access --device cuda"
+  timeout 90 python3 -m kvlab bench access --device cuda --context 4096 --context 8192 --context 16384 --context 32768 \
+    --context 65536 --json > "$OUT/access-cuda.json" 2> "$OUT/access-cuda.log"; tail -3 "$OUT/access-cuda.log"
+  checks 100
+  [ "$mode" = full ] && kernel_tests 120 ;;
+esac
