@@ -121,9 +121,34 @@ def test_cli_commands_small(tmp_path):
     runner = CliRunner()
     r = runner.invoke(app, ["bench", "access", "--context", "2048", "--reps", "1", "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)[0]["context"] == 2048
+    assert json.loads(r.stdout)["rows"][0]["context"] == 2048
     r = runner.invoke(app, ["profile", "locality", "--model", "random:tiny-llama", "--length", "128", "--json"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["eval", "synthetic", "--model", "random:tiny-llama", "--method", "full", "--length", "1200",
                             "--ratio", "0.5", "--json"])
     assert r.exit_code == 0, r.output
+
+
+def test_h2_gpu_result_decides_the_verdict_and_bad_files_are_refused(tmp_path):
+    def bench(device: str, scattered: float) -> dict:
+        rows = []
+        for c in (4096, 8192):
+            rows.append({"context": c, "block": "full", "seconds": 1.0})
+            rows.append({"context": c, "block": 1, "seconds": scattered})
+            rows += [{"context": c, "block": b, "seconds": 0.1} for b in (4, 16, 64, 256)]
+        return {"device": device, "machine": device.upper(), "budget": 0.125, "kv_heads": 8, "q_heads": 32,
+                "head_dim": 128, "copy_gbps": 10.0, "rows": rows}
+
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps(bench("cuda", 0.102)))
+    gpu = validate.load_access_result(path)
+    e2e = {"rows": [], "context": 4096, "batch": 2, "budget": 0.125}
+    assert validate.section_h2([bench("cpu", 0.2)], e2e)["verdict"] == "supported"  # 2× slower scattered
+    both = validate.section_h2([bench("cpu", 0.2), gpu], e2e)
+    assert both["verdict"] == "not supported"  # the GPU's 1.02× decides
+    assert "CPU: supported" in both["text"] and "CUDA: not supported" in both["text"]
+    with pytest.raises(kvlab.KVLabError, match="no such file"):
+        validate.load_access_result(tmp_path / "missing.json")
+    (tmp_path / "rows.json").write_text(json.dumps(bench("cuda", 0.1)["rows"]))
+    with pytest.raises(kvlab.KVLabError, match="not a `kvlab bench access --json` result"):
+        validate.load_access_result(tmp_path / "rows.json")

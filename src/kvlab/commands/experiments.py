@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -57,12 +58,15 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             "kvlab-report"),
         only: Annotated[list[str] | None, typer.Option("--only", help="run only this experiment (repeat): "
                                                           "h1, h3, h2, niah, ppl, synthetic")] = None,
+        access_result: Annotated[list[Path] | None, typer.Option(
+            "--access-result", help="H2: a `kvlab bench access --json` result from another machine, e.g. a GPU "
+                                    "(repeat)")] = None,
     ) -> None:
         """Run the validation experiments and write DIR/report.html, DIR/results.json and the plots."""
         from kvlab.experiments.validate import run_validate
 
         check(not (quick and full), "give --quick or --full, not both")
-        res = run_validate(model, out, "full" if full else "quick", only=only)
+        res = run_validate(model, out, "full" if full else "quick", only=only, access_results=access_result)
         rows = [{"experiment": k, "verdict": v.get("verdict", "-"), "seconds": res["timings"].get(k)}
                 for k, v in res["experiments"].items()]
         print_table(rows, title=f"kvlab validate · {model} · {res['seconds']:.0f} s")
@@ -122,8 +126,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         s = access.summarize(res)
         rows = [{"context": r["context"], "block": r["block"], "ms": 1e3 * r["seconds"], "GB/s": r["gbps"],
                  "× full": r["vs_full"], "path": r["path"]} for r in res["rows"]]
-        print_table(res["rows"] if as_json else rows, as_json=as_json,
-                    title=f"bench access · {res['machine']} · copy {res['copy_gbps']:.1f} GB/s · H2 {s['verdict']}")
+        if as_json:  # the whole result: `kvlab validate --access-result` reads it back
+            print(json.dumps(res, indent=2))
+            return
+        print_table(rows, title=f"bench access · {res['machine']} · copy {res['copy_gbps']:.1f} GB/s · "
+                                f"H2 {s['verdict']}")
 
     @app.command("niah")
     def niah_cmd(model: ModelOpt = "qwen2.5-coder-0.5b", length: LengthsOpt = None, method: MethodsOpt = None,

@@ -184,21 +184,48 @@ def run_e2e(pool: locality.TextPool, cells: Cells, model_name: str, budget: floa
 
 
 def section_h2(benches: list[dict[str, Any]], e2e: dict[str, Any]) -> dict[str, Any]:
+    """H2 from the access benchmarks (the CPU's first; GPU ones measured here or given with
+    ``--access-result``) and the end-to-end decode. The claim is about GPUs: a GPU bench, when there is
+    one, gives the verdict, and the CPU's is reported beside it."""
     sums = [access.summarize(b) for b in benches]
-    cpu = sums[0]
+    gpu = [s for b, s in zip(benches, sums, strict=True) if b["device"].startswith("cuda")]
+    verdict = (gpu or sums)[0]["verdict"]
     tps = {r["method"]: r["tokens_per_second"] for r in e2e.get("rows", [])}
     e2e_text = ", ".join(f"{m} {v:.2f} tok/s" for m, v in tps.items())
-    text = "; ".join(f"[{b['device']}] {s['summary']}" for b, s in zip(benches, sums, strict=False))
-    text += f"; copy bandwidth {benches[0]['copy_gbps']:.1f} GB/s; end to end ({e2e.get('context')} tokens × " \
-            f"{e2e.get('batch')}, budget {e2e.get('budget')}): {e2e_text or 'not run'}"
-    return {"verdict": cpu["verdict"], "bench": benches, "bench_summary": sums, "e2e": e2e,
+    text = "; ".join(f"[{b.get('machine', b['device'])}: {s['verdict']}] {s['summary']}"
+                     for b, s in zip(benches, sums, strict=True))
+    text += (f"; end to end on the CPU ({e2e.get('context')} tokens × {e2e.get('batch')}, "
+             f"budget {e2e.get('budget')}): {e2e_text or 'not run'}")
+    kinds = "; ".join(f"{b.get('machine', b['device'])}: {b.get('dtype', 'float32')}, "
+                      f"{b.get('timing', 'best of runs')}, copy bandwidth {b['copy_gbps']:.1f} GB/s"
+                      + (f", {b['source']}" if b.get("source") else "") for b in benches)
+    return {"verdict": verdict, "bench": benches, "bench_summary": sums, "e2e": e2e,
             "measurement": f"One decode query ({benches[0]['q_heads']} query heads, {benches[0]['kv_heads']} KV heads, "
-                           f"head_dim {benches[0]['head_dim']}, fp32) over random K/V at budget "
+                           f"head_dim {benches[0]['head_dim']}) over random K/V at budget "
                            f"{benches[0]['budget']:g}: random blocks of 1 (scattered gather), 4, 16, 64, 256 tokens "
-                           "vs full attention; best of repeated runs. Supported when scattered is > 1.5× slower than "
+                           f"vs full attention ({kinds}). Supported when scattered is > 1.5× slower than "
                            "the best contiguous read (blocks ≥ 16) at every length and the gap does not shrink with "
-                           "length. End to end: decode tokens/s on the real model from one snapshot.",
+                           "length; a GPU measurement decides, since the claim is about GPUs. End to end: decode "
+                           "tokens/s on the real model from one snapshot.",
             "text": text}
+
+
+def load_access_result(path: Path) -> dict[str, Any]:
+    """A ``kvlab bench access --json`` result measured elsewhere (a GPU machine), for H2."""
+    path = Path(path)
+    check(path.is_file(), f"--access-result {path}: no such file")
+    try:
+        res = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise KVLabError(f"--access-result {path}: not JSON ({exc})") from None
+    need = ("device", "budget", "kv_heads", "q_heads", "head_dim", "copy_gbps", "rows")
+    missing = [k for k in need if not isinstance(res, dict) or k not in res]
+    check(not missing, f"--access-result {path}: not a `kvlab bench access --json` result (missing "
+                       f"{', '.join(missing)})")
+    blocks = {r.get("block") for r in res["rows"]}
+    check({"full", 1, 16}.issubset(blocks), f"--access-result {path}: needs rows for full attention and blocks "
+                                           "of 1 and 16 tokens")
+    return {**res, "source": f"from {path.name}"}
 
 
 def section_niah(data: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
@@ -325,13 +352,19 @@ def conclusion(ex: dict[str, Any]) -> list[str]:
 # ----------------------------------------------------------------------------- orchestration
 def run_validate(model_name: str, out: Path, mode: str = "quick", only: list[str] | None = None,
                  config: Config | None = None, model: Any = None, tokenizer: Any = None,
-                 other_model: str | None = "auto", device_bench: bool = True) -> dict[str, Any]:
-    """Run the experiments (``only`` a subset) and write the report into ``out``; returns the results."""
+                 other_model: str | None = "auto", device_bench: bool = True,
+                 access_results: list[Path] | None = None) -> dict[str, Any]:
+    """Run the experiments (``only`` a subset) and write the report into ``out``; returns the results.
+
+    ``access_results``: H2 access benchmarks measured on other machines (``kvlab bench access --json``,
+    e.g. on a GPU), added to this run's.
+    """
     check(mode in CONFIGS, f"unknown mode {mode!r}; allowed: {', '.join(CONFIGS)}")
     only = list(only or EXPERIMENTS)
     bad = [e for e in only if e not in EXPERIMENTS]
     check(not bad, f"unknown experiment {', '.join(bad)}; allowed: {', '.join(EXPERIMENTS)}")
     cfg = config or CONFIGS[mode]
+    extra_benches = [load_access_result(p) for p in access_results or []]
     out = Path(out)
     claim_out_dir(out, model_name, mode)
     if model is None:
@@ -396,6 +429,7 @@ def run_validate(model_name: str, out: Path, mode: str = "quick", only: list[str
                     cell = cells.put("access", key, access.bench_access(cfg.access_contexts, reps=cfg.access_reps,
                                                                         device=dev, seed=cfg.seed))
                 benches.append(cell)
+            benches.extend(extra_benches)
             e2e = run_e2e(pool, cells, model_name, cfg.e2e_budget, cfg.e2e_steps, notes)
             return section_h2(benches, e2e)
 
