@@ -39,6 +39,8 @@ full|bench)
   echo "== kvlab bench access --device cuda"
   timeout 90 python3 -m kvlab bench access --device cuda --context 4096 --context 8192 --context 16384 --context 32768 \
     --context 65536 --json > "$OUT/access-cuda.json" 2> "$OUT/access-cuda.log"; tail -3 "$OUT/access-cuda.log"
+  echo "== H2 end to end: full vs block-route vs cluster-route (random llama-3.2-1b, 32K × 4, bf16)"
+  timeout 150 python3 benchmarks/gpu_e2e_routing.py --out "$OUT/e2e-routing.json" 2>&1 | tail -6
   checks 100
   [ "$mode" = full ] && kernel_tests 120 ;;
 esac

@@ -259,7 +259,9 @@ def run_method(model: Any, snapshot: Snapshot, method: Method, forced: list[list
         method.prefill_end(store, ctx)
     compress_seconds = time.perf_counter() - t0
     kept = store.lengths().clone()
-    forced_t = torch.tensor(forced, dtype=torch.long) if forced else torch.zeros(batch, 0, dtype=torch.long)
+    device = snapshot.logits.device
+    forced_t = torch.tensor(forced, dtype=torch.long, device=device) if forced else \
+        torch.zeros(batch, 0, dtype=torch.long, device=device)
     n_forced = forced_t.shape[1]
     total_steps = n_forced + max(0, max_new_tokens - 1)
     for layer in store.layers:
@@ -283,8 +285,9 @@ def run_method(model: Any, snapshot: Snapshot, method: Method, forced: list[list
     logits = snapshot.logits
     nll = []
     generated = []
-    done = torch.zeros(batch, dtype=torch.bool)
-    valid = torch.ones(batch, 1, dtype=torch.bool)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    valid = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    context_lengths = snapshot.context_lengths.to(device)
     start = time.perf_counter()
     steps = 0
     try:
@@ -297,11 +300,11 @@ def run_method(model: Any, snapshot: Snapshot, method: Method, forced: list[list
                 else:
                     token = torch.where(done, torch.zeros_like(done, dtype=torch.long), logits.argmax(-1))
                     generated.append(token)
-                    done |= torch.tensor([int(t) in eos for t in token])
+                    done |= torch.tensor([int(t) in eos for t in token.tolist()], device=device)
                     if step == total_steps or bool(done.all()):
                         break
                 recording["on"] = record_reads and step == n_forced - 1
-                pos = (snapshot.context_lengths + step)[:, None]
+                pos = (context_lengths + step)[:, None]
                 cache.set_inputs(pos, valid)
                 out = model(input_ids=token[:, None], position_ids=pos, past_key_values=cache, use_cache=True)
                 logits = out.logits[:, -1].float()
@@ -314,8 +317,8 @@ def run_method(model: Any, snapshot: Snapshot, method: Method, forced: list[list
         if record_reads:
             del method.decode_plan
     return RunResult(
-        generated=torch.stack(generated, 1) if generated else torch.zeros(batch, 0, dtype=torch.long),
-        forced_nll=torch.stack(nll, 1) if nll else torch.zeros(batch, 0), kept=kept, reads=reads,
+        generated=torch.stack(generated, 1).cpu() if generated else torch.zeros(batch, 0, dtype=torch.long),
+        forced_nll=torch.stack(nll, 1).cpu() if nll else torch.zeros(batch, 0), kept=kept.cpu(), reads=reads,
         seconds=time.perf_counter() - start, steps=steps, compress_seconds=compress_seconds,
     )
 
