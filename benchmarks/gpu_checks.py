@@ -20,8 +20,9 @@ import torch
 import kvlab
 from kvlab.experiments.bench_gpu import kernels_in_model
 from kvlab.experiments.runner import EVICTION, OTHER, ROUTING
-from kvlab.generation import decode, left_pad, positions_from_valid, prefill
+from kvlab.generation import decode, prefill
 from kvlab.methods import make_method
+from kvlab.models.reference import transformers_greedy
 
 ARCHS = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma3"]
 TOL = {torch.float32: 1e-3, torch.bfloat16: 0.15}  # max |Δlogit|; logits of these models are O(1)
@@ -32,28 +33,6 @@ def report(name: str, ok: bool, detail: str) -> None:
     print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
     if not ok:
         failures.append(name)
-
-
-@torch.no_grad()
-def reference(model, ids: list[list[int]], new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy decoding with plain transformers (DynamicCache, SDPA) on the model's device."""
-    device = next(model.parameters()).device
-    input_ids, valid = (t.to(device) for t in left_pad(ids))
-    positions = positions_from_valid(valid)
-    mask = valid.long()
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    logits, cache = [out.logits[:, -1]], out.past_key_values
-    token, pos = out.logits[:, -1].argmax(-1), positions[:, -1]
-    tokens = [token]
-    for _ in range(new_tokens - 1):
-        mask = torch.cat([mask, torch.ones(len(ids), 1, dtype=torch.long, device=device)], 1)
-        pos = pos + 1
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos[:, None],
-                    past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
-        logits.append(out.logits[:, -1])
-        tokens.append(token)
-    return torch.stack(tokens, 1), torch.stack(logits, 1).float()
 
 
 def prompts(lengths: tuple[int, ...], seed: int = 0) -> list[list[int]]:
@@ -69,7 +48,7 @@ def main() -> int:
         for dtype in (torch.float32, torch.bfloat16):
             model, _ = kvlab.load(f"random:{arch}", dtype=dtype)
             model = model.to(device)
-            ref_tokens, ref_logits = reference(model, ids, 12)
+            ref_tokens, ref_logits = transformers_greedy(model, ids, 12)
             snap = prefill(model, ids, block_size=16, reserve_tokens=4, observe=8)
             out = decode(model, snap, make_method("full"), max_new_tokens=12, return_logits=True)
             same = torch.equal(out.tokens.cpu(), ref_tokens.cpu())

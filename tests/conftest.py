@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models of every supported architecture, and a reference decoder."""
+"""Shared fixtures: tiny random models of every supported architecture, and random prompts."""
 
 from __future__ import annotations
 
@@ -29,26 +29,3 @@ def tiny_models():
 def random_prompts(lengths: tuple[int, ...], vocab: int = 250, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-@torch.no_grad()
-def reference_greedy(model, ids: list[list[int]], new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy decoding with plain transformers (DynamicCache, SDPA), left padding, explicit positions."""
-    from kvlab.generation import left_pad, positions_from_valid
-
-    input_ids, valid = left_pad(ids)
-    positions = positions_from_valid(valid)
-    mask = valid.long()
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    logits = [out.logits[:, -1]]
-    cache, token, pos = out.past_key_values, out.logits[:, -1].argmax(-1), positions[:, -1]
-    tokens = [token]
-    for _ in range(new_tokens - 1):
-        mask = torch.cat([mask, torch.ones(len(ids), 1, dtype=torch.long)], 1)
-        pos = pos + 1
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos[:, None],
-                    past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
-        logits.append(out.logits[:, -1])
-        tokens.append(token)
-    return torch.stack(tokens, 1), torch.stack(logits, 1).float()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import ARCHS, random_prompts, reference_greedy
+from tests.conftest import ARCHS, random_prompts
 
 from kvlab.generation import decode, prefill
 from kvlab.methods import make_method
+from kvlab.models.reference import transformers_greedy
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -15,7 +16,7 @@ from kvlab.methods import make_method
 def test_full_matches_transformers_batch2_left_padding(tiny_models, arch, block_size, chunk):
     model, _ = tiny_models[arch]
     ids = random_prompts((100, 77), seed=1)
-    ref_tokens, ref_logits = reference_greedy(model, ids, new_tokens=12)
+    ref_tokens, ref_logits = transformers_greedy(model, ids, new_tokens=12)
     snap = prefill(model, ids, block_size=block_size, chunk_size=chunk, reserve_tokens=4, observe=8)
     out = decode(model, snap, make_method("full"), max_new_tokens=12, return_logits=True)
     assert (out.logits - ref_logits).abs().max().item() <= 1e-4
