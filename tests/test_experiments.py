@@ -166,18 +166,19 @@ def test_truncate_sliding_window_layers():
     assert torch.allclose(a.forced_nll, b.forced_nll, atol=1e-4)
 
 
-def test_resolve_notes_unregistered_methods():
+def test_resolve_runs_fixed_setting_methods_once_and_refuses_unknown_ones():
     notes: list[str] = []
-    specs = resolve(["full", "streaming", "cross-layer"] if "cross-layer" not in kvlab.METHODS else ["full"], notes)
-    assert specs[0].label == "full"
-    if "cross-layer" not in kvlab.METHODS:
-        assert any("cross-layer" in n for n in notes)
+    specs = resolve(["full", "streaming", "low-rank", "quantize"], notes)
+    assert [s.label for s in specs] == ["full", "streaming", "low-rank (own setting)", "quantize (own setting)"]
+    assert [s.budgets([0.5, 0.25]) for s in specs] == [[1.0], [0.5, 0.25], [1.0], [1.0]]
+    assert specs[3].make(0.25).describe()["bits"] == 8  # no budget passed to a fixed-setting method
+    assert any("'quantize' takes no budget" in n and "bits=8" in n for n in notes)
     with pytest.raises(kvlab.KVLabError, match="unknown method"):
         resolve(["no-such-method"], [])
 
 
 # ----------------------------------------------------------------------------- experiments end to end
-METHODS = [m for m in ("full", "block-route", "snapkv", "streaming") if m in kvlab.METHODS]
+METHODS = ["full", "block-route", "snapkv", "streaming", "quantize"]
 
 
 def test_locality_and_entropy_end_to_end(tiny, tmp_path, monkeypatch):

@@ -86,7 +86,7 @@ def run(model: Any, tokenizer: Any, model_name: str, specs: list[MethodSpec], le
             ctx_end = batch[0].context_end
             plan = []
             for s in specs:
-                for budget in ([1.0] if s.name == "full" else budgets):
+                for budget in s.budgets(budgets):
                     plan.append((s, budget, "aware"))
                     if agnostic and s.name != "full" and family(s.make(budget)) == "eviction":
                         plan.append((s, budget, "agnostic"))

@@ -21,7 +21,7 @@ def run(pool: TextPool, model_name: str, specs: list[MethodSpec], budgets: list[
         n_tokens: int, cells: Cells, notes: list[str]) -> list[dict[str, Any]]:
     """One cell per (context length, method, budget): NLL per text kind."""
     out = []
-    plan = [(length, s, b) for length in lengths for s in specs for b in ([1.0] if s.name == "full" else budgets)]
+    plan = [(length, s, b) for length in lengths for s in specs for b in s.budgets(budgets)]
     for length, s, budget in track(plan, "perplexity"):
         key = {"model": model_name, "length": length, "method": s.label, "budget": budget, "n": n_tokens,
                "kinds": pool.kinds}

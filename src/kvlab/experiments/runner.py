@@ -36,17 +36,31 @@ OTHER = ["low-rank", "quantize", "local-global", "cross-layer"]
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One method configuration: a label for tables, a registry name, fixed parameters."""
+    """One method configuration: a label for tables, a registry name, fixed parameters.
+
+    ``fixed``: the method is set by its own parameters (a rank, a bit width, a window), not by a
+    token budget; like ``full`` it runs once per experiment, reported at budget 1 (ratio 0).
+    """
 
     label: str
     name: str
     params: tuple[tuple[str, Any], ...] = ()
+    fixed: bool = False
 
     def make(self, budget: float | None) -> Method:
         params = dict(self.params)
-        if budget is not None and budget < 1.0 and self.name != "full":
+        if budget is not None and budget < 1.0 and self.name != "full" and not self.fixed:
             params["budget"] = budget
         return make_method(self.name, **params)
+
+    @property
+    def budgetless(self) -> bool:
+        """Runs once, not per budget (``full`` and the fixed-setting methods)."""
+        return self.name == "full" or self.fixed
+
+    def budgets(self, budgets: list[float]) -> list[float]:
+        """The budgets to run this spec at: ``budgets``, or just 1.0 for a budgetless one."""
+        return [1.0] if self.budgetless else list(budgets)
 
 
 def spec(label: str, name: str | None = None, **params: Any) -> MethodSpec:
@@ -81,7 +95,17 @@ def resolve(labels: list[str] | None, notes: list[str], budget: float = 0.25) ->
         try:
             s.make(budget)
         except KVLabError as exc:
-            _note(notes, f"method {s.label!r} skipped: {exc}")
+            fixed = MethodSpec(f"{s.label} (own setting)", s.name, s.params, fixed=True)
+            try:  # a method set by its own parameters (low-rank, quantize, ...) runs once at them
+                method = fixed.make(None)
+            except KVLabError:
+                _note(notes, f"method {s.label!r} skipped: {exc}")
+                continue
+            if method.compresses:
+                out.append(fixed)
+                setting = ", ".join(f"{k}={v}" for k, v in method.describe().items()
+                                    if v is not None and k not in ("method", "budget", "ratio", "budget_tokens"))
+                _note(notes, f"method {s.label!r} takes no budget; it runs once at its own setting ({setting})")
             continue
         out.append(s)
     return out

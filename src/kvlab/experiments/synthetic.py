@@ -174,7 +174,7 @@ def run(model: Any, tokenizer: Any, model_name: str, specs: list[MethodSpec], ra
     """Every (method, ratio) cell over all generated prompts, from one batched prefill."""
     eos = eos_ids(model, tokenizer)
     batch = generate(tokenizer, seed, length, n_per_task)
-    plan = [(s, r) for s in specs for r in ([0.0] if s.name == "full" else ratios)]
+    plan = [(s, r) for s in specs for r in ([0.0] if s.budgetless else ratios)]
     snap = None
     out = []
     for s, ratio in track(plan, "synthetic tasks"):
