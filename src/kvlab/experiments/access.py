@@ -221,8 +221,13 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     costly = all(g["gap"] > 1.5 for g in gaps)
     verdict = "supported" if costly and widening else ("not supported" if not any(g["gap"] > 1.2 for g in gaps)
                                                        else "inconclusive")
-    text = "; ".join(f"{g['context']}: scattered {1e3 * g['scattered_s']:.2f} ms vs contiguous "
-                     f"{1e3 * g['contiguous_s']:.2f} ms ({g['gap']:.2f}×), full {1e3 * g['full_s']:.2f} ms "
-                     f"(every block via the sparse path {1e3 * g['all_s']:.2f} ms)"
+    every = "the Triton kernel" if str(result.get("device", "cpu")).startswith("cuda") else "the sparse path"
+    text = "; ".join(f"{g['context']}: scattered {_duration(g['scattered_s'])} vs contiguous "
+                     f"{_duration(g['contiguous_s'])} ({g['gap']:.2f}×), full {_duration(g['full_s'])} "
+                     f"(every block via {every} {_duration(g['all_s'])})"
                      for g in gaps)
     return {"gaps": gaps, "widening": widening, "verdict": verdict, "summary": text}
+
+
+def _duration(seconds: float) -> str:
+    return f"{1e6 * seconds:.1f} µs" if seconds < 1e-4 else f"{1e3 * seconds:.2f} ms"

@@ -127,7 +127,8 @@ def plot_all(results: dict[str, Any], out_dir: Path) -> dict[str, list[Path]]:
                 axes[0].plot(blocks, [1e3 * sel[b]["seconds"] for b in blocks], marker="o", label=f"{c // 1024}K")
                 axes[0].axhline(1e3 * sel["full"]["seconds"], ls=":", lw=1, color=axes[0].lines[-1].get_color())
                 axes[1].plot(blocks, [sel[b]["gbps"] for b in blocks], marker="o", label=f"{c // 1024}K")
-            axes[1].axhline(bench["copy_gbps"], color="red", ls="--", label="measured copy bandwidth")
+            axes[1].axhline(bench["copy_gbps"], color="red", ls="--",
+                            label="copy bandwidth (bytes copied per s; read + write traffic is 2×)")
             for ax in axes:
                 ax.set_xscale("log", base=2)
                 ax.set_xlabel("block size (tokens; 1 = scattered)")
