@@ -53,7 +53,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     def validate(
         model: ModelOpt = "qwen2.5-coder-0.5b",
         quick: Annotated[bool, typer.Option("--quick", help="the ~15-minute run (default)")] = False,
-        full: Annotated[bool, typer.Option("--full", help="the full sweep (hours on a CPU)")] = False,
+        full: Annotated[bool, typer.Option("--full", help="the full sweep (about 1.5 hours on 2 CPU cores)")] = False,
         out: Annotated[Path, typer.Option("--out", help="output directory (report.html, results.json, PNGs)")] = Path(
             "kvlab-report"),
         only: Annotated[list[str] | None, typer.Option("--only", help="run only this experiment (repeat): "

@@ -242,7 +242,7 @@ def summarize(cells: list[dict[str, Any]]) -> dict[str, Any]:
                      "consensus": sum(cons_layer) / max(1, n_layers), "by_task": by_task})
     full = next((r["f1"] for r in rows if r["method"] == "full"), None)
     cliffs = {}
-    for m in sorted({r["method"] for r in rows if r["method"] != "full"}):
+    for m in sorted({r["method"] for r in rows if r["ratio"] > 0}):  # methods swept over ratios (a cliff needs one)
         series = sorted((r for r in rows if r["method"] == m), key=lambda r: r["ratio"])
         cliff = next((r["ratio"] for r in series if full and r["f1"] < 0.5 * full), None)
         cliffs[m] = cliff

@@ -7,7 +7,8 @@ or beyond the machine's memory is refused with the estimate. Contexts are prefil
 method decodes from the same snapshot.
 
 ``--quick`` (``make demo``) is sized for 15 minutes on 2 CPU cores with qwen2.5-coder-0.5b: contexts of
-1K/2K/4K, a handful of needle cells, short decodes. ``--full`` is the sweep the issue asks for.
+1K/2K/4K, a handful of needle cells, short decodes. ``--full`` is the sweep the issue asks for, sized
+to finish in about 1.5 hours on 2 CPU cores (5522 s for qwen2.5-coder-0.5b; docs/results.md).
 """
 
 from __future__ import annotations
