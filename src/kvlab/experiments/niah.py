@@ -20,14 +20,13 @@ from kvlab.experiments import metrics
 from kvlab.experiments.runner import (
     Cells,
     MethodSpec,
-    decode_texts,
-    eos_ids,
     family,
     prefill_points,
     run_method,
     truncate,
 )
 from kvlab.experiments.texts import Prompt, build_prompt, encode, text_tokens
+from kvlab.generation import decode_texts, eos_ids
 from kvlab.progress import track
 
 KINDS = ("passkey", "sentence")
@@ -78,7 +77,7 @@ def run(model: Any, tokenizer: Any, model_name: str, specs: list[MethodSpec], le
         depths: list[float], budgets: list[float], kinds: list[str], cells: Cells, notes: list[str],
         seed: int = 0, max_new_tokens: int = 8, agnostic: bool = True) -> list[dict[str, Any]]:
     """Every (length, needle kind, method, budget, mode) cell; each holds all depths."""
-    eos = eos_ids(model, tokenizer)
+    eos = eos_ids(tokenizer, model)
     out: list[dict[str, Any]] = []
     for length in lengths:
         for kind in kinds:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,7 +263,7 @@ def _positions_of(layer: LayerStore, row: int, slots: torch.Tensor | None = None
 
 @torch.inference_mode()
 def run_method(model: Any, snapshot: Snapshot, method: Method, forced: list[list[int]] | None = None,
-               max_new_tokens: int = 0, eos: set[int] | None = None, record_reads: bool = False,
+               max_new_tokens: int = 0, eos: Collection[int] | None = None, record_reads: bool = False,
                compress: bool = True, label: str | None = None) -> RunResult:
     """Decode from a copy of ``snapshot`` with ``method``: teacher-force ``forced`` (``[B, n]``, every
     step through the method), then generate ``max_new_tokens`` greedily.
@@ -271,7 +271,7 @@ def run_method(model: Any, snapshot: Snapshot, method: Method, forced: list[list
     ``record_reads``: the token positions each (layer, sequence, KV head) read at the step whose logits
     give the first generated token -- the selection after eviction and routing, for GER and consensus.
     """
-    eos = eos or set()
+    eos = set(eos or ())
     store = snapshot.store.clone()
     batch = snapshot.context_lengths.shape[0]
     ctx = PrefillContext(context_lengths=snapshot.context_lengths.clone(), queries=snapshot.queries,
@@ -353,23 +353,6 @@ def _fill_unplanned(reads: dict[int, list[list[set[int]]]], store: KVStore) -> N
         if i not in reads:
             reads[i] = [[_positions_of(layer, b * layer.kv_heads + h) for h in range(layer.kv_heads)]
                         for b in range(layer.batch)]
-
-
-def decode_texts(tokenizer: Any, tokens: torch.Tensor, eos: set[int]) -> list[str]:
-    out = []
-    for row in tokens.tolist():
-        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-        out.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
-    return out
-
-
-def eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if ids is None:
-        ids = getattr(tokenizer, "eos_token_id", None)
-    if ids is None:
-        return set()
-    return {ids} if isinstance(ids, int) else set(ids)
 
 
 # ----------------------------------------------------------------------------- attention

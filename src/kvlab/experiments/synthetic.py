@@ -25,12 +25,11 @@ from kvlab.experiments import metrics
 from kvlab.experiments.runner import (
     Cells,
     MethodSpec,
-    decode_texts,
-    eos_ids,
     prefill_points,
     run_method,
 )
 from kvlab.experiments.texts import Prompt, build_prompt, encode, text_tokens
+from kvlab.generation import decode_texts, eos_ids
 from kvlab.progress import track
 
 TASKS = ("tracking", "instance", "coref", "multihop")
@@ -172,7 +171,7 @@ def run(model: Any, tokenizer: Any, model_name: str, specs: list[MethodSpec], ra
         length: int, cells: Cells, notes: list[str], seed: int = 0, n_per_task: int = 1,
         max_new_tokens: int = 8) -> list[dict[str, Any]]:
     """Every (method, ratio) cell over all generated prompts, from one batched prefill."""
-    eos = eos_ids(model, tokenizer)
+    eos = eos_ids(tokenizer, model)
     batch = generate(tokenizer, seed, length, n_per_task)
     plan = [(s, r) for s in specs for r in ([0.0] if s.budgetless else ratios)]
     snap = None
