@@ -72,6 +72,10 @@ class LayerStore:
         self.values = torch.zeros(slots, self.head_dim, dtype=self.dtype, device=self.device)
         self.positions = torch.full((slots,), -1, dtype=torch.long, device=self.device)
 
+    def in_use(self, width: int) -> torch.Tensor:
+        """``[rows, width]`` bool on the store's device: logical slot ``j`` of a row holds a token (``j < length``)."""
+        return torch.arange(width, device=self.device)[None, :] < self.lengths.to(self.device)[:, None]
+
     def row_slots(self, row: int) -> slice:
         """Slots of the tokens in use in ``row`` (a slice: the row is contiguous)."""
         first = int(self.start[row]) * self.block_size
@@ -153,9 +157,9 @@ class LayerStore:
         just enough for the kept tokens plus ``reserve_tokens``.
         """
         old_keys, old_values, old_positions = self.keys, self.values, self.positions
-        old_start, old_lengths = self.start, self.lengths
-        t = int(old_lengths.max()) if self.rows else 0
-        in_use = torch.arange(t, device=self.device)[None, :] < old_lengths[:, None]  # [rows, T]
+        old_start = self.start
+        t = int(self.lengths.max()) if self.rows else 0
+        in_use = self.in_use(t)  # [rows, T]
         if keep is not None:
             check(keep.shape[0] == self.rows and keep.shape[1] >= t, "repack: keep mask has the wrong shape")
             in_use = in_use & keep[:, :t].to(in_use.device)

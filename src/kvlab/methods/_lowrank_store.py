@@ -90,8 +90,7 @@ class CodedLayerStore(LayerStore):
         t = int(self.lengths.max()) if self.rows else 0
         slots = self._row_slot_index(t)
         k, v = self._decode_dense(t) if hasattr(self, "_decode_dense") else self._decode_slots(slots)
-        live = torch.arange(t, device=self.device)[None, :] < self.lengths.to(self.device)[:, None]
-        p = torch.where(live, self.positions[slots], -1)
+        p = torch.where(self.in_use(t), self.positions[slots], -1)
         shape = (self.batch, self.kv_heads, t)
         return k.view(*shape, self.head_dim), v.view(*shape, self.head_dim), p.view(*shape)
 
@@ -104,7 +103,7 @@ class CodedLayerStore(LayerStore):
     def _live_slots(self) -> torch.Tensor:
         t = int(self.lengths.max()) if self.rows else 0
         idx = self._row_slot_index(t)
-        return idx[torch.arange(t, device=self.device)[None, :] < self.lengths.to(self.device)[:, None]]
+        return idx[self.in_use(t)]
 
     def _decoded_pool(self, which: int) -> torch.Tensor:
         out = torch.zeros(self.positions.shape[0], self.head_dim, dtype=self.dtype, device=self.device)

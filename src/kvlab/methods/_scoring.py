@@ -28,7 +28,7 @@ def padded_layer(layer: LayerStore) -> tuple[torch.Tensor, torch.Tensor]:
     device = layer.device
     t = int(layer.lengths.max()) if layer.rows else 0
     idx = torch.arange(t, device=device)
-    in_use = idx[None, :] < layer.lengths.to(device)[:, None]  # [rows, T]
+    in_use = layer.in_use(t)  # [rows, T]
     if layer.uniform:
         k, _, pos = layer.dense_view()
     else:
@@ -122,8 +122,7 @@ def keep_top(scores: torch.Tensor, n_keep: torch.Tensor) -> torch.Tensor:
 
 def evict(layer: LayerStore, keep: torch.Tensor) -> None:
     """Drop every slot not in ``keep`` ``[rows, T]`` and give the freed blocks back (a real repack)."""
-    in_use = torch.arange(keep.shape[1], device=keep.device)[None, :] < layer.lengths.to(keep.device)[:, None]
-    if bool((keep | ~in_use).all()):
+    if bool((keep | ~layer.in_use(keep.shape[1])).all()):
         return
     layer.repack(keep=keep)
 
@@ -187,4 +186,4 @@ def recent_mask(layer: LayerStore, recent: torch.Tensor | int, width: int) -> to
     if isinstance(recent, torch.Tensor):
         recent = recent.to(device)
     idx = torch.arange(width, device=device)[None, :]
-    return (idx >= (lengths - recent)[:, None]) & (idx < lengths[:, None])
+    return (idx >= (lengths - recent)[:, None]) & layer.in_use(width)

@@ -52,8 +52,8 @@ class H2O(Method):
     def _evict(self, layer: LayerStore, i: int, cap: torch.Tensor) -> None:
         acc = self._acc[i]
         scores = acc.masked_fill(S.recent_mask(layer, self._recent(cap), acc.shape[1]), float("inf"))
-        in_use = torch.arange(acc.shape[1], device=acc.device)[None, :] < layer.lengths.to(acc.device)[:, None]
-        keep = S.keep_top(scores.masked_fill(~in_use, float("-inf")), torch.minimum(cap, layer.lengths))
+        scores = scores.masked_fill(~layer.in_use(acc.shape[1]), float("-inf"))
+        keep = S.keep_top(scores, torch.minimum(cap, layer.lengths))
         S.evict(layer, keep)
         self._acc[i] = S.compact(acc, keep)
 

@@ -109,8 +109,7 @@ class KVCompress(Method):
     def _eviction_order(self, layer: LayerStore, metric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's slots sorted by pooled metric, protected and unused slots last; and the evictable count."""
         t = metric.shape[1]
-        idx = torch.arange(t, device=metric.device)[None, :]
-        in_use = idx < layer.lengths.to(metric.device)[:, None]
+        in_use = layer.in_use(t)
         m = metric.masked_fill(~in_use, float("-inf"))
         if self.pool_kernel > 1:
             m = F.max_pool1d(m[:, None, :], self.pool_kernel, stride=1, padding=self.pool_kernel // 2)[:, 0]
@@ -182,7 +181,7 @@ class KVCompress(Method):
             idx = torch.arange(t, device=device)[None, :]
             drop_sorted = idx < drop_count[:, None]
             keep = torch.ones(layer.rows, t, dtype=torch.bool, device=device).scatter_(1, order.indices, ~drop_sorted)
-            keep &= idx < layer.lengths.to(device)[:, None]
+            keep &= layer.in_use(t)
             S.evict(layer, keep)
             self._metric[i] = S.compact(self._metric[i], keep)
 

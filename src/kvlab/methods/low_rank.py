@@ -116,7 +116,7 @@ class LowRankLayerStore(CodedLayerStore):
         h = self.kv_heads
         t = int(self.lengths.max()) if self.rows else 0
         slots = self._row_slot_index(t)  # [rows, t]
-        live = torch.arange(t, device=self.device)[None, :] < self.lengths.to(self.device)[:, None]
+        live = self.in_use(t)
         kpos = torch.where(live, self.positions[slots], -1).view(b, h, t)
         q = group_queries(query, h).to(self.dtype)  # [B, H, G*L, D]
         kc = self.k_codes[slots].view(b, h, t, -1)
