@@ -152,16 +152,25 @@ class RoutingMethod(Method):
         self._calls[layer_idx] = step + 1
         return step
 
-    def begin_plan(self, layer_idx: int, layer: LayerStore) -> tuple[int, torch.Tensor] | None:
-        """``(step, per-row token budgets)`` for a token-budgeted ``decode_plan`` call, or None where the
-        layer reads everything (a dense layer, or every row within budget)."""
+    def decode_plan(self, layer_idx: int, layer: LayerStore, query: torch.Tensor,
+                    q_positions: torch.Tensor) -> ReadPlan | None:
+        """The frame every router shares: a dense layer, or one whose rows are all within budget, reads
+        everything (``None``); otherwise :meth:`select` picks what this step reads, and its attention
+        recall is logged when ``record_recall`` is on."""
         if self.is_dense(layer_idx):
             return None
         step = self.next_step(layer_idx)
         budgets = self.row_budgets(layer.lengths)
         if bool((budgets >= layer.lengths).all()):
             return None
-        return step, budgets
+        plan = self.select(layer_idx, layer, query, step, budgets)
+        self.record(layer_idx, step, layer, query, getattr(self, "_scaling", None), plan)
+        return plan
+
+    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, step: int,
+               budgets: torch.Tensor) -> ReadPlan:
+        """What decode step ``step`` of a routed layer reads, given each row's token ``budgets``."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------ budget
     def forced_tokens(self, length: int) -> int:
@@ -188,9 +197,10 @@ class RoutingMethod(Method):
               f"{self.sink_blocks} + {self.local_blocks} blocks of {self.block_size} = {need} tokens; "
               f"allowed: a budget of at least {need} tokens (or fewer/smaller blocks)")
 
-    def block_budgets(self, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(blocks per row, blocks read per row, dense rows)`` at the rows' current lengths."""
-        budgets = self.row_budgets(lengths)
+    def block_budgets(self, lengths: torch.Tensor, budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
+        """``(blocks per row, blocks read per row, dense rows)`` for rows of ``lengths`` tokens with token
+        ``budgets``."""
         nb = ceil_div_tensor(lengths, self.block_size)
         dense = budgets >= lengths
         k = torch.where(dense, nb, torch.minimum(budgets // self.block_size, nb))

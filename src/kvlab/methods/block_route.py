@@ -83,14 +83,9 @@ class BlockRoute(RoutingMethod):
             s = torch.nn.functional.pad(s, (0, nb * r - nsub), value=-torch.inf).view(s.shape[0], nb, r).amax(-1)
         return s
 
-    def decode_plan(self, layer_idx: int, layer: LayerStore, query: torch.Tensor,
-                    q_positions: torch.Tensor) -> ReadPlan | None:
-        if self.is_dense(layer_idx):
-            return None
-        step = self.next_step(layer_idx)
-        nb, k, dense = self.block_budgets(layer.lengths)
-        if bool(dense.all()):
-            return None
+    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, step: int,
+               budgets: torch.Tensor) -> ReadPlan:
+        nb, k, dense = self.block_budgets(layer.lengths, budgets)
         width = int(nb.max())
         device = layer.keys.device  # the selection is made where the keys are
         nb_dev = nb.to(device)
@@ -110,6 +105,4 @@ class BlockRoute(RoutingMethod):
             scores = self.block_scores(layer_idx, layer, query)
             index = top_blocks(scores[:, :width], nb, k, forced)
             self._prev[layer_idx] = index
-        plan = ReadPlan("blocks", index.view(layer.batch, layer.kv_heads, -1), block_size=self.block_size)
-        self.record(layer_idx, step, layer, query, getattr(self, "_scaling", None), plan)
-        return plan
+        return ReadPlan("blocks", index.view(layer.batch, layer.kv_heads, -1), block_size=self.block_size)

@@ -152,12 +152,8 @@ class ClusterRoute(RoutingMethod):
             state.assign[row, slots] = sim.argmax(1)
             state.exists[row, state.assign[row, slots]] = True
 
-    def decode_plan(self, layer_idx: int, layer: LayerStore, query: torch.Tensor,
-                    q_positions: torch.Tensor) -> ReadPlan | None:
-        begun = self.begin_plan(layer_idx, layer)
-        if begun is None:
-            return None
-        step, budgets = begun
+    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, step: int,
+               budgets: torch.Tensor) -> ReadPlan:
         dense = budgets >= layer.lengths
         for n in layer.lengths[~dense].unique().tolist():
             self.check_budget(int(n))
@@ -198,9 +194,7 @@ class ClusterRoute(RoutingMethod):
         big = torch.iinfo(torch.long).max
         idx = torch.where(sel, slots, big).sort(1).values[:, : int(sel.sum(1).max())]
         index = torch.where(idx == big, -1, idx)
-        plan = ReadPlan("tokens", index.view(layer.batch, layer.kv_heads, -1))
-        self.record(layer_idx, step, layer, query, getattr(self, "_scaling", None), plan)
-        return plan
+        return ReadPlan("tokens", index.view(layer.batch, layer.kv_heads, -1))
 
     def describe(self) -> dict:
         return {**super().describe(), **{k: round(v, 4) for k, v in self.stats.items()}}

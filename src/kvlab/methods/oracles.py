@@ -45,19 +45,13 @@ class OracleTokens(_Oracle):
     name: ClassVar[str] = "oracle-tokens"
     summary: ClassVar[str] = "oracle: top-k tokens by true attention (costs a full attention pass)"
 
-    def decode_plan(self, layer_idx: int, layer: LayerStore, query: torch.Tensor,
-                    q_positions: torch.Tensor) -> ReadPlan | None:
-        begun = self.begin_plan(layer_idx, layer)
-        if begun is None:
-            return None
-        step, budgets = begun
+    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, step: int,
+               budgets: torch.Tensor) -> ReadPlan:
         lengths = layer.lengths
         budgets = torch.minimum(budgets, lengths)
         mass = self._mass(layer, query)
         index = top_blocks(mass, lengths, budgets, None)  # tokens are blocks of one
-        plan = ReadPlan("tokens", index.view(layer.batch, layer.kv_heads, -1))
-        self.record(layer_idx, step, layer, query, getattr(self, "_scaling", None), plan)
-        return plan
+        return ReadPlan("tokens", index.view(layer.batch, layer.kv_heads, -1))
 
 
 @register
@@ -68,12 +62,8 @@ class OracleBlocks(_Oracle):
     name: ClassVar[str] = "oracle-blocks"
     summary: ClassVar[str] = "oracle: top-k blocks by true attention mass (costs a full attention pass)"
 
-    def decode_plan(self, layer_idx: int, layer: LayerStore, query: torch.Tensor,
-                    q_positions: torch.Tensor) -> ReadPlan | None:
-        begun = self.begin_plan(layer_idx, layer)
-        if begun is None:
-            return None
-        step, budgets = begun
+    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, step: int,
+               budgets: torch.Tensor) -> ReadPlan:
         lengths = layer.lengths
         bs = self.block_size
         nb = ceil_div_tensor(lengths, bs)
@@ -83,6 +73,4 @@ class OracleBlocks(_Oracle):
         mass = torch.nn.functional.pad(mass, (0, width * bs - mass.shape[1]))
         block_mass = mass.view(layer.rows, width, bs).sum(-1)
         index = top_blocks(block_mass, nb, k, None)
-        plan = ReadPlan("blocks", index.view(layer.batch, layer.kv_heads, -1), block_size=bs)
-        self.record(layer_idx, step, layer, query, getattr(self, "_scaling", None), plan)
-        return plan
+        return ReadPlan("blocks", index.view(layer.batch, layer.kv_heads, -1), block_size=bs)
