@@ -152,7 +152,7 @@ def _attend_units_rows(layer: LayerStore, query: torch.Tensor, q_positions: torc
     vbuf = WORKSPACE.take("v", width * d, layer.dtype, layer.device).view(-1, unit * d)
     need_pos = length > 1 or layer.sliding_window is not None
     pbuf = WORKSPACE.take("p", width, torch.long, layer.device).view(-1, unit) if need_pos else None
-    base = (layer.start * layer.block_size).tolist()  # first slot of each row
+    base = first_slot.tolist()  # first slot of each row
     kpool, vpool = layer.keys.view(-1, unit * d), layer.values.view(-1, unit * d)
     ppool = layer.positions.view(-1, unit)
     counts_l = counts.tolist()

@@ -103,15 +103,11 @@ def _kernel_reader(layer: LayerStore, block: int, index: torch.Tensor):
 
     plan = ReadPlan("tokens", index) if block == 1 else ReadPlan("blocks", index, block_size=block)
     lists = read_lists(layer, plan)
-    out = torch.empty(1, layer.kv_heads, 1, 1, device=layer.keys.device)  # resized on first use
 
     def run(q: torch.Tensor, pos: torch.Tensor, scaling: float) -> torch.Tensor:
-        nonlocal out
         qg = q.view(1, layer.kv_heads, -1, q.shape[-1]).to(layer.dtype)  # one query token: heads grouped
-        if out.shape != qg.shape or out.dtype != qg.dtype:
-            out = torch.empty_like(qg)
         return paged_decode_attention(qg, layer.keys, layer.values, lists.table, lists.seq_lens, lists.block_size,
-                                      scaling, row_offsets=lists.row_offsets, max_tokens=lists.max_tokens, out=out)
+                                      scaling, row_offsets=lists.row_offsets, max_tokens=lists.max_tokens)
 
     return f"triton paged kernel (bs={block})", run
 
