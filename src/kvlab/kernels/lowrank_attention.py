@@ -22,7 +22,16 @@ import torch
 import triton
 import triton.language as tl
 
-from kvlab.kernels.paged_attention import BLOCK_N, LOG2E, dot_in_fp32, merge_splits, next_pow2, split_plan
+from kvlab.kernels.paged_attention import (
+    BLOCK_N,
+    LOG2E,
+    dot_in_fp32,
+    list_slots,
+    merge_splits,
+    next_pow2,
+    split_plan,
+    split_range,
+)
 
 K_FULL, K_LOWRANK, K_LOWRANK_ROPE = 0, 1, 2
 
@@ -75,20 +84,14 @@ def _lowrank_split_kernel(
     if K_MODE == 2:
         inv_freq = tl.load(freq_ptr + offs_h, mask=h_mask, other=0.0).to(tl.float32)
 
-    seq_len = tl.load(lens_ptr + row)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, seq_len)
-    row_offset = 0
-    if HAS_OFFSETS:
-        row_offset = tl.load(offs_ptr + row).to(tl.int64)
+    start, end, row_offset = split_range(lens_ptr, offs_ptr, row, split, tokens_per_split, HAS_OFFSETS)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_RV], dtype=tl.float32)
     for t0 in range(start, end, BLOCK_N):
         t = t0 + offs_n
         t_mask = t < end
-        block = tl.load(table_ptr + row * stride_table + (t >> LOG2_BS), mask=t_mask, other=0).to(tl.int64)
-        slot = row_offset + (block << LOG2_BS) + (t & ((1 << LOG2_BS) - 1))
+        slot = list_slots(table_ptr, row, stride_table, t, t_mask, row_offset, LOG2_BS)
         if K_MODE == 0:
             k_mask = t_mask[:, None] & h_mask[None, :]
             k1 = tl.load(k_ptr + slot[:, None] * stride_k + offs_h[None, :], mask=k_mask, other=0.0)

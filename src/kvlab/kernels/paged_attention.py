@@ -74,6 +74,25 @@ def split_plan(rows: int, max_tokens: int, device: torch.device, num_splits: int
 
 
 @triton.jit
+def split_range(lens_ptr, offs_ptr, row, split, tokens_per_split, HAS_OFFSETS: tl.constexpr):
+    """``(start, end, row_offset)``: this program's part of its row's list, and the slot offset of the row."""
+    seq_len = tl.load(lens_ptr + row)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)
+    row_offset = 0
+    if HAS_OFFSETS:
+        row_offset = tl.load(offs_ptr + row).to(tl.int64)
+    return start, end, row_offset
+
+
+@triton.jit
+def list_slots(table_ptr, row, stride_table, t, t_mask, row_offset, LOG2_BS: tl.constexpr):
+    """Pool slots of list positions ``t`` of a row: the block from the table, then the offset inside it."""
+    block = tl.load(table_ptr + row * stride_table + (t >> LOG2_BS), mask=t_mask, other=0).to(tl.int64)
+    return row_offset + (block << LOG2_BS) + (t & ((1 << LOG2_BS) - 1))
+
+
+@triton.jit
 def _paged_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, kpos_ptr, qpos_ptr, table_ptr, lens_ptr, offs_ptr, out_ptr, lse_ptr,
     scale_log2, window, kv_heads, q_len, tokens_per_split, M, D,
@@ -102,12 +121,7 @@ def _paged_decode_split_kernel(
     if USE_POS:
         qpos = tl.load(qpos_ptr + b * q_len + offs_m % q_len, mask=m_mask, other=0)
 
-    seq_len = tl.load(lens_ptr + row)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, seq_len)
-    row_offset = 0
-    if HAS_OFFSETS:
-        row_offset = tl.load(offs_ptr + row).to(tl.int64)
+    start, end, row_offset = split_range(lens_ptr, offs_ptr, row, split, tokens_per_split, HAS_OFFSETS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -115,8 +129,7 @@ def _paged_decode_split_kernel(
     for t0 in range(start, end, BLOCK_N):
         t = t0 + offs_n
         t_mask = t < end
-        block = tl.load(table_ptr + row * stride_table + (t >> LOG2_BS), mask=t_mask, other=0).to(tl.int64)
-        slot = row_offset + (block << LOG2_BS) + (t & ((1 << LOG2_BS) - 1))
+        slot = list_slots(table_ptr, row, stride_table, t, t_mask, row_offset, LOG2_BS)
         kv_mask = t_mask[:, None] & d_mask[None, :]
         k = tl.load(k_ptr + slot[:, None] * stride_k + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + slot[:, None] * stride_v + offs_d[None, :], mask=kv_mask, other=0.0)
