@@ -33,3 +33,26 @@ def test_methods_and_models_list():
     assert result.exit_code == 0
     models = {row["model"] for row in json.loads(result.output)}
     assert {"qwen2.5-coder-0.5b", "gemma3-270m", "random:tiny-llama", "random:llama-3.1-8b"} <= models
+
+
+def test_piped_tables_print_every_name_whole():
+    """`kvlab models | grep qwen2.5-coder-0.5b` must find the name: no identifier wraps when piped."""
+    import re
+    import subprocess
+    import sys
+
+    from kvlab.methods import METHODS
+    from kvlab.models import BUILTIN_MODELS, RANDOM_SHAPES
+
+    expected = {
+        "models": list(BUILTIN_MODELS) + [f"random:{s}" for s in RANDOM_SHAPES],
+        "methods": list(METHODS),
+    }
+    for command, names in expected.items():
+        out = subprocess.run([sys.executable, "-m", "kvlab", command], capture_output=True, text=True, check=True,
+                             timeout=120).stdout
+        cells = {c.strip() for line in out.splitlines() for c in re.split(r"[│┃]", line)}
+        missing = [n for n in names if n not in cells]
+        assert not missing, f"`kvlab {command}` piped lost {missing}:\n{out}"
+        widths = {len(line) for line in out.splitlines() if "│" in line}
+        assert len(widths) == 1, "every table row has the same width (nothing wrapped onto extra lines)"
