@@ -130,6 +130,17 @@ def test_builtin_names() -> None:
     assert (shape.num_layers, shape.kv_heads, shape.head_dim) == (24, 2, 64)
     g = model_shape("gemma3-270m")
     assert g.local_layers == 15 and g.head_dim == 256
+    q = model_shape("qwen2.5-coder-1.5b")
+    assert (q.num_layers, q.kv_heads, q.head_dim, q.max_context) == (28, 2, 128, 32768)
+    assert cache_bytes(q, 1, dtype="bfloat16") == formula(28, 2, 128, 1, 2) == 28 * 1024
+
+
+def test_every_builtin_model_has_a_shape_before_conversion(monkeypatch, tmp_path) -> None:
+    from kvlab.models.builtin import BUILTIN_MODELS
+
+    monkeypatch.setenv("KVLAB_CACHE", str(tmp_path))  # nothing converted: the built-in table answers
+    for name in BUILTIN_MODELS:
+        assert model_shape(name).num_layers > 0, name
 
 
 def test_cli_table_and_json() -> None:

@@ -53,7 +53,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     def validate(
         model: ModelOpt = "qwen2.5-coder-0.5b",
         quick: Annotated[bool, typer.Option("--quick", help="the ~15-minute run (default)")] = False,
-        full: Annotated[bool, typer.Option("--full", help="the full sweep (about 1.5 hours on 2 CPU cores)")] = False,
+        full: Annotated[bool, typer.Option("--full", help="the full sweep (about 1.5 hours on 2 CPU cores for "
+                                                          "qwen2.5-coder-0.5b, 2.5 for qwen2.5-coder-1.5b)")] = False,
         out: Annotated[Path, typer.Option("--out", help="output directory (report.html, results.json, PNGs)")] = Path(
             "kvlab-report"),
         only: Annotated[list[str] | None, typer.Option("--only", help="run only this experiment (repeat): "
@@ -113,6 +114,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     def bench_access(context: ContextOpt = None, budget: Annotated[float, typer.Option(help="fraction read")] = 0.125,
                      reps: Annotated[int, typer.Option(help="repetitions (best is kept)")] = 7,
                      device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+                     head_dim: Annotated[int, typer.Option(help="head dimension (a K or V row is head_dim × 2 "
+                                                                "bytes in bf16)")] = 128,
+                     kv_heads: Annotated[int, typer.Option(help="KV heads")] = 8,
+                     q_heads: Annotated[int, typer.Option(help="query heads (a multiple of --kv-heads)")] = 32,
                      as_json: JsonOpt = False) -> None:
         """H2: attention time at equal token budget, only contiguity varied (block 1/4/16/64/256, full)."""
         from kvlab.experiments import access
@@ -122,7 +127,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
             check(torch.cuda.is_available(), "--device cuda: no CUDA device is available")
         check(device in ("cpu", "cuda"), f"--device must be cpu or cuda, got {device!r}")
-        res = access.bench_access(sorted(context or [4096, 16384, 65536]), budget, reps=reps, device=device)
+        check(16 <= head_dim <= 256, f"--head-dim must be in 16..256, got {head_dim}")
+        check(kv_heads >= 1 and q_heads % kv_heads == 0,
+              f"--q-heads must be a multiple of --kv-heads, got {q_heads} and {kv_heads}")
+        res = access.bench_access(sorted(context or [4096, 16384, 65536]), budget, kv_heads=kv_heads,
+                                  q_heads=q_heads, head_dim=head_dim, reps=reps, device=device)
         s = access.summarize(res)
         rows = [{"context": r["context"], "block": r["block"], "ms": 1e3 * r["seconds"], "GB/s": r["gbps"],
                  "× full": r["vs_full"], "path": r["path"]} for r in res["rows"]]

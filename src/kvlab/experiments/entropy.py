@@ -99,3 +99,38 @@ def verdict(summaries: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / max(1, len(xs))
+
+
+def on_relative_depth(per_layer: list[float], points: int = 25) -> list[float]:
+    """A per-layer series resampled (linearly) at ``points`` relative depths 0..1, to compare models of
+    different depth."""
+    n = len(per_layer)
+    out = []
+    for i in range(points):
+        x = i / (points - 1) * (n - 1)
+        lo = int(x)
+        hi = min(lo + 1, n - 1)
+        out.append(per_layer[lo] + (x - lo) * (per_layer[hi] - per_layer[lo]))
+    return out
+
+
+def compare(summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first model's entropy profile against each other one's over relative depth: Pearson correlation,
+    mean absolute difference, and where each profile is lowest (relative depth)."""
+    from kvlab.experiments.metrics import pearson
+
+    if len(summaries) < 2:
+        return None
+    base = summaries[0]
+    a = on_relative_depth(base["entropy_per_layer"])
+    rows, parts = [], []
+    for s in summaries[1:]:
+        b = on_relative_depth(s["entropy_per_layer"])
+        corr = pearson(a, b)
+        diff = sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
+        low = [min(range(len(e)), key=e.__getitem__) / max(1, len(e) - 1)
+               for e in (base["entropy_per_layer"], s["entropy_per_layer"])]
+        rows.append({"model": s["model"], "correlation": corr, "mean_abs_diff": diff, "lowest_at": low})
+        parts.append(f"{base['model']} vs {s['model']}: correlation {'n/a' if corr is None else f'{corr:.2f}'}, "
+                     f"mean |Δ| {diff:.3f}, lowest entropy at relative depth {low[0]:.2f} vs {low[1]:.2f}")
+    return {"rows": rows, "summary": "; ".join(parts)}

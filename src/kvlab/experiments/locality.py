@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from kvlab.errors import check
 from kvlab.experiments import metrics
 from kvlab.experiments.runner import Captured, Cells, attention_weights, prefill_points, truncate
 from kvlab.experiments.texts import bos_ids, text_tokens
@@ -29,11 +30,15 @@ class TextPool:
     context length; :meth:`at` gives the exact snapshot at any of those lengths."""
 
     def __init__(self, model: Any, tokenizer: Any, kinds: list[str], lengths: list[int], seed: int = 0,
-                 extra: int = 256, block_size: int = 16):
+                 extra: int = 256, block_size: int = 16, total: int | None = None):
+        """``total``: tokens drawn per text (default: the longest length + ``extra``). The texts depend on
+        it, so two pools with the same ``total``, seed and tokenizer hold the same prompts."""
         self.model, self.kinds, self.lengths = model, kinds, sorted(lengths)
         self.block_size = block_size
         bos = bos_ids(tokenizer)
-        total = self.lengths[-1] + extra
+        total = total or self.lengths[-1] + extra
+        check(total >= self.lengths[-1], f"a text pool of {total} tokens cannot reach {self.lengths[-1]}")
+        self.total = total
         self.ids = [bos + text_tokens(tokenizer, kind, total - len(bos), seed + i) for i, kind in enumerate(kinds)]
         self._snap: Snapshot | None = None
         self._captured: dict[int, Captured] = {}
@@ -134,11 +139,39 @@ def summarize(cells: list[dict[str, Any]]) -> dict[str, Any]:
     if not rows:
         return {"rows": [], "verdict": "inconclusive", "summary": "no data"}
     frac = sum(r["layers_eps_below"] for r in rows) / sum(r["n_layers"] for r in rows)
-    verdict = "supported" if frac >= 0.75 else ("not supported" if frac < 0.5 else "inconclusive")
     text = "; ".join(f"{r['length']} tokens: ε < {EPS_THRESHOLD} in {r['layers_eps_below']}/{r['n_layers']} layers "
                      f"(mean ε {r['mean_eps']:.3f})" for r in rows)
-    return {"rows": rows, "fraction_layers_below": frac, "verdict": verdict, "summary": text,
-            "sink_tokens": cells[0]["sink_tokens"], "local_tokens": cells[0]["local_tokens"]}
+    kinds = by_kind(cells)
+    if len(kinds) > 1:
+        text += "; per text: " + "; ".join(
+            f"{k} {v['verdict']} (mean ε " + ", ".join(f"{r['mean_eps']:.3f}" for r in v["rows"])
+            + f" at {', '.join(str(r['length']) for r in v['rows'])} tokens; ε < {EPS_THRESHOLD} in "
+            f"{sum(r['layers_eps_below'] for r in v['rows'])}/{sum(r['n_layers'] for r in v['rows'])} layer-lengths)"
+            for k, v in kinds.items())
+    return {"rows": rows, "fraction_layers_below": frac, "verdict": _verdict(frac), "summary": text,
+            "by_kind": kinds, "sink_tokens": cells[0]["sink_tokens"], "local_tokens": cells[0]["local_tokens"]}
+
+
+def _verdict(fraction_below: float) -> str:
+    return "supported" if fraction_below >= 0.75 else ("not supported" if fraction_below < 0.5 else "inconclusive")
+
+
+def by_kind(cells: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """ε per text kind (code and prose are not alike: source code is markedly more local): per length, ε per
+    layer, the layers with ε < 0.05 and the mean; and the kind's own verdict by the same rule."""
+    out = {}
+    for kind in dict.fromkeys(c["kind"] for c in cells):
+        rows = []
+        for c in sorted((c for c in cells if c["kind"] == kind), key=lambda c: c["length"]):
+            eps = [_mean(layer["elsewhere"]) for layer in c["layers"]]
+            heads = [h for layer in c["layers"] for h in layer["elsewhere"]]
+            rows.append({"length": c["length"], "eps_per_layer": eps, "mean_eps": sum(eps) / len(eps),
+                         "layers_eps_below": sum(e < EPS_THRESHOLD for e in eps), "n_layers": len(eps),
+                         "heads_eps_below_fraction": sum(h < EPS_THRESHOLD for h in heads) / max(1, len(heads)),
+                         "most_local_layers": sorted(range(len(eps)), key=eps.__getitem__)[:3]})
+        frac = sum(r["layers_eps_below"] for r in rows) / sum(r["n_layers"] for r in rows)
+        out[kind] = {"rows": rows, "fraction_layers_below": frac, "verdict": _verdict(frac)}
+    return out
 
 
 def heatmap(cells: list[dict[str, Any]], length: int) -> tuple[list[list[float]], list[str]]:

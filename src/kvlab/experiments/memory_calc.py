@@ -181,6 +181,8 @@ def model_shape(source: str) -> ModelShape:
 _BUILTIN_FALLBACK: dict[str, dict[str, Any]] = {
     "qwen2.5-coder-0.5b": dict(model_type="qwen2", num_hidden_layers=24, num_attention_heads=14,
                                num_key_value_heads=2, hidden_size=896, max_position_embeddings=32768),
+    "qwen2.5-coder-1.5b": dict(model_type="qwen2", num_hidden_layers=28, num_attention_heads=12,
+                               num_key_value_heads=2, hidden_size=1536, max_position_embeddings=32768),
     "gemma3-270m": dict(model_type="gemma3_text", num_hidden_layers=18, num_attention_heads=4,
                         num_key_value_heads=1, head_dim=256, sliding_window=512, max_position_embeddings=32768,
                         layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"

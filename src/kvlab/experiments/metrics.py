@@ -18,7 +18,7 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -160,3 +160,49 @@ def boundary_layer(values: Sequence[float]) -> tuple[int, float]:
         if d > drop:
             best, drop = b, d
     return best, drop
+
+
+# ----------------------------------------------------------------------------- routing-physics curves
+CORRECT_F1 = 0.5  # an answer counts as correct at token F1 >= 0.5 (a one-word gold: the word itself)
+
+
+def conditional_accuracy(correct: dict[str, bool], solved: Collection[str]) -> float | None:
+    """Accuracy over the questions the full cache answers (``solved``: their ids); None when it solves
+    none. ``correct``: question id -> whether this method answered it."""
+    ids = [q for q in solved if q in correct]
+    if not ids:
+        return None
+    return sum(correct[q] for q in ids) / len(ids)
+
+
+def cliff(ratios: Sequence[float], accuracy: Sequence[float | None], full: float, fraction: float = 0.5
+          ) -> float | None:
+    """The first compression ratio (ascending) at which ``accuracy`` falls below ``fraction`` × ``full``;
+    None when it never does (or ``full`` is 0)."""
+    if not full:
+        return None
+    for r, a in sorted(zip(ratios, accuracy, strict=True)):
+        if a is not None and a < fraction * full:
+            return r
+    return None
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson correlation; None with fewer than 3 points or a constant series."""
+    if len(x) != len(y) or len(x) < 3:
+        return None
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sx = math.sqrt(sum((a - mx) ** 2 for a in x))
+    sy = math.sqrt(sum((b - my) ** 2 for b in y))
+    if sx == 0 or sy == 0:
+        return None
+    return sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / (sx * sy)
+
+
+def spike(ratios: Sequence[float], values: Sequence[float]) -> float | None:
+    """The ratio whose value rose most over the previous ratio's (ascending ratios): where a GER curve
+    jumps. None with fewer than 2 points."""
+    pts = sorted(zip(ratios, values, strict=True))
+    if len(pts) < 2:
+        return None
+    return max(zip(pts[1:], pts[:-1], strict=True), key=lambda p: p[0][1] - p[1][1])[0][0]

@@ -85,6 +85,16 @@ def plot_all(results: dict[str, Any], out_dir: Path) -> dict[str, list[Path]]:
         axes[1].set(xlabel="layer", ylabel="attention mass", title=f"mass by region at {last['length']} tokens")
         axes[1].legend(fontsize=8)
         figs.setdefault("h1", []).append(_save(fig, out_dir, "h1_locality", foot))
+        kinds = h1["summary"].get("by_kind") or {}
+        if len(kinds) > 1:
+            fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
+            for ax, (kind, v) in zip(axes[0], kinds.items(), strict=True):
+                for r in v["rows"]:
+                    ax.plot(r["eps_per_layer"], marker="o", label=f"{r['length']} tokens")
+                ax.axhline(0.05, color="red", ls="--", lw=1)
+                ax.set(xlabel="layer", ylabel="ε", title=f"ε per layer: {kind} ({v['verdict']})", ylim=(0, 1))
+                ax.legend(fontsize=8)
+            figs["h1"].append(_save(fig, out_dir, "h1_locality_by_kind", foot))
         if h1.get("heatmap"):
             grid, labels = h1["heatmap"]["grid"], h1["heatmap"]["labels"]
             fig, ax = plt.subplots(figsize=(10, 5))
@@ -194,18 +204,23 @@ def plot_all(results: dict[str, Any], out_dir: Path) -> dict[str, list[Path]]:
     sy = ex.get("synthetic")
     if sy and sy.get("summary", {}).get("rows"):
         rows = sy["summary"]["rows"]
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
         for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "full"):
             sel = sorted((r for r in rows if r["method"] == m), key=lambda r: r["ratio"])
             x = [r["ratio"] for r in sel]
             axes[0].plot(x, [r["f1"] for r in sel], marker="o", label=m)
-            axes[1].plot(x, [r["hallucination"] for r in sel], marker="o", label=m)
-            axes[2].plot(x, [r["ger"] for r in sel], marker="o", label=m)
+            if all(r.get("cond_accuracy") is not None for r in sel):
+                axes[1].plot(x, [r["cond_accuracy"] for r in sel], marker="o", label=m)
+            axes[2].plot(x, [r["hallucination"] for r in sel], marker="o", label=m)
+            axes[3].plot(x, [r["ger"] for r in sel], marker="o", label=m)
         if sy["summary"].get("full_f1") is not None:
             axes[0].axhline(sy["summary"]["full_f1"], color="black", ls=":", label="full")
-        for ax, t in zip(axes, ("token F1", "hallucination rate", "mean Global Eviction Ratio"), strict=False):
+        axes[1].axhline(0.5, color="red", ls="--", lw=1, label="half of full (the cliff)")
+        titles = ("token F1", "accuracy on what full answers", "hallucination rate", "mean Global Eviction Ratio")
+        for ax, t in zip(axes, titles, strict=False):
             ax.set(xlabel="compression ratio", ylabel=t, title=t)
         axes[0].legend(fontsize=7)
+        axes[1].legend(fontsize=7)
         figs.setdefault("synthetic", []).append(_save(fig, out_dir, "synthetic", foot))
         top = max(r["ratio"] for r in rows)
         sel = [r for r in rows if r["ratio"] == top]
@@ -217,6 +232,18 @@ def plot_all(results: dict[str, Any], out_dir: Path) -> dict[str, list[Path]]:
                 ax.set(xlabel="layer", title=f"{t} per layer at ratio {top:g}")
                 fig.colorbar(im, ax=ax)
             figs["synthetic"].append(_save(fig, out_dir, "synthetic_layers", foot))
+        cc = sy.get("consensus_compare")
+        if cc and any(cc["models"].values()):
+            keys = list(dict.fromkeys(k for prof in cc["models"].values() for k in prof))
+            fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6), squeeze=False)
+            for ax, k in zip(axes[0], keys, strict=True):
+                for name, prof in cc["models"].items():
+                    if k in prof:
+                        y = prof[k]["per_layer"]
+                        ax.plot([i / max(1, len(y) - 1) for i in range(len(y))], y, marker=".", label=name)
+                ax.set(xlabel="relative depth", ylabel="head consensus", title=k, ylim=(0, 1.05))
+                ax.legend(fontsize=7)
+            figs["synthetic"].append(_save(fig, out_dir, "synthetic_consensus_models", foot))
     return figs
 
 
@@ -241,8 +268,8 @@ TABLE_COLUMNS = {
     "h2": ("e2e", ["method", "tokens_per_second", "seconds", "steps", "compress_seconds"]),
     "niah": ("summary", ["method", "mode", "budget", "accuracy", "n"]),
     "ppl": ("summary", ["method", "budget", "ppl", "vs_full"]),
-    "synthetic": ("summary", ["method", "ratio", "f1", "f1_answerable", "hallucination", "n_hall_cases", "ger",
-                              "max_layer_ger", "consensus"]),
+    "synthetic": ("summary", ["method", "ratio", "n", "f1", "accuracy", "cond_accuracy", "hallucination",
+                              "n_hall_cases", "ger", "max_layer_ger", "consensus"]),
 }
 
 

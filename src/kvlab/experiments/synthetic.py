@@ -21,6 +21,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from kvlab.errors import KVLabError, check
 from kvlab.experiments import metrics
 from kvlab.experiments.runner import (
     Cells,
@@ -108,14 +109,29 @@ def _multihop(rng: random.Random, direction: str, hops: int) -> tuple[list[str],
     return all_facts, relevant, f"{whose} mentor is {chain[-1]}?", chain[0]
 
 
+def family_of(task: str, direction: str) -> str:
+    """A task family: the template and the direction asked (``instance/s2a``)."""
+    return f"{task}/{direction}"
+
+
 def generate(tokenizer: Any, seed: int, length: int, n_per_task: int = 1, hops: tuple[int, ...] = (2, 3, 4),
-             tasks: tuple[str, ...] = TASKS) -> list[Prompt]:
+             tasks: tuple[str, ...] = TASKS, focus: dict[str, int] | None = None) -> list[Prompt]:
     """Prompts of exactly ``length`` tokens: per task, ``n_per_task`` instances, both directions (coref
-    also unanswerable in both directions, multihop for each hop count). Deterministic for a seed."""
+    also unanswerable in both directions, multihop for each hop count). Deterministic for a seed.
+
+    ``focus`` (family -> instances, e.g. ``{"instance/s2a": 16}``) adds instances of the families a model
+    can do: instance ``n`` of a variant exists when ``n < n_per_task`` or ``n < focus[family]``. Each
+    instance's random draw depends only on (seed, task, n, variant), so a larger set extends a smaller
+    one: the first ``n_per_task`` instances are the same questions at any focus.
+    """
+    focus = focus or {}
+    bad = [f for f in focus if f.split("/")[0] not in TASKS or f.split("/")[-1] not in ("s2a", "a2s")]
+    check(not bad, f"unknown task family {', '.join(bad)}; allowed: <{'|'.join(TASKS)}>/<s2a|a2s>")
     out = []
     filler = text_tokens(tokenizer, "prose", length * 2, seed)
     for task in tasks:
-        for n in range(n_per_task):
+        most = max([n_per_task] + [v for f, v in focus.items() if f.split("/")[0] == task])
+        for n in range(most):
             variants: list[tuple[str, dict[str, Any]]] = []
             if task == "coref":
                 variants = [(d, {"answerable": a}) for a in (True, False) for d in ("s2a", "a2s")]
@@ -124,6 +140,8 @@ def generate(tokenizer: Any, seed: int, length: int, n_per_task: int = 1, hops: 
             else:
                 variants = [(d, {}) for d in ("s2a", "a2s")]
             for direction, extra in variants:
+                if n >= max(n_per_task, focus.get(family_of(task, direction), 0)):
+                    continue
                 rng = random.Random(f"{seed}-{task}-{n}-{direction}-{sorted(extra.items())}")
                 if task == "tracking":
                     facts, rel, q, gold = _tracking(rng, direction)
@@ -133,7 +151,9 @@ def generate(tokenizer: Any, seed: int, length: int, n_per_task: int = 1, hops: 
                     facts, rel, q, gold = _coref(rng, direction, extra["answerable"])
                 else:
                     facts, rel, q, gold = _multihop(rng, direction, extra["hops"])
-                meta = {"task": task, "direction": direction, "answerable": gold != metrics.ABSTAIN, **extra}
+                qid = f"{task}/{direction}/{n}" + "".join(f"/{k}={v}" for k, v in sorted(extra.items()))
+                meta = {"task": task, "direction": direction, "answerable": gold != metrics.ABSTAIN, "qid": qid,
+                        **extra}
                 out.append(_assemble(tokenizer, facts, rel, q, gold, filler, length, rng, meta))
     return out
 
@@ -145,8 +165,6 @@ def _assemble(tokenizer: Any, facts: list[str], relevant: list[int], question: s
     probe = build_prompt(tokenizer, [(x, False) for x in fact_ids], q, gold)
     budget = length - len(probe.ids)
     if budget < len(facts) + 1:
-        from kvlab.errors import KVLabError
-
         raise KVLabError(f"synthetic context of {length} tokens is too short (needs more than {len(probe.ids)})")
     # Split the filler into len(facts) + 1 gaps at sorted random cut points (sequential facts stay in order).
     cuts = sorted(rng.sample(range(1, budget), len(facts)))
@@ -169,42 +187,64 @@ def context_text(tokenizer: Any, prompt: Prompt) -> str:
 
 def run(model: Any, tokenizer: Any, model_name: str, specs: list[MethodSpec], ratios: list[float],
         length: int, cells: Cells, notes: list[str], seed: int = 0, n_per_task: int = 1,
-        max_new_tokens: int = 8) -> list[dict[str, Any]]:
-    """Every (method, ratio) cell over all generated prompts, from one batched prefill."""
+        max_new_tokens: int = 8, focus: dict[str, int] | None = None, batch_size: int = 0) -> list[dict[str, Any]]:
+    """Every (method, ratio) cell over all generated prompts.
+
+    The prompts are split into parts of at most ``batch_size`` (0: one part); each part is prefilled once
+    and every (method, ratio) decodes from its snapshot, so memory is bounded by one part. Cells are cached
+    per part; the returned cells hold every part's rows.
+    """
     eos = eos_ids(tokenizer, model)
-    batch = generate(tokenizer, seed, length, n_per_task)
+    prompts = generate(tokenizer, seed, length, n_per_task, focus=focus)
+    size = batch_size or len(prompts)
+    parts = [prompts[i:i + size] for i in range(0, len(prompts), size)]
     plan = [(s, r) for s in specs for r in ([0.0] if s.budgetless else ratios)]
-    snap = None
-    out = []
-    for s, ratio in track(plan, "synthetic tasks"):
+    merged: dict[tuple[str, float], dict[str, Any]] = {}
+    todo = [(i, s, r) for i in range(len(parts)) for s, r in plan]
+    snap, snap_part = None, None
+    for i, s, ratio in track(todo, "synthetic tasks"):
+        batch = parts[i]
         key = {"model": model_name, "method": s.label, "ratio": ratio, "length": length, "seed": seed,
-               "n": n_per_task, "max_new": max_new_tokens}
+               "n": n_per_task, "max_new": max_new_tokens, "focus": sorted((focus or {}).items()),
+               "part": i, "parts": len(parts), "first": batch[0].meta["qid"]}
         cell = cells.get("synthetic", key)
         if cell is None:
-            if snap is None:
+            if snap_part != i:
+                snap = None  # free the previous part's snapshot before the next prefill
                 snap, _ = prefill_points(model, [p.ids[:-1] for p in batch], [], reserve_tokens=max_new_tokens + 1,
-                                         label="synthetic prefill")
+                                         label=f"synthetic prefill {i + 1}/{len(parts)}")
+                snap_part = i
             try:
                 res = run_method(model, snap, s.make(1.0 - ratio), [p.ids[-1:] for p in batch], max_new_tokens, eos,
                                  record_reads=True, label=f"synthetic {s.label} r={ratio:g}")
             except Exception as exc:
                 notes.append(f"synthetic: {s.label} at ratio {ratio:g} failed: {exc}")
                 continue
-            answers = decode_texts(tokenizer, res.generated, eos)
-            rows = []
-            layers = sorted(res.reads)
-            for b, (p, a) in enumerate(zip(batch, answers, strict=False)):
-                ans = metrics.first_answer(a)
-                ger = [metrics.global_eviction_ratio(res.reads[i][b], p.relevant) for i in layers]
-                cons = [metrics.head_consensus(res.reads[i][b]) for i in layers]
-                rows.append({**{k: v for k, v in p.meta.items() if k not in ("facts",)}, "gold": p.gold,
-                             "answer": ans, "f1": metrics.token_f1(ans, p.gold),
-                             "abstained": metrics.is_abstention(ans), "ger_per_layer": ger,
-                             "consensus_per_layer": cons})
-            cell = cells.put("synthetic", key, {"model": model_name, "method": s.label, "ratio": ratio, "rows": rows,
+            cell = cells.put("synthetic", key, {"model": model_name, "method": s.label, "ratio": ratio,
+                                                "rows": _score(tokenizer, batch, res, eos),
                                                 "decode_seconds": res.seconds})
-        out.append(cell)
-    return out
+        m = merged.setdefault((s.label, ratio), {"model": model_name, "method": s.label, "ratio": ratio, "rows": [],
+                                                 "decode_seconds": 0.0, "parts": 0})
+        m["rows"].extend(cell["rows"])
+        m["decode_seconds"] += cell["decode_seconds"]
+        m["parts"] += 1
+    # a (method, ratio) counts only when every part ran: a partial one would bias its scores
+    return [c for c in merged.values() if c["parts"] == len(parts)]
+
+
+def _score(tokenizer: Any, batch: list[Prompt], res: Any, eos: Any) -> list[dict[str, Any]]:
+    answers = decode_texts(tokenizer, res.generated, eos)
+    rows = []
+    layers = sorted(res.reads)
+    for b, (p, a) in enumerate(zip(batch, answers, strict=True)):
+        ans = metrics.first_answer(a)
+        ger = [metrics.global_eviction_ratio(res.reads[i][b], p.relevant) for i in layers]
+        cons = [metrics.head_consensus(res.reads[i][b]) for i in layers]
+        rows.append({**{k: v for k, v in p.meta.items() if k not in ("facts",)}, "gold": p.gold,
+                     "answer": ans, "f1": metrics.token_f1(ans, p.gold),
+                     "abstained": metrics.is_abstention(ans), "ger_per_layer": ger,
+                     "consensus_per_layer": cons})
+    return rows
 
 
 def hallucinated(row: dict[str, Any]) -> bool | None:
@@ -217,8 +257,18 @@ def hallucinated(row: dict[str, Any]) -> bool | None:
     return (not row["abstained"]) and row["f1"] < 0.5
 
 
+def correct(row: dict[str, Any]) -> bool:
+    return row["f1"] >= metrics.CORRECT_F1
+
+
 def summarize(cells: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per (method, ratio): F1, hallucination rate, mean GER, GER and consensus per layer; cliffs."""
+    """Per (method, ratio): F1, accuracy conditional on the questions the full cache answers, hallucination
+    rate, mean and worst-layer GER, GER and head consensus per layer. Per swept method: the cliff (the first
+    ratio where conditional accuracy falls below half of the full cache's), the GER spike (the ratio where
+    mean GER rises most) and the correlation of GER with conditional accuracy over its ratios (ratio 0 is
+    the full cache). Per task family: the full cache's accuracy, and which families it cannot do."""
+    full_cell = next((c for c in cells if c["method"] == "full"), None)
+    solved = {r["qid"] for r in full_cell["rows"] if correct(r)} if full_cell else set()
     rows = []
     for c in sorted(cells, key=lambda c: (c["method"], c["ratio"])):
         rs = c["rows"]
@@ -232,21 +282,62 @@ def summarize(cells: list[dict[str, Any]]) -> dict[str, Any]:
             for d in ("s2a", "a2s"):
                 sel = [r["f1"] for r in rs if r["task"] == t and r["direction"] == d]
                 if sel:
-                    by_task[f"{t}/{d}"] = sum(sel) / len(sel)
-        rows.append({"method": c["method"], "ratio": c["ratio"], "f1": sum(r["f1"] for r in rs) / len(rs),
+                    by_task[family_of(t, d)] = sum(sel) / len(sel)
+        cond = metrics.conditional_accuracy({r["qid"]: correct(r) for r in rs}, solved)
+        rows.append({"method": c["method"], "ratio": c["ratio"], "n": len(rs), "f1": sum(r["f1"] for r in rs) / len(rs),
                      "f1_answerable": sum(r["f1"] for r in ans) / max(1, len(ans)),
+                     "accuracy": sum(map(correct, rs)) / len(rs), "cond_accuracy": cond,
                      "hallucination": sum(hall) / len(hall) if hall else 0.0, "n_hall_cases": len(hall),
                      "ger": sum(ger_layer) / max(1, n_layers), "max_layer_ger": max(ger_layer, default=0.0),
                      "ger_per_layer": ger_layer, "consensus_per_layer": cons_layer,
                      "consensus": sum(cons_layer) / max(1, n_layers), "by_task": by_task})
-    full = next((r["f1"] for r in rows if r["method"] == "full"), None)
-    cliffs = {}
+    full = next((r for r in rows if r["method"] == "full"), None)
+    full_f1 = full["f1"] if full else None
+    curves = {}
     for m in sorted({r["method"] for r in rows if r["ratio"] > 0}):  # methods swept over ratios (a cliff needs one)
         series = sorted((r for r in rows if r["method"] == m), key=lambda r: r["ratio"])
-        cliff = next((r["ratio"] for r in series if full and r["f1"] < 0.5 * full), None)
-        cliffs[m] = cliff
-    parts = [f"full-cache F1 {full:.2f}" if full is not None else "no full-cache baseline"]
-    for m, c in cliffs.items():
-        top = max(r["ratio"] for r in rows if r["method"] == m)
-        parts.append(f"{m}: cliff at {c:.0%}" if c is not None else f"{m}: no cliff up to {top:.0%}")
-    return {"rows": rows, "full_f1": full, "cliffs": cliffs, "summary": "; ".join(parts)}
+        if full is not None:  # ratio 0: every method at full budget is the full cache
+            series = [full] + series
+        x = [r["ratio"] for r in series]
+        acc = [r["cond_accuracy"] for r in series]
+        ok = [(g, a) for g, a in zip([r["ger"] for r in series], acc, strict=True) if a is not None]
+        curves[m] = {"ratios": x, "cond_accuracy": acc, "ger": [r["ger"] for r in series],
+                     "max_layer_ger": [r["max_layer_ger"] for r in series],
+                     "hallucination": [r["hallucination"] for r in series],
+                     "cliff": metrics.cliff(x, acc, 1.0) if solved else None,
+                     "ger_spike": metrics.spike(x, [r["ger"] for r in series]),
+                     "worst_layer_spike": metrics.spike(x, [r["max_layer_ger"] for r in series]),
+                     "correlation": metrics.pearson([g for g, _ in ok], [a for _, a in ok])}
+    families = {}
+    if full_cell:
+        for f in dict.fromkeys(family_of(r["task"], r["direction"]) for r in full_cell["rows"]):
+            sel = [r for r in full_cell["rows"] if family_of(r["task"], r["direction"]) == f]
+            n_ok = sum(map(correct, sel))
+            families[f] = {"n": len(sel), "solved": n_ok, "accuracy": n_ok / len(sel)}
+    cannot = [f for f, v in families.items() if v["accuracy"] < CAN_DO]
+    parts = [f"full-cache F1 {full_f1:.2f}, {len(solved)} of {full['n']} questions answered" if full
+             else "no full-cache baseline"]
+    if families:
+        parts.append("full cache by family: " + ", ".join(f"{f} {v['solved']}/{v['n']}" for f, v in families.items()))
+    for m, c in curves.items():
+        top = max(c["ratios"])
+        corr = "n/a" if c["correlation"] is None else f"{c['correlation']:.2f}"
+        cl = f"cliff at {c['cliff']:.0%}" if c["cliff"] is not None else f"no cliff up to {top:.0%}"
+        spike = "-" if c["ger_spike"] is None else f"{c['ger_spike']:.0%}"
+        parts.append(f"{m}: {cl}, GER spike at {spike}, corr(GER, cond. acc.) {corr}")
+    return {"rows": rows, "full_f1": full_f1, "solved": len(solved), "families": families, "cannot": cannot,
+            "curves": curves, "cliffs": {m: c["cliff"] for m, c in curves.items()}, "summary": "; ".join(parts)}
+
+
+CAN_DO = 0.25  # a family the full cache answers less than a quarter of is one the model cannot do
+
+
+def consensus_shape(per_layer: list[float], margin: float = 0.05) -> dict[str, Any]:
+    """Where the heads of a layer agree: mean consensus over the first and the last third of the layers,
+    and the shape: "early consensus" (agreement high early, then falling), "funnel" (late convergence:
+    rising towards the last layers) or "flat" (within ``margin``)."""
+    n = len(per_layer)
+    k = max(1, n // 3)
+    early, late = sum(per_layer[:k]) / k, sum(per_layer[-k:]) / k
+    shape = "early consensus" if early > late + margin else ("funnel" if late > early + margin else "flat")
+    return {"early": early, "late": late, "shape": shape}

