@@ -152,3 +152,37 @@ def test_h2_gpu_result_decides_the_verdict_and_bad_files_are_refused(tmp_path):
     (tmp_path / "rows.json").write_text(json.dumps(bench("cuda", 0.1)["rows"]))
     with pytest.raises(kvlab.KVLabError, match="not a `kvlab bench access --json` result"):
         validate.load_access_result(tmp_path / "rows.json")
+
+
+def test_a_model_sized_run_in_parts_with_a_second_model_resumes(tiny, tmp_path, monkeypatch):
+    """The orchestration the 1.5B run uses: its own section order, the synthetic set in parts with focused
+    families, perplexity continuing the profile texts, H3 and consensus on a second model (here the same
+    tiny shape), progress.json after each section; a second invocation prefills nothing."""
+    monkeypatch.setenv("KVLAB_CACHE", str(tmp_path / "cache"))
+    methods = [m for m in ("full", "block-route", "snapkv") if m in kvlab.METHODS]
+    cfg = Config(**{**TINY.__dict__, "order": ["synthetic", "h3", "h1", "ppl"], "synthetic_focus": {"instance/s2a": 2},
+                    "synthetic_batch": 6, "synthetic_methods": methods, "ppl_methods": methods,
+                    "ppl_from_profile": True, "other_model_lengths": [128], "h3_models": ["random:tiny-llama-b"],
+                    "consensus_model": "random:tiny-llama", "consensus_methods": ["block-route"],
+                    "consensus_ratios": [0.5]})
+    model, tok = tiny
+    out = tmp_path / "out"
+    only = ["synthetic", "h3", "h1", "ppl"]
+    res = run_validate("random:tiny-llama", out, "full", only=only, config=cfg, model=model, tokenizer=tok)
+    assert list(res["experiments"]) == ["synthetic", "h3", "h1", "ppl"]  # the config's order
+    sy = res["experiments"]["synthetic"]
+    n = len(synthetic.generate(tok, 0, 1200, 1, focus={"instance/s2a": 2}))
+    assert n == 15 and all(r["n"] == n for r in sy["summary"]["rows"])  # 3 parts of ≤ 6, merged
+    assert sy["consensus_compare"]["questions"] == 14  # the base set: the questions both models were asked
+    assert any("H3 on random:tiny-llama-b skipped" in x for x in res["notes"])  # unknown shape: noted, not fatal
+    assert res["prefill_seconds"]["ppl"] == res["prefill_seconds"]["profile"]  # one pool for H1, H3 and ppl
+    progress = json.loads((out / "progress.json").read_text())
+    assert set(progress["done"]) == set(only) and progress["cpu_timings"]["synthetic"] > 0
+
+    def boom(*args, **kwargs):
+        raise AssertionError("prefilled again although every cell was cached")
+
+    for module in (locality, synthetic):
+        monkeypatch.setattr(module, "prefill_points", boom)
+    again = run_validate("random:tiny-llama", out, "full", only=only, config=cfg, model=model, tokenizer=tok)
+    assert again["experiments"]["synthetic"]["summary"]["rows"] == sy["summary"]["rows"]

@@ -30,16 +30,19 @@ class TextPool:
     context length; :meth:`at` gives the exact snapshot at any of those lengths."""
 
     def __init__(self, model: Any, tokenizer: Any, kinds: list[str], lengths: list[int], seed: int = 0,
-                 extra: int = 256, block_size: int = 16, total: int | None = None):
+                 extra: int = 256, block_size: int = 16, total: int | None = None, first_index: int = 0):
         """``total``: tokens drawn per text (default: the longest length + ``extra``). The texts depend on
-        it, so two pools with the same ``total``, seed and tokenizer hold the same prompts."""
+        it, so two pools with the same ``total``, seed and tokenizer hold the same prompts. Text ``i`` is drawn
+        with seed ``seed + first_index + i``: a pool of one kind (one prefill per text, half the memory) holds
+        the same text as that kind's row in a pool of all kinds when ``first_index`` is its position there."""
         self.model, self.kinds, self.lengths = model, kinds, sorted(lengths)
         self.block_size = block_size
         bos = bos_ids(tokenizer)
         total = total or self.lengths[-1] + extra
         check(total >= self.lengths[-1], f"a text pool of {total} tokens cannot reach {self.lengths[-1]}")
         self.total = total
-        self.ids = [bos + text_tokens(tokenizer, kind, total - len(bos), seed + i) for i, kind in enumerate(kinds)]
+        self.ids = [bos + text_tokens(tokenizer, kind, total - len(bos), seed + first_index + i)
+                    for i, kind in enumerate(kinds)]
         self._snap: Snapshot | None = None
         self._captured: dict[int, Captured] = {}
 
