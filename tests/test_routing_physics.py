@@ -179,3 +179,22 @@ def test_consensus_shape_and_comparison():
     assert res["models"]["small"]["m@0.9"]["shape"] == "early consensus"
     assert res["models"]["large"]["m@0.9"]["shape"] == "funnel"
     assert res["models"]["large"]["m@0.9"]["per_layer"] == [0.2, 0.5, 0.9]
+
+
+def test_a_pool_shrinks_to_what_perplexity_needs_and_prefills_again_past_it(monkeypatch):
+    import torch
+
+    model, tok = kvlab.load("random:tiny-llama")
+    calls = []
+    real = locality.prefill_points
+    monkeypatch.setattr(locality, "prefill_points", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pool = locality.TextPool(model, tok, ["code"], [64, 128], first_index=1)
+    both = locality.TextPool(model, tok, ["prose", "code"], [64, 128], total=pool.total)
+    assert pool.ids[0] == both.ids[1]  # a one-kind pool holds the same text as that kind's row
+    k64 = pool.at(64)[0].store.layers[0].row_view(0)[0].clone()
+    pool.shrink(64)
+    assert len(calls) == 1 and pool.at(64)[0].store.layers[0].lengths.max() == 64
+    assert torch.equal(pool.at(64)[0].store.layers[0].row_view(0)[0], k64)
+    assert len(calls) == 1
+    pool.at(128)  # past what it kept: prefilled again, not a wrong snapshot
+    assert len(calls) == 2

@@ -45,20 +45,33 @@ class TextPool:
                     for i, kind in enumerate(kinds)]
         self._snap: Snapshot | None = None
         self._captured: dict[int, Captured] = {}
+        self._held = 0  # the length the snapshot holds
 
-    def _ensure(self) -> None:
+    def _ensure(self, length: int) -> None:
+        if self._snap is not None and length > self._held:
+            self._snap = None  # shrunk below this length: prefill again
         if self._snap is None:
             longest = self.lengths[-1]
             self._snap, self._captured = prefill_points(
                 self.model, [x[:longest] for x in self.ids], self.lengths, block_size=self.block_size,
                 label=f"prefill {'+'.join(self.kinds)}")
+            self._held = longest
 
     def at(self, length: int) -> tuple[Snapshot, Captured]:
-        self._ensure()
+        self._ensure(length)
         assert self._snap is not None
         captured = self._captured[length]
-        snap = self._snap if length == self.lengths[-1] else truncate(self._snap, length, captured)
+        snap = self._snap if length == self._held else truncate(self._snap, length, captured)
         return snap, captured
+
+    def shrink(self, length: int) -> None:
+        """Keep only the snapshot at ``length`` (and the capture points up to it): the memory of a long prefill
+        is freed once its longer points are profiled. A longer point asked for later is prefilled again."""
+        if self._snap is None or length >= self._held:
+            return
+        self._snap, _ = self.at(length)
+        self._captured = {k: v for k, v in self._captured.items() if k <= length}
+        self._held = length
 
     @property
     def prefill_seconds(self) -> float | None:

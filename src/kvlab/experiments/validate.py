@@ -145,8 +145,8 @@ def available_memory() -> int:
     return 1 << 50
 
 
-def estimate_memory(model: Any, context: int, batch: int = 1, chunk: int = 1024) -> int:
-    """Bytes a prefill of ``batch × context`` tokens needs: the weights, the KV store three times
+def estimate_memory(model: Any, context: int, batch: int = 1, chunk: int = 1024, copies: int = 3) -> int:
+    """Bytes a prefill of ``batch × context`` tokens needs: the weights, the KV store ``copies`` times
     (snapshot, a method's copy, a repack), and the attention scores of one chunk over the context."""
     cfg = model.config
     elt = next(model.parameters()).element_size()
@@ -156,15 +156,15 @@ def estimate_memory(model: Any, context: int, batch: int = 1, chunk: int = 1024)
     # torch's CPU SDPA with a bool mask: the mask (1 byte) and about 2 more bytes per score held at once
     # (measured: 2.3 GB more peak memory for a [2, 12, 1024, 32768] call); 5 bytes leaves a margin
     scores = batch * cfg.num_attention_heads * min(chunk, context) * context * (1 + 4)
-    return weights + 3 * kv + scores + (256 << 20)
+    return weights + copies * kv + scores + (256 << 20)
 
 
-def check_context(model: Any, model_name: str, context: int, batch: int = 1) -> None:
+def check_context(model: Any, model_name: str, context: int, batch: int = 1, copies: int = 3) -> None:
     """Refuse a context beyond the model's limit or beyond memory, with the estimate."""
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and context > limit:
         raise KVLabError(f"context of {context} tokens exceeds {model_name}'s limit of {limit} tokens")
-    need, have = estimate_memory(model, context, batch), available_memory()
+    need, have = estimate_memory(model, context, batch, copies=copies), available_memory()
     if need > 0.85 * have:
         raise KVLabError(f"context of {context} tokens × {batch} needs about {need / 2**30:.1f} GiB "
                          f"(weights + KV cache ×3 + attention scores) but only {have / 2**30:.1f} GiB is available")
@@ -188,13 +188,21 @@ def claim_out_dir(out: Path, model_name: str, mode: str) -> None:
 
 
 # ----------------------------------------------------------------------------- sections
-def profile_all(pools: list[locality.TextPool], cells: Cells, model_name: str) -> list[dict[str, Any]]:
-    """Profile cells of every pool; each pool is profiled (and its cells cached) before the next is prefilled."""
-    return [c for p in pools for c in locality.profile_cells(p, cells, model_name)]
+def profile_all(pools: list[locality.TextPool], cells: Cells, model_name: str,
+                shrink_to: int | None = None) -> list[dict[str, Any]]:
+    """Profile cells of every pool; each pool is profiled (and its cells cached) before the next is prefilled,
+    and with ``shrink_to`` keeps only its snapshot at that length afterwards (memory for the next one)."""
+    out = []
+    for p in pools:
+        out.extend(locality.profile_cells(p, cells, model_name))
+        if shrink_to:
+            p.shrink(shrink_to)
+    return out
 
 
-def section_h1(pools: list[locality.TextPool], cells: Cells, model_name: str) -> dict[str, Any]:
-    data = profile_all(pools, cells, model_name)
+def section_h1(pools: list[locality.TextPool], cells: Cells, model_name: str,
+               shrink_to: int | None = None) -> dict[str, Any]:
+    data = profile_all(pools, cells, model_name, shrink_to)
     pool = pools[0]
     kinds = [k for p in pools for k in p.kinds]
     s = locality.summarize(data)
@@ -509,8 +517,10 @@ def run_validate(model_name: str, out: Path, mode: str = "quick", only: list[str
 
         model, tokenizer = kvlab.load(model_name)
     for length in sorted(set(cfg.profile_lengths + cfg.ppl_lengths)):
+        # a profile length nothing decodes from holds the snapshot and one truncated copy, not three stores
+        profile_only = cfg.pool_per_kind and length not in cfg.ppl_lengths and "h2" not in (only or [])
         check_context(model, model_name, length + (cfg.ppl_tokens if length in cfg.ppl_lengths else 0),
-                      1 if cfg.pool_per_kind else len(cfg.kinds))
+                      1 if cfg.pool_per_kind else len(cfg.kinds), copies=2 if profile_only else 3)
     for length in cfg.niah_lengths:
         check_context(model, model_name, length, len(cfg.niah_depths))
     cells = Cells(out / "cells")
@@ -534,6 +544,8 @@ def run_validate(model_name: str, out: Path, mode: str = "quick", only: list[str
     pools = [locality.TextPool(model, tokenizer, g, cfg.profile_lengths, cfg.seed, extra=extra,
                                first_index=cfg.kinds.index(g[0])) for g in groups]
     pool = pools[0]
+    # one text at a time: once profiled, a pool keeps only what perplexity continues
+    shrink_to = (max(cfg.ppl_lengths) if shared_ppl else None) if cfg.pool_per_kind else None
     ppl_pools = pools if shared_ppl else [locality.TextPool(model, tokenizer, cfg.kinds, cfg.ppl_lengths, cfg.seed,
                                                             extra=cfg.ppl_tokens + 8)]
 
@@ -544,10 +556,10 @@ def run_validate(model_name: str, out: Path, mode: str = "quick", only: list[str
         _progress(out, model_name, mode, started, t0, cpu0, timings, cpu_timings, ex)
 
     def h1() -> dict[str, Any]:
-        return section_h1(pools, cells, model_name)
+        return section_h1(pools, cells, model_name, shrink_to)
 
     def h3() -> dict[str, Any]:
-        data = profile_all(pools, cells, model_name)
+        data = profile_all(pools, cells, model_name, shrink_to)
         main_all = entropy.summarize(data, model_name)
         paths = [str(entropy.save_profile(main_all))]  # block-route dense_layers=auto: every length
         others = _h3_models(model_name, cfg) if other_model == "auto" else ([other_model] if other_model else [])
