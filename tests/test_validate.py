@@ -162,7 +162,8 @@ def test_a_model_sized_run_in_parts_with_a_second_model_resumes(tiny, tmp_path, 
     methods = [m for m in ("full", "block-route", "snapkv") if m in kvlab.METHODS]
     cfg = Config(**{**TINY.__dict__, "order": ["synthetic", "h3", "h1", "ppl"], "synthetic_focus": {"instance/s2a": 2},
                     "synthetic_batch": 6, "synthetic_methods": methods, "ppl_methods": methods,
-                    "ppl_from_profile": True, "other_model_lengths": [128], "h3_models": ["random:tiny-llama-b"],
+                    "ppl_from_profile": True, "pool_per_kind": True, "profile_stages": [[128], [256]],
+                    "other_model_lengths": [128], "h3_models": ["random:tiny-llama-b"],
                     "consensus_model": "random:tiny-llama", "consensus_methods": ["block-route"],
                     "consensus_ratios": [0.5]})
     model, tok = tiny
@@ -175,7 +176,11 @@ def test_a_model_sized_run_in_parts_with_a_second_model_resumes(tiny, tmp_path, 
     assert n == 15 and all(r["n"] == n for r in sy["summary"]["rows"])  # 3 parts of ≤ 6, merged
     assert sy["consensus_compare"]["questions"] == 14  # the base set: the questions both models were asked
     assert any("H3 on random:tiny-llama-b skipped" in x for x in res["notes"])  # unknown shape: noted, not fatal
-    assert res["prefill_seconds"]["ppl"] == res["prefill_seconds"]["profile"]  # one pool for H1, H3 and ppl
+    profile = res["prefill_seconds"]["profile"]  # 2 stages × 2 texts, each its own prefill
+    assert len(profile) == 4 and all(s is None for s in profile[:2])  # the 128 stage freed its prefill
+    assert res["prefill_seconds"]["ppl"] == profile[2:]  # perplexity continues the texts of the 256-token stage
+    h1 = res["experiments"]["h1"]["summary"]
+    assert [r["length"] for r in h1["rows"]] == [128, 256] and set(h1["by_kind"]) == {"prose", "code"}
     progress = json.loads((out / "progress.json").read_text())
     assert set(progress["done"]) == set(only) and progress["cpu_timings"]["synthetic"] > 0
 

@@ -30,11 +30,14 @@ class TextPool:
     context length; :meth:`at` gives the exact snapshot at any of those lengths."""
 
     def __init__(self, model: Any, tokenizer: Any, kinds: list[str], lengths: list[int], seed: int = 0,
-                 extra: int = 256, block_size: int = 16, total: int | None = None, first_index: int = 0):
+                 extra: int = 256, block_size: int = 16, total: int | None = None, first_index: int = 0,
+                 keep: int | None = None):
         """``total``: tokens drawn per text (default: the longest length + ``extra``). The texts depend on
         it, so two pools with the same ``total``, seed and tokenizer hold the same prompts. Text ``i`` is drawn
         with seed ``seed + first_index + i``: a pool of one kind (one prefill per text, half the memory) holds
-        the same text as that kind's row in a pool of all kinds when ``first_index`` is its position there."""
+        the same text as that kind's row in a pool of all kinds when ``first_index`` is its position there.
+        ``keep``: once :func:`profile_cells` has profiled the pool, keep only the snapshot at this length (0:
+        none), to free a long prefill's memory for the next pool."""
         self.model, self.kinds, self.lengths = model, kinds, sorted(lengths)
         self.block_size = block_size
         bos = bos_ids(tokenizer)
@@ -46,6 +49,7 @@ class TextPool:
         self._snap: Snapshot | None = None
         self._captured: dict[int, Captured] = {}
         self._held = 0  # the length the snapshot holds
+        self.keep = keep
 
     def _ensure(self, length: int) -> None:
         if self._snap is not None and length > self._held:
@@ -68,6 +72,9 @@ class TextPool:
         """Keep only the snapshot at ``length`` (and the capture points up to it): the memory of a long prefill
         is freed once its longer points are profiled. A longer point asked for later is prefilled again."""
         if self._snap is None or length >= self._held:
+            return
+        if length <= 0:
+            self._snap, self._captured, self._held = None, {}, 0
             return
         self._snap, _ = self.at(length)
         self._captured = {k: v for k, v in self._captured.items() if k <= length}
@@ -130,6 +137,8 @@ def profile_cells(pool: TextPool, cells: Cells, model_name: str, sink: int = 16,
                 "sliding": [layer.sliding_window is not None for layer in snap.store.layers],
             })
         out.append(cell)
+    if pool.keep is not None:
+        pool.shrink(pool.keep)
     return out
 
 

@@ -83,6 +83,7 @@ class Config:
     consensus_ratios: list[float] = field(default_factory=list)
     ppl_from_profile: bool = False  # continue the profile texts for perplexity (no prefill of its own)
     pool_per_kind: bool = False  # prefill each text on its own (batch 1): half the peak memory at long contexts
+    profile_stages: list[list[int]] = field(default_factory=list)  # profile_lengths in prefill stages (see below)
 
 
 QUICK = Config(
@@ -107,6 +108,7 @@ FULL = Config(
 # prefill and decode times (docs/validate-1.5b/README.md) to finish in about 2.5 hours on 2 cores.
 FULL_1_5B = Config(
     profile_lengths=[4096, 8192, 16384, 32768], kinds=["prose", "code"], pool_per_kind=True,
+    profile_stages=[[4096, 8192], [16384, 32768]],  # H3 (4K/8K) decided before the two 32K prefills
     access_contexts=[4096, 16384, 65536], access_reps=5, e2e_budget=0.125, e2e_steps=8,
     niah_lengths=[8192], niah_new_tokens=7, niah_depths=[0.25, 0.75], niah_kinds=["passkey"],
     niah_budgets=[0.125, 0.03125], niah_methods=["full", "block-route", "cluster-route", "kv-compress", "snapkv"],
@@ -121,7 +123,7 @@ FULL_1_5B = Config(
     consensus_ratios=[0.5, 0.9],
     # H2 is left out: the access benchmark does not depend on the model (a GPU decides it), and its end-to-end
     # decode at 32K would cost minutes for nothing new; `--only h2` runs it.
-    order=["synthetic", "h3", "h1", "ppl", "niah"],
+    order=["synthetic", "h3", "ppl", "niah", "h1"],
 )
 CONFIGS = {"quick": QUICK, "full": FULL}
 MODEL_CONFIGS = {("qwen2.5-coder-1.5b", "full"): FULL_1_5B}
@@ -188,21 +190,13 @@ def claim_out_dir(out: Path, model_name: str, mode: str) -> None:
 
 
 # ----------------------------------------------------------------------------- sections
-def profile_all(pools: list[locality.TextPool], cells: Cells, model_name: str,
-                shrink_to: int | None = None) -> list[dict[str, Any]]:
-    """Profile cells of every pool; each pool is profiled (and its cells cached) before the next is prefilled,
-    and with ``shrink_to`` keeps only its snapshot at that length afterwards (memory for the next one)."""
-    out = []
-    for p in pools:
-        out.extend(locality.profile_cells(p, cells, model_name))
-        if shrink_to:
-            p.shrink(shrink_to)
-    return out
+def profile_all(pools: list[locality.TextPool], cells: Cells, model_name: str) -> list[dict[str, Any]]:
+    """Profile cells of every pool; each pool is profiled (and its cells cached) before the next is prefilled."""
+    return [c for p in pools for c in locality.profile_cells(p, cells, model_name)]
 
 
-def section_h1(pools: list[locality.TextPool], cells: Cells, model_name: str,
-               shrink_to: int | None = None) -> dict[str, Any]:
-    data = profile_all(pools, cells, model_name, shrink_to)
+def section_h1(pools: list[locality.TextPool], cells: Cells, model_name: str) -> dict[str, Any]:
+    data = profile_all(pools, cells, model_name)
     pool = pools[0]
     kinds = [k for p in pools for k in p.kinds]
     s = locality.summarize(data)
@@ -538,16 +532,22 @@ def run_validate(model_name: str, out: Path, mode: str = "quick", only: list[str
     # The seeded texts, prefilled once and only when one of their cells is missing. Perplexity continues the
     # profile texts when its lengths are among theirs (one prefill for H1, H3 and perplexity).
     # ``pool_per_kind``: one prefill per text (batch 1), each profiled before the next is prefilled.
-    shared_ppl = cfg.ppl_from_profile and set(cfg.ppl_lengths) <= set(cfg.profile_lengths)
-    extra = cfg.ppl_tokens + 8 if shared_ppl else 32
+    # ``profile_stages``: the lengths in stages, each its own prefill of the same texts (the short points are
+    # decided before the long prefill starts); a pool nothing else uses frees its prefill once profiled.
+    stages = cfg.profile_stages or [cfg.profile_lengths]
+    shared_ppl = cfg.ppl_from_profile and any(set(cfg.ppl_lengths) <= set(st) for st in stages)
+    ppl_stage = next((i for i, st in enumerate(stages) if set(cfg.ppl_lengths) <= set(st)), None) if shared_ppl \
+        else None
+    total = max(cfg.profile_lengths) + (cfg.ppl_tokens + 8 if shared_ppl else 32)
     groups = [[k] for k in cfg.kinds] if cfg.pool_per_kind else [list(cfg.kinds)]
-    pools = [locality.TextPool(model, tokenizer, g, cfg.profile_lengths, cfg.seed, extra=extra,
-                               first_index=cfg.kinds.index(g[0])) for g in groups]
+    staged = [[locality.TextPool(model, tokenizer, g, st, cfg.seed, total=total, first_index=cfg.kinds.index(g[0]),
+                                 keep=None if not cfg.pool_per_kind and len(stages) == 1
+                                 else (max(cfg.ppl_lengths) if i == ppl_stage else 0))
+               for g in groups] for i, st in enumerate(stages)]
+    pools = [p for st in staged for p in st]
     pool = pools[0]
-    # one text at a time: once profiled, a pool keeps only what perplexity continues
-    shrink_to = (max(cfg.ppl_lengths) if shared_ppl else None) if cfg.pool_per_kind else None
-    ppl_pools = pools if shared_ppl else [locality.TextPool(model, tokenizer, cfg.kinds, cfg.ppl_lengths, cfg.seed,
-                                                            extra=cfg.ppl_tokens + 8)]
+    ppl_pools = staged[ppl_stage] if ppl_stage is not None else [
+        locality.TextPool(model, tokenizer, cfg.kinds, cfg.ppl_lengths, cfg.seed, extra=cfg.ppl_tokens + 8)]
 
     def step(name: str, fn):
         t, c = time.perf_counter(), time.process_time()
@@ -556,14 +556,14 @@ def run_validate(model_name: str, out: Path, mode: str = "quick", only: list[str
         _progress(out, model_name, mode, started, t0, cpu0, timings, cpu_timings, ex)
 
     def h1() -> dict[str, Any]:
-        return section_h1(pools, cells, model_name, shrink_to)
+        return section_h1(pools, cells, model_name)
 
     def h3() -> dict[str, Any]:
-        data = profile_all(pools, cells, model_name, shrink_to)
+        data = profile_all(staged[0], cells, model_name)  # the first stage: H3 does not wait for the long prefill
         main_all = entropy.summarize(data, model_name)
         paths = [str(entropy.save_profile(main_all))]  # block-route dense_layers=auto: every length
         others = _h3_models(model_name, cfg) if other_model == "auto" else ([other_model] if other_model else [])
-        lengths = [x for x in cfg.other_model_lengths if x in cfg.profile_lengths] if others else []
+        lengths = [x for x in cfg.other_model_lengths if x in stages[0]] if others else []
         shared = [c for c in data if c["length"] in lengths]
         summaries = [entropy.summarize(shared, model_name) if shared else main_all]
         for other in others if cfg.other_model_lengths else []:
