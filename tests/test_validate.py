@@ -58,6 +58,9 @@ def test_report_complete(first_run):
         assert title.split("·")[-1].strip() in html
     data = json.loads((out / "results.json").read_text())
     assert data["model"] == "random:tiny-llama" and data["conclusion"]
+    md = (out / "summary.md").read_text()
+    for name, sec in res["experiments"].items():
+        assert f"| {name} | **{sec['verdict']}** |" in md
     assert "cpu" in data["machine"].lower() or "threads" in data["machine"]
 
 
@@ -181,6 +184,8 @@ def test_a_model_sized_run_in_parts_with_a_second_model_resumes(tiny, tmp_path, 
     assert res["prefill_seconds"]["ppl"] == profile[2:]  # perplexity continues the texts of the 256-token stage
     h1 = res["experiments"]["h1"]["summary"]
     assert [r["length"] for r in h1["rows"]] == [128, 256] and set(h1["by_kind"]) == {"prose", "code"}
+    md = (out / "summary.md").read_text()
+    assert "## H1: ε per text kind" in md and "## Routing physics" in md and "shared questions" in md
     progress = json.loads((out / "progress.json").read_text())
     assert set(progress["done"]) == set(only) and progress["cpu_timings"]["synthetic"] > 0
 

@@ -325,6 +325,80 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
     results = {**results, "plots": {k: [p.name for p in v] for k, v in figs.items()}}
     write_atomic(out_dir / "results.json", json.dumps(results, indent=1, default=float))
     path = write_atomic(out_dir / "report.html", render_html(results, figs))
-    for p in (path, out_dir / "results.json"):
+    write_atomic(out_dir / "summary.md", markdown(results))
+    for p in (path, out_dir / "results.json", out_dir / "summary.md"):
         p.chmod(0o644)
     return path
+
+
+# ----------------------------------------------------------------------------- markdown
+def _f(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """``summary.md``: every verdict with its numbers, and the tables docs/results.md is written from."""
+    ex = results.get("experiments", {})
+    lines = [f"# kvlab validate --{results.get('mode')} · {results.get('model')}", "",
+             f"{results.get('machine')}; started {results.get('started')}; {results.get('seconds', 0):.0f} s wall, "
+             f"{results.get('cpu_seconds', 0):.0f} CPU-seconds in this invocation; sections (wall / CPU s): "
+             + ", ".join(f"{k} {v:.0f} / {results.get('cpu_timings', {}).get(k, 0):.0f}"
+                         for k, v in results.get("timings", {}).items()), "",
+             "| section | verdict | numbers |", "|---|---|---|"]
+    for key, sec in ex.items():
+        if isinstance(sec, dict) and "verdict" in sec:
+            lines.append(f"| {key} | **{sec['verdict']}** | {sec.get('text', '').replace('|', '/')} |")
+    h1 = ex.get("h1", {}).get("summary", {})
+    if h1.get("by_kind"):
+        lines += ["", "## H1: ε per text kind", "", "| kind | length | mean ε | layers ε < 0.05 | heads ε < 0.05 | "
+                  "most local layers |", "|---|---|---|---|---|---|"]
+        for kind, v in h1["by_kind"].items():
+            for r in v["rows"]:
+                lines.append(f"| {kind} ({v['verdict']}) | {r['length']} | {r['mean_eps']:.3f} | "
+                             f"{r['layers_eps_below']}/{r['n_layers']} | {r['heads_eps_below_fraction']:.2f} | "
+                             f"{r['most_local_layers']} |")
+    h3 = ex.get("h3")
+    if h3:
+        lines += ["", "## H3: entropy per model", "", "| model | boundary after layer | drop | prompts within ±1 | "
+                  "stable | relative | entropy per layer |", "|---|---|---|---|---|---|---|"]
+        for s in h3["models"] + ([h3["main_all_lengths"]] if h3.get("main_all_lengths") else []):
+            lines.append(f"| {s['model']} | {s['boundary'] - 1 if s['boundary'] else '-'} | {s['drop']:.3f} | "
+                         f"{100 * s['agreement']:.0f}% | {s['stable']} | {s['relative_boundary']:.2f} | "
+                         + " ".join(f"{x:.2f}" for x in s["entropy_per_layer"]) + " |")
+    sy = ex.get("synthetic", {}).get("summary")
+    if sy:
+        lines += ["", "## Routing physics", "", f"{sy.get('solved')} questions answered by the full cache; by family: "
+                  + ", ".join(f"{f} {v['solved']}/{v['n']}" for f, v in sy.get("families", {}).items()), "",
+                  "| method | ratio | F1 | acc. | cond. acc. | halluc. (cases) | mean GER | worst-layer GER | "
+                  "consensus |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in sy["rows"]:
+            lines.append(f"| {r['method']} | {r['ratio']:g} | {_f(r['f1'])} | {_f(r.get('accuracy'))} | "
+                         f"{_f(r.get('cond_accuracy'))} | {_f(r['hallucination'])} ({r['n_hall_cases']}) | "
+                         f"{_f(r['ger'])} | {_f(r['max_layer_ger'])} | {_f(r['consensus'])} |")
+        lines += ["", "| method | cliff | GER spike | worst-layer spike | corr(GER, cond. acc.) |",
+                  "|---|---|---|---|---|"]
+        for m, c in sy.get("curves", {}).items():
+            lines.append(f"| {m} | {_f(c['cliff'])} | {_f(c['ger_spike'])} | {_f(c['worst_layer_spike'])} | "
+                         f"{_f(c['correlation'])} |")
+        cc = ex["synthetic"].get("consensus_compare")
+        if cc:
+            lines += ["", f"Head consensus by layer on {cc['questions']} shared questions:", "",
+                      "| model | method@ratio | shape | first third | last third | per layer |",
+                      "|---|---|---|---|---|---|"]
+            for name, prof in cc["models"].items():
+                for k, v in prof.items():
+                    lines.append(f"| {name} | {k} | {v['shape']} | {v['early']:.2f} | {v['late']:.2f} | "
+                                 + " ".join(f"{x:.2f}" for x in v["per_layer"]) + " |")
+    for key, cols in (("niah", ["method", "mode", "budget", "accuracy", "n"]), ("ppl", ["method", "budget", "ppl",
+                                                                                         "vs_full"])):
+        rows = ex.get(key, {}).get("summary", {}).get("rows")
+        if rows:
+            lines += ["", f"## {key}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(_f(r.get(c), 3) for c in cols) + " |" for r in rows]
+    if results.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
+    return "\n".join(lines) + "\n"
