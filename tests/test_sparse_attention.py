@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvlab.attention import attend
 from kvlab.attention.plans import ReadPlan
 from kvlab.attention.sparse import WORKSPACE, attend_blocks, attend_tokens, copy_unit, merge_runs
-from kvlab.attention.torch_attention import attend, attend_plan, attend_plan_reference
+from kvlab.attention.torch_attention import attend_plan, attend_plan_reference
 from kvlab.cache.store import KVStore
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvlab.attention import attend
 from kvlab.attention.plans import ReadPlan
-from kvlab.attention.torch_attention import attend
 from kvlab.cache.store import KVStore
 from kvlab.errors import KVLabError
 
@@ -125,3 +125,63 @@ def test_append_grows_capacity_when_full():
     k, _, pos = layer.row_view(0)
     assert pos.tolist() == list(range(45))
     assert k[5:, 0].tolist() == [float(s) for s in range(40)]
+
+
+def _host_copies_match(layer):
+    assert layer.lengths_host == layer.lengths.tolist()
+    assert layer.start_host == layer.start.tolist() and layer.capacity_host == layer.capacity.tolist()
+
+
+def test_host_copies_follow_every_change():
+    """Decode plans from the host copies of the row metadata: they must equal the device tensors after
+    appends (prefill and decode), growth, repacks and in-place compaction."""
+    g = torch.Generator().manual_seed(3)
+    store = filled_store(lengths=(37, 20), heads=2, dim=8, block=4)
+    layer = store.layers[0]
+    _host_copies_match(layer)
+    version = layer.layout_version
+    for step in range(30):  # decode appends: a fixed-shape slot write; the layer grows when full
+        k = torch.randn(2, 2, 1, 8, generator=g)
+        layer.append_decode(k, k, torch.tensor([[37 + step], [20 + step]]))
+        _host_copies_match(layer)
+    assert layer.layout_version != version and layer.lengths_host == [67, 67, 50, 50]
+    keep = torch.rand(4, 67, generator=g) < 0.6
+    layer.repack(keep=keep)
+    _host_copies_match(layer)
+    layer.ensure_room(9)
+    _host_copies_match(layer)
+    assert all(n + 9 <= c * 4 for n, c in zip(layer.lengths_host, layer.capacity_host, strict=True))
+
+
+def test_compact_in_place_keeps_the_live_tokens_in_order_and_the_pool():
+    """Decode-time eviction marks slots dead; compaction moves each row's live tokens to its front in place
+    (the pool and the layout stay: a captured CUDA graph stays valid)."""
+    from kvlab.methods._scoring import mark_dead
+
+    g = torch.Generator().manual_seed(4)
+    store = filled_store(lengths=(37, 20), heads=2, dim=8, block=4)
+    layer = store.layers[0]
+    layer.repack(keep=torch.rand(4, 37, generator=g) < 0.8, reserve_tokens=6)  # ragged rows
+    assert not layer.uniform
+    before = [layer.row_view(r) for r in range(layer.rows)]
+    before = [(k.clone(), p.clone()) for k, _, p in before]
+    victims = torch.tensor([0, 5, 3, 1])
+    mark_dead(layer, victims, torch.tensor([True, True, False, True]))
+    layer.holes = True
+    pointer, version = layer.keys.data_ptr(), layer.layout_version
+    expected = [n - (1 if dead else 0) for n, dead in zip(layer.lengths_host, [True, True, False, True], strict=True)]
+    layer.compact(expected)
+    assert layer.keys.data_ptr() == pointer and layer.layout_version == version and not layer.holes
+    _host_copies_match(layer)
+    for row, (k0, p0) in enumerate(before):
+        keep = torch.ones(len(p0), dtype=torch.bool)
+        if row != 2:
+            keep[victims[row]] = False
+        k, _, p = layer.row_view(row)
+        assert torch.equal(p, p0[keep]) and torch.equal(k, k0[keep])
+    # a keep mask drops more, and the slots past the new lengths read as empty
+    layer.compact([n - 2 for n in layer.lengths_host], keep=torch.arange(40)[None, :].expand(4, 40) >= 2)
+    _host_copies_match(layer)
+    for row in range(layer.rows):
+        first = layer.start_host[row] * 4
+        assert (layer.positions[first + layer.lengths_host[row]: first + layer.capacity_host[row] * 4] == -1).all()

@@ -33,30 +33,34 @@ def test_streaming_keeps_sinks_and_window(tiny_models, arch):
 
 
 def _decode_store(model, snap, method, steps):
-    """Run decode and return the store it ended with (decode works on a copy)."""
-    from kvlab.generation import KVLabCache  # noqa: F401  (the store is internal; rebuild it here)
-
-    store = snap.store.clone()
+    """Run decode and return the store it ended with (decode works on a copy; a step callback sees it)."""
     from kvlab.methods.base import PrefillContext
 
+    store = snap.store.clone()
     method.prefill_end(store, PrefillContext(snap.context_lengths, snap.queries, snap.scaling, snap.num_query_heads))
     _assert_sinks_plus_window(store, 4, 20, [95, 63])
+    seen = {}
+    decode(model, snap, method, max_new_tokens=steps, on_step=lambda info: seen.setdefault("store", info.store))
+    return seen["store"]
+
+
+@pytest.mark.parametrize("compact_every", [1, 3, 32])
+def test_decode_eviction_marks_then_compacts(tiny_models, compact_every):
+    """Each step marks the token that left the window dead; compaction every k steps (and at the end) gives
+    the same cache and the same logits as evicting at every step."""
     import torch
 
-    from kvlab.methods.base import StepContext
-    from kvlab.models.integration import running
-
-    cache = KVLabCache(store, method=method)
-    cache.decoding = True
-    token = snap.logits.argmax(-1)
-    with torch.inference_mode(), running(model, cache):
-        for step in range(steps - 1):
-            pos = (snap.context_lengths + step)[:, None]
-            cache.set_inputs(pos, torch.ones_like(pos, dtype=torch.bool))
-            logits = model(input_ids=token[:, None], position_ids=pos, past_key_values=cache).logits[:, -1]
-            method.step_end(store, StepContext(step=step, positions=pos[:, 0]))
-            token = logits.argmax(-1)
-    return store
+    model, _ = tiny_models["tiny-qwen2"]
+    snap = prefill(model, random_prompts((96, 64)), block_size=8)
+    ref = decode(model, snap, make_method("streaming", n_sink=4, window=20, compact_every=1), max_new_tokens=12,
+                 return_logits=True)
+    method = make_method("streaming", n_sink=4, window=20, compact_every=compact_every)
+    lengths = []
+    out = decode(model, snap, method, max_new_tokens=12, return_logits=True,
+                 on_step=lambda info: lengths.append(info.store.layers[0].lengths_host[0]))
+    assert (out.logits - ref.logits).abs().max() <= 1e-5 and torch.equal(out.tokens, ref.tokens)
+    assert max(lengths) <= 24 + compact_every + 1  # the memory bound: kept + compact_every + the new token
+    _assert_sinks_plus_window(_decode_store(model, snap, method, 12), 4, 20, [96 + 10, 64 + 10])
 
 
 def test_streaming_budget_sets_the_window(tiny_models):

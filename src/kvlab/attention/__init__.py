@@ -1,6 +1,7 @@
-"""Attention over the store: the torch path (CPU, reference)."""
+"""Attention over the store: one entry point (:func:`attend`: a layer's override, else Triton on CUDA,
+else the torch path), the plans methods build, and the read lists the kernels take."""
 
+from kvlab.attention.dispatch import attend
 from kvlab.attention.plans import ReadPlan
-from kvlab.attention.torch_attention import attend
 
 __all__ = ["ReadPlan", "attend"]

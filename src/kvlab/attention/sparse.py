@@ -1,4 +1,5 @@
-"""Exact attention over part of each row of the store, on the CPU in plain torch.
+"""Exact attention over part of each row of the store, on the CPU, row by row: the readers of the access
+experiments (``kvlab bench access``, ``kvlab bench attention``), which compare how memory is read.
 
 Both read paths copy, row by row, what a plan selects into one preallocated buffer and attend over it
 (softmax(q·Kᵀ)·V), so they do the same arithmetic and differ only in how memory is read:
@@ -12,57 +13,33 @@ Both read paths copy, row by row, what a plan selects into one preallocated buff
   whose slots form long runs (``cluster-route --relayout``) is copied run by run instead
   (``mode="auto"``); ``mode="gather"`` / ``"runs"`` force one way.
 
-Buffers come from :data:`WORKSPACE`, which grows and is reused: on a 2-core CPU a fresh large
-allocation every step costs more than the attention itself.
+Buffers come from :data:`~kvlab.attention.torch_attention.WORKSPACE`, which grows and is reused. These
+readers size their copies from the device (``tolist`` of the counts per row), so they are not the
+decode path: a decode step reads through :func:`kvlab.attention.attend`, whose torch path
+(:func:`~kvlab.attention.torch_attention.attend_plan`) copies the same units with fixed shapes.
 
 Masks: a decode step (one query per sequence) sees every stored token of a global layer (keys are
 earlier than the query), so no mask is built; with several queries per row or a sliding window,
-visibility comes from the gathered positions as in :mod:`kvlab.attention.torch_attention`.
+visibility comes from the gathered positions as in :mod:`kvlab.attention.gqa`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import reduce
 from typing import Literal
 
 import torch
 
-from kvlab.attention.torch_attention import group_queries, ungroup_output
+from kvlab.attention.gqa import group_queries, ungroup_output
+from kvlab.attention.torch_attention import WORKSPACE, copy_unit
 from kvlab.cache.store import LayerStore
 from kvlab.errors import check
 
 ROW_THREADS = 1  # intra-op threads for the per-row copies and products (None: torch's setting), see below
 BATCH_ROWS_MAX_ELEMENTS = 1 << 20  # selections up to this many K elements in all rows are attended in one batch
 RUN_MIN_TOKENS = 16  # mean run length from which a token plan is copied run by run in mode="auto"
-
-
-class Workspace:
-    """Named scratch buffers that grow (by 25 % at least) and are reused across steps."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
-
-    def take(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A flat, contiguous tensor of ``numel`` elements (contents undefined)."""
-        key = (name, dtype, torch.device(device))
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() < numel:
-            size = max(numel, int(1.25 * buf.numel()) if buf is not None else 0)
-            buf = torch.empty(size, dtype=dtype, device=device)
-            self._buffers[key] = buf
-        return buf[:numel]
-
-    def clear(self) -> None:
-        self._buffers.clear()
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
-
-
-WORKSPACE = Workspace()
+__all__ = ["WORKSPACE", "attend_blocks", "attend_tokens", "copy_unit", "merge_runs", "row_threads"]
 
 
 @contextmanager
@@ -84,21 +61,6 @@ def row_threads(n: int | None = None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
-
-
-def copy_unit(layer: LayerStore, block_size: int) -> int:
-    """Largest power of two ≤ ``block_size`` that divides every row's first slot and capacity.
-
-    Logical blocks of ``block_size`` tokens are read as whole units of this size; a unit never
-    crosses into another row, so viewing the pool as ``[units, unit * D]`` is safe.
-    """
-    bases = (layer.start * layer.block_size).tolist()
-    caps = (layer.capacity * layer.block_size).tolist()
-    g = reduce(math.gcd, bases + caps, 0)
-    unit = block_size
-    while g and g % unit:
-        unit //= 2
-    return unit
 
 
 def merge_runs(units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,7 +114,7 @@ def _attend_units_rows(layer: LayerStore, query: torch.Tensor, q_positions: torc
     vbuf = WORKSPACE.take("v", width * d, layer.dtype, layer.device).view(-1, unit * d)
     need_pos = length > 1 or layer.sliding_window is not None
     pbuf = WORKSPACE.take("p", width, torch.long, layer.device).view(-1, unit) if need_pos else None
-    base = first_slot.tolist()  # first slot of each row
+    base = [s * layer.block_size for s in layer.start_host]  # first slot of each row
     kpool, vpool = layer.keys.view(-1, unit * d), layer.values.view(-1, unit * d)
     ppool = layer.positions.view(-1, unit)
     counts_l = counts.tolist()

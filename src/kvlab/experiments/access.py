@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
+from kvlab.attention import attend
 from kvlab.attention.plans import ReadPlan
-from kvlab.attention.torch_attention import attend, attend_plan
+from kvlab.attention.torch_attention import attend_plan
 from kvlab.cache.store import KVStore, LayerStore
 from kvlab.errors import check
 from kvlab.machine import cores, cpu_name

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
+from kvlab.attention import attend
 from kvlab.attention.plans import ReadPlan
 from kvlab.attention.sparse import WORKSPACE, attend_blocks, attend_tokens
-from kvlab.attention.torch_attention import attend
 from kvlab.cache.store import KVStore, LayerStore
 from kvlab.errors import KVLabError, check
 from kvlab.machine import cores, cpu_name

@@ -7,13 +7,17 @@ What it measures (issue 7), in one run on one device:
 2. Decode attention, one new token, 8 KV × 32 query heads, head_dim 128, bf16, contexts 8K–128K,
    batch 1–16: torch SDPA (the GQA group's queries as rows over its KV head), flash-attn and
    FlashInfer when installed, kvlab's paged kernel over all blocks, ``block-route`` at budgets 1/4,
-   1/8, 1/16 (attention over the selected blocks, and scoring + top-k + attention), and block size
-   1 / 16 / 64 at the same 1/8 budget. Time is the median of CUDA-event timings after a warm-up, with
-   inputs rotated over enough copies that they do not fit in L2. Each row also reports the bytes the
-   variant must read (K and V of the tokens it reads, plus block tables, summaries, query, output)
-   and the bandwidth achieved on them.
-3. End to end: decode tokens/s of a random-weight ``llama-3.1-8b`` at 32K and 128K context, batch 1,
-   ``full`` vs ``block-route`` at 1/8, with the attention running through kvlab's kernels.
+   1/8, 1/16 (attention over the selected blocks; scoring + top-k + attention, unfused -- the scoring
+   kernel, then ``torch.topk`` -- and with block-route's fused scoring + top-k kernel; the fused
+   selection alone), and block size 1 / 16 / 64 at the same 1/8 budget. Time is the median of
+   CUDA-event timings after a warm-up, with inputs rotated over enough copies that they do not fit in
+   L2. Each row also reports the bytes the variant must read (K and V of the tokens it reads, plus
+   block tables, summaries, query, output) and the bandwidth achieved on them.
+3. End to end (:func:`e2e_rows`): decode tokens/s of a random-weight ``llama-3.1-8b`` in bf16 through
+   :func:`kvlab.generation.decode` with CUDA graphs, ``full`` and ``block-route`` at 1/8, at 32K × 1,
+   128K × 1 and 128K × 4 (× 2 where 4 does not fit), beside the roofline (bytes of weights + KV read
+   per step ÷ the measured copy bandwidth) and transformers' own ``StaticCache`` + SDPA decode step
+   replayed from a CUDA graph.
 
 Results go to ``benchmarks/results/<device>.json``. Selections are random (the kernels' cost does not
 depend on which blocks are chosen, only on how many and how scattered), so no quality is measured.
@@ -21,7 +25,6 @@ depend on which blocks are chosen, only on how many and how scattered), so no qu
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import importlib
 import json
@@ -29,7 +32,7 @@ import math
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +47,8 @@ QUICK_CONTEXTS = (8192, 32768)
 QUICK_BATCHES = (1, 4)
 BUDGETS = (1 / 4, 1 / 8, 1 / 16)
 BLOCK_SIZES = (1, 16, 64)
-E2E_CONTEXTS = (32768, 131072)
+E2E_CONFIGS = ((32768, 1), (131072, 1), (131072, 4))  # (context, batch); batch halves until it fits
+E2E_BUDGET = 1 / 8
 KV_HEADS, Q_HEADS, HEAD_DIM = 8, 32, 128
 RESULTS_DIR = Path("benchmarks/results")
 Log = Callable[[str], None]
@@ -148,7 +152,7 @@ def attention_rows(context: int, batch: int, device: torch.device, warmup: int, 
                    log: Log) -> list[dict[str, Any]]:
     """Time every variant at one (context, batch); see the module docstring."""
     from kvlab.kernels import dispatch
-    from kvlab.kernels.block_scoring import block_scores
+    from kvlab.kernels.block_scoring import block_scores, block_select, fits
     from kvlab.kernels.paged_attention import paged_decode_attention
 
     h, hq, d, dt = KV_HEADS, Q_HEADS, HEAD_DIM, torch.bfloat16
@@ -228,6 +232,23 @@ def attention_rows(context: int, batch: int, device: torch.device, warmup: int, 
 
         summary_bytes = rows * nb * (d * elt + 4)
         add(name, routed, sel_bytes + summary_bytes, budget, 16, part="centroid scores + top-k + attention")
+        if fits(nb):  # block-route's own step: one fused launch selects, the paged kernel reads
+            row_lens = torch.full((rows,), context, dtype=torch.long, device=device)
+            row_k = torch.full((rows,), k, dtype=torch.long, device=device)
+            offsets = torch.arange(rows, device=device) * context
+
+            def select(c: int, k: int = k, row_lens: torch.Tensor = row_lens, row_k: torch.Tensor = row_k
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                return block_select(queries[c], row_lens, row_k, k, 16, centroids=centroids[c].view(rows, nb, d),
+                                    sink_blocks=1, local_blocks=2)
+
+            def fused(c: int, k: int = k, select: Callable = select, offsets: torch.Tensor = offsets) -> None:
+                chosen, tokens = select(c)
+                paged_decode_attention(queries[c], keys[c], values[c], chosen, tokens, 16, scale, row_offsets=offsets,
+                                       max_tokens=k * 16, out=out)
+
+            add(name, fused, sel_bytes + summary_bytes, budget, 16, part="fused scores + top-k + attention")
+            add(name, select, summary_bytes + rows * k * 4, budget, 16, part="fused scores + top-k")
         if budget == 1 / 8:
             kmin = torch.randn(rows * nb, d, device=device, dtype=dt)
             quest_bytes = sel_bytes + summary_bytes + rows * nb * d * elt
@@ -372,6 +393,15 @@ def evaluate_targets(rows: list[dict[str, Any]], copy_gbps: float, timing: str =
             low = min(sp)
             out.append({"target": f"block-route 1/8 ≥ 6× faster than full at 128K ({part}; {label})",
                         "measured": f"min {low[0]:.2f}× (batch {low[2]}), max {max(sp)[0]:.2f}×", "met": low[0] >= 6})
+    for (ctx, batch), rs in sorted(by_cfg.items()):
+        if ctx < 131072 or batch != 1:
+            continue
+        part = {r["part"]: r[timing] for r in rs if r["variant"] == "kvlab block-route 1/8 (bs=16)"}
+        if "fused scores + top-k" in part and "attention" in part:
+            fused, attn = part["fused scores + top-k"], part["attention"]
+            out.append({"target": f"fused scoring + top-k ≤ 15% of block-route 1/8's attention at 128K × 1 ({label})",
+                        "measured": f"{fused:.1f} µs = {fused / attn:.0%} of {attn:.1f} µs",
+                        "met": fused <= 0.15 * attn})
     gbps = "GBps" if timing == "us" else "GBps_graph"
     sel = [r for r in timed if r["variant"].startswith("kvlab block-route") and r["part"] == "attention" and gbps in r]
     if sel and copy_gbps:
@@ -383,71 +413,14 @@ def evaluate_targets(rows: list[dict[str, Any]], copy_gbps: float, timing: str =
 
 
 # ------------------------------------------------------------------ end to end
-@contextlib.contextmanager
-def kernels_in_model(use_kernels: bool) -> Iterator[None]:
-    """Make the model integration attend through :func:`kvlab.kernels.dispatch.attend` (or the torch path)."""
-    import kvlab.models.integration as integration
-    from kvlab.attention.torch_attention import attend as torch_attend
-    from kvlab.kernels import dispatch
-
-    saved = integration.attend
-    integration.attend = dispatch.attend if use_kernels else torch_attend
-    try:
-        yield
-    finally:
-        integration.attend = saved
-
-
-class KernelBlockRoute:
-    """``block-route`` on kvlab's kernels: centroid scores of every block (Triton), top-k, sink and newest
-    blocks always. The fallback of the end-to-end benchmark when the registered method cannot run on
-    the GPU; block summaries are built once from the store (``prepare``)."""
-
-    name = "block-route (kvlab kernels)"
-
-    def __init__(self, budget: float, sink_blocks: int = 1, local_blocks: int = 2):
-        self.budget, self.sink, self.local = budget, sink_blocks, local_blocks
-        self.centroids: dict[int, torch.Tensor] = {}
-
-    def prepare(self, store: Any) -> None:
-        from kvlab.kernels.reference import block_summaries
-
-        for i, layer in enumerate(store.layers):
-            self.centroids[i] = block_summaries(layer.keys, layer.positions, layer.block_size)[0].to(layer.dtype)
-
-    def decode_plan(self, layer_idx: int, layer: Any, query: torch.Tensor, q_positions: torch.Tensor) -> Any:
-        from kvlab.attention.plans import ReadPlan
-        from kvlab.attention.torch_attention import group_queries
-        from kvlab.kernels import dispatch
-
-        lists = dispatch.read_lists(layer)
-        device = layer.keys.device
-        counts = -(-lists.seq_lens // layer.block_size)
-        physical = torch.where(lists.table >= 0, lists.table + layer.start.to(device)[:, None].int(), -1)
-        q = group_queries(query, layer.kv_heads).to(layer.dtype).contiguous()
-        scores = dispatch.block_scores(q, physical, counts, centroids=self.centroids[layer_idx])
-        cols = torch.arange(scores.shape[1], device=device)[None, :]
-        forced = (cols < self.sink) | (cols >= counts[:, None] - self.local)
-        scores = torch.where(forced & (cols < counts[:, None]), torch.full_like(scores, float("inf")), scores)
-        k = max(self.sink + self.local, math.ceil(self.budget * scores.shape[1]))
-        chosen, _ = dispatch.top_k_blocks(scores, lists.table, k)
-        return ReadPlan("blocks", chosen.view(layer.batch, layer.kv_heads, -1))
-
-    def step_end(self, store: Any, ctx: Any) -> None:
-        pass
-
-    def observes_decode_queries(self) -> bool:
-        return False
-
-
-def _filled_store(model: Any, context: int, reserve: int, device: torch.device) -> Any:
-    """A store on the GPU holding ``context`` random tokens per row (decode speed does not depend on values)."""
-    from kvlab.cache.store import KVStore
+def _filled_snapshot(model: Any, context: int, batch: int, reserve: int, device: torch.device) -> Any:
+    """A snapshot on the GPU whose store holds ``context`` random tokens per row (decode speed does not
+    depend on the values), without a prefill: a 128K prefill of an 8B model is not what is measured."""
+    from kvlab.generation import Snapshot
+    from kvlab.models.integration import new_store
 
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    store = KVStore.empty(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, head_dim, block_size=16,
-                          dtype=torch.bfloat16, device=device)
+    store = new_store(cfg, batch, 16, torch.bfloat16, device)
     for layer in store.layers:
         layer.reserve(context + reserve)
         layer.keys.normal_()
@@ -455,7 +428,10 @@ def _filled_store(model: Any, context: int, reserve: int, device: torch.device) 
         pos = layer.positions.view(layer.rows, -1)
         pos[:, :context] = torch.arange(context, device=device)
         layer.lengths = torch.full((layer.rows,), context, dtype=torch.long, device=device)
-    return store
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return Snapshot(store=store, queries={}, logits=torch.zeros(batch, cfg.vocab_size, device=device),
+                    context_lengths=torch.full((batch,), context, dtype=torch.long), scaling=head_dim**-0.5,
+                    num_query_heads=cfg.num_attention_heads, prefill_seconds=0.0)
 
 
 def _sync(device: torch.device) -> None:
@@ -463,65 +439,148 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def e2e_rows(contexts: tuple[int, ...], device: torch.device, steps: int, warmup: int, log: Log,
-             model_name: str = "random:llama-3.1-8b") -> list[dict[str, Any]]:
-    """Decode tokens/s of a random-weight model (llama-3.1-8b), batch 1: full vs block-route 1/8."""
-    import kvlab
-    from kvlab.methods import METHODS
-    from kvlab.methods.base import PrefillContext
-    from kvlab.models.integration import KVLabCache, running
+def kvlab_step_seconds(model: Any, method: Any, context: int, batch: int, steps: int, device: torch.device,
+                       cuda_graphs: bool = True, warm: int = 8) -> tuple[float, dict[str, Any]]:
+    """Seconds per decode step of ``method`` through :func:`kvlab.generation.decode`, steady state: two
+    decodes of ``warm`` and ``warm + steps`` tokens on one filled store, the difference of their times
+    divided by ``steps`` (what both share -- the method's prefill work, the eager first step, the
+    capture of the CUDA graphs -- cancels)."""
+    from kvlab.generation import decode
 
-    log(f"end to end: loading {model_name} (bf16) ...")
-    model, _ = kvlab.load(model_name, dtype="bfloat16")
+    snapshot = _filled_snapshot(model, context, batch, 2 * warm + steps + 16, device)
+    times, info = [], {}
+    for n in (warm, warm + steps):
+        result = decode(model, snapshot, method, max_new_tokens=n, copy_store=False, cuda_graphs=cuda_graphs)
+        times.append(result.decode_seconds)
+        info = {"graphs": result.graphs, "replays": result.replays}
+    return (times[1] - times[0]) / steps, info
+
+
+def hf_static_step_seconds(model: Any, context: int, batch: int, steps: int, device: torch.device) -> float:
+    """Seconds per decode step of transformers' own ``StaticCache`` + SDPA, the step replayed from a CUDA
+    graph (cache filled with random K/V, ``context`` tokens in use)."""
+    from transformers.cache_utils import StaticCache
+
+    cfg = model.config
+    cache = StaticCache(config=cfg, max_cache_len=context + steps + 16)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    probe = torch.zeros(batch, cfg.num_key_value_heads, 1, head_dim, dtype=torch.bfloat16, device=device)
+    for layer in cache.layers:
+        layer.lazy_initialization(probe, probe)
+        layer.keys.normal_()
+        layer.values.normal_()
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    position = torch.full((batch, 1), context, dtype=torch.long, device=device)
+    cache_position = torch.full((1,), context, dtype=torch.long, device=device)
+
+    def step() -> None:
+        logits = model(input_ids=token, position_ids=position, cache_position=cache_position, past_key_values=cache,
+                       use_cache=True).logits
+        token.copy_(logits[:, -1:].argmax(-1))
+        position.add_(1)
+        cache_position.add_(1)
+
+    with torch.inference_mode():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        graph.replay()
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            graph.replay()
+        _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def e2e_rows(configs: tuple[tuple[int, int], ...], device: torch.device, steps: int, log: Log,
+             copy_gbps: float | None = None, model_name: str = "random:llama-3.1-8b", cuda_graphs: bool = True,
+             peer: bool = True) -> list[dict[str, Any]]:
+    """Decode tokens/s of a random-weight model through kvlab's decode, ``full`` and ``block-route`` at 1/8,
+    per (context, batch); with the roofline when ``copy_gbps`` is known, and transformers' static cache
+    as the peer on CUDA (``peer``). A batch that does not fit is halved (the row says so)."""
+    import kvlab
+    from kvlab.methods import make_method
+
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    log(f"end to end: loading {model_name} ({dtype}) ...")
+    model, _ = kvlab.load(model_name, dtype=dtype)
     model = model.to(device)
-    scaling = model.config.head_dim ** -0.5 if getattr(model.config, "head_dim", None) else \
-        (model.config.hidden_size // model.config.num_attention_heads) ** -0.5
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    elt = 2 if dtype == "bfloat16" else 4
     rows: list[dict[str, Any]] = []
-    variants: list[tuple[str, Callable[[], Any], bool]] = [("full · torch path", lambda: None, False),
-                                                           ("full · kvlab kernel", lambda: None, True)]
-    if "block-route" in METHODS:
-        variants.append(("block-route 1/8 · kvlab.methods", lambda: kvlab.make_method("block-route", budget=0.125),
-                         True))
-    variants.append(("block-route 1/8 · kvlab kernels router", lambda: KernelBlockRoute(0.125), True))
-    for context in contexts:
-        for name, make, use_kernels in variants:
-            store = method = cache = None
+    for context, batch in configs:
+        kv_bytes = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * context * head_dim * elt
+        asked = batch
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            while batch > 1 and kv_bytes * 1.15 > free:
+                batch //= 2
+                kv_bytes //= 2
+        base = {"context": context, "batch": batch, "batch_asked": asked}
+        variants = [("full", lambda: make_method("full"), kv_bytes),
+                    (f"block-route 1/{round(1 / E2E_BUDGET)}", lambda: make_method(
+                        "block-route", budget=E2E_BUDGET, dense_layers=0), kv_bytes * E2E_BUDGET + kv_bytes / 32)]
+        for name, make, read in variants:
             try:
-                store = _filled_store(model, context, warmup + steps + 16, device)
-                method = make()
-                if method is not None and hasattr(method, "prefill_end"):
-                    method.prefill_end(store, PrefillContext(
-                        context_lengths=torch.tensor([context]), queries={}, scaling=scaling,
-                        num_query_heads=model.config.num_attention_heads, model=model))
-                if isinstance(method, KernelBlockRoute):
-                    method.prepare(store)
-                cache = KVLabCache(store, method=method)
-                cache.decoding = True
-                token = torch.zeros(1, 1, dtype=torch.long, device=device)
-                valid = torch.ones(1, 1, dtype=torch.bool, device=device)
-                with torch.inference_mode(), kernels_in_model(use_kernels), running(model, cache):
-                    for step in range(warmup + steps):
-                        if step == warmup:
-                            _sync(device)
-                            start = time.perf_counter()
-                        pos = torch.full((1, 1), context + step, dtype=torch.long, device=device)
-                        cache.set_inputs(pos, valid)
-                        logits = model(input_ids=token, position_ids=pos, past_key_values=cache, use_cache=True).logits
-                        token = logits[:, -1:].argmax(-1)
-                    _sync(device)
-                seconds = time.perf_counter() - start
-                rows.append({"context": context, "variant": name, "steps": steps, "tokens_per_s": steps / seconds,
-                             "ms_per_token": 1e3 * seconds / steps})
-                log(f"  e2e {context // 1024}K  {name:<40} {steps / seconds:8.2f} tok/s")
+                seconds, info = kvlab_step_seconds(model, make(), context, batch, steps, device, cuda_graphs)
+                row = {**base, "variant": f"kvlab {name}", "cuda_graphs": cuda_graphs and device.type == "cuda",
+                       **info, "ms_per_step": 1e3 * seconds, "tokens_per_s": batch / seconds,
+                       "bytes_per_step": int(weight_bytes + read)}
+                if copy_gbps:
+                    row["roofline_ms"] = 1e3 * row["bytes_per_step"] / (copy_gbps * 1e9)
+                    row["of_roofline"] = row["ms_per_step"] / row["roofline_ms"]
+                rows.append(row)
+                log(f"  e2e {context // 1024}K × {batch}  {row['variant']:<28} {row['tokens_per_s']:9.1f} tok/s  "
+                    f"{row['ms_per_step']:8.2f} ms/step" + (f"  ({row['of_roofline']:.2f}× roofline)"
+                                                            if "of_roofline" in row else ""))
             except Exception as exc:  # noqa: BLE001 -- keep the other variants
-                rows.append({"context": context, "variant": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
-                log(f"  e2e {context // 1024}K  {name:<40} error: {rows[-1]['error']}")
+                rows.append({**base, "variant": f"kvlab {name}", "error": f"{type(exc).__name__}: {exc}"[:300]})
+                log(f"  e2e {context // 1024}K × {batch}  kvlab {name:<22} error: {rows[-1]['error']}")
             finally:
-                store = method = cache = None  # free this variant's cache before the next one is built
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+        if peer and device.type == "cuda":
+            try:
+                seconds = hf_static_step_seconds(model, context, batch, steps, device)
+                rows.append({**base, "variant": "transformers StaticCache + SDPA (CUDA graph)",
+                             "ms_per_step": 1e3 * seconds, "tokens_per_s": batch / seconds})
+                log(f"  e2e {context // 1024}K × {batch}  {'transformers StaticCache + SDPA':<28} "
+                    f"{batch / seconds:9.1f} tok/s  {1e3 * seconds:8.2f} ms/step")
+            except Exception as exc:  # noqa: BLE001 -- the peer is optional
+                rows.append({**base, "variant": "transformers StaticCache + SDPA (CUDA graph)",
+                             "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]})
+                log(f"  e2e {context // 1024}K × {batch}  transformers StaticCache error: {rows[-1]['error']}")
+            finally:
+                torch.cuda.empty_cache()
     del model
     return rows
+
+
+def e2e_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The end-to-end goals of issue 13, as ratios from the same run."""
+    by = {(r["context"], r["batch"], r["variant"]): r for r in rows if "ms_per_step" in r}
+    out = []
+    for (ctx, batch, variant), r in sorted(by.items()):
+        if variant == "kvlab full" and ctx >= 131072 and batch > 1 and "of_roofline" in r:
+            out.append({"target": f"kvlab full within 1.25× of the roofline at 128K × {batch}",
+                        "measured": f"{r['of_roofline']:.2f}× ({r['ms_per_step']:.2f} vs {r['roofline_ms']:.2f} ms)",
+                        "met": r["of_roofline"] <= 1.25})
+        routed = by.get((ctx, batch, f"kvlab block-route 1/{round(1 / E2E_BUDGET)}"))
+        if variant == "kvlab full" and ctx >= 131072 and routed:
+            goal = 1.5 if batch == 1 else 2.5
+            speedup = r["ms_per_step"] / routed["ms_per_step"]
+            out.append({"target": f"block-route 1/8 ≥ {goal}× full end to end at 128K × {batch}",
+                        "measured": f"{speedup:.2f}×", "met": speedup >= goal})
+    return out
 
 
 # ------------------------------------------------------------------ the whole run
@@ -530,22 +589,24 @@ def device_slug(name: str) -> str:
 
 
 def run_gpu_benchmark(contexts: tuple[int, ...] | None = None, batches: tuple[int, ...] | None = None, *,
-                      quick: bool = False, e2e: bool = True, tune: bool = True,
-                      e2e_contexts: tuple[int, ...] = E2E_CONTEXTS,
+                      quick: bool = False, e2e: bool = True, tune: bool = True, attention: bool = True,
+                      e2e_configs: tuple[tuple[int, int], ...] = E2E_CONFIGS, cuda_graphs: bool = True,
                       e2e_steps: int = 32, warmup: int = 10, iters: int = 50,
                       out_dir: Path | str | None = RESULTS_DIR, log: Log | None = None) -> dict[str, Any]:
     """Run the GPU benchmark; returns the result dict and writes ``<out_dir>/<device>.json``.
 
     ``quick``: contexts 8K and 32K, batch 1 and 4, end to end at 32K only. ``tune``: first pick the
-    paged kernel's launch configuration on this device (:func:`tune_paged_kernel`). ``log`` receives
-    progress lines (default: print). Raises :class:`~kvlab.errors.KVLabError` without a CUDA device.
+    paged kernel's launch configuration on this device (:func:`tune_paged_kernel`). ``attention``:
+    the kernel table (off: only the device rates and the end to end). ``cuda_graphs``: end to end with
+    CUDA graphs (the default) or eager steps. ``log`` receives progress lines (default: print). Raises
+    :class:`~kvlab.errors.KVLabError` without a CUDA device.
     """
     log = log or print
     device = require_cuda()
     contexts = tuple(contexts or (QUICK_CONTEXTS if quick else DEFAULT_CONTEXTS))
     batches = tuple(batches or (QUICK_BATCHES if quick else DEFAULT_BATCHES))
     if quick:
-        e2e_contexts = tuple(c for c in e2e_contexts if c <= 32768) or (32768,)
+        e2e_configs = tuple(c for c in e2e_configs if c[0] <= 32768) or ((32768, 1),)
     for c in contexts:
         check(c >= 1024 and c % 1024 == 0, f"contexts must be multiples of 1024 tokens, got {c}")
     for b in batches:
@@ -558,7 +619,7 @@ def run_gpu_benchmark(contexts: tuple[int, ...] | None = None, batches: tuple[in
     tuning = tune_paged_kernel(device, warmup, iters, log) if tune else None
     torch.cuda.empty_cache()
     rows: list[dict[str, Any]] = []
-    for context in contexts:
+    for context in contexts if attention else ():
         for batch in batches:
             rows.extend(attention_rows(context, batch, device, warmup, iters, log))
             torch.cuda.empty_cache()
@@ -579,8 +640,10 @@ def run_gpu_benchmark(contexts: tuple[int, ...] | None = None, batches: tuple[in
                   "bytes": "K and V of the tokens read + block tables + summaries (when scoring) + query + output"},
         "attention": rows,
         "targets": evaluate_targets(rows, rates["copy_GBps"]) + evaluate_targets(rows, rates["copy_GBps"], "us_graph"),
-        "e2e": e2e_rows(tuple(e2e_contexts), device, e2e_steps, 3, log) if e2e else [],
+        "e2e": e2e_rows(tuple(e2e_configs), device, e2e_steps, log, rates["copy_GBps"], cuda_graphs=cuda_graphs)
+        if e2e else [],
     }
+    result["targets"] += e2e_targets(result["e2e"])
     if out_dir is not None:
         path = Path(out_dir) / f"{device_slug(name)}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -669,14 +732,17 @@ def markdown_section(result: dict[str, Any]) -> str:
         lines += ["", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in result["targets"]]
     if result["e2e"]:
-        lines += ["", "End to end, random-weight llama-3.1-8b, batch 1, bf16, eager transformers forward:", "",
-                  "| context | variant | tok/s | ms/token |", "|---|---|---|---|"]
+        lines += ["", "End to end, random-weight llama-3.1-8b, bf16, through `kvlab.generation.decode` (CUDA graphs "
+                  "on: captured once per decode, then replayed); roofline = (weights + KV bytes read per step) ÷ copy "
+                  "bandwidth:", "", "| context × batch | variant | tok/s | ms/step | roofline ms | × roofline |",
+                  "|---|---|---|---|---|---|"]
         for r in result["e2e"]:
+            cfg = f"{r['context'] // 1024}K × {r['batch']}"
             if "tokens_per_s" in r:
-                lines.append(f"| {r['context'] // 1024}K | {r['variant']} | {r['tokens_per_s']:.2f} | "
-                             f"{r['ms_per_token']:.2f} |")
+                roof = f"{r['roofline_ms']:.2f} | {r['of_roofline']:.2f}" if "roofline_ms" in r else "- | -"
+                lines.append(f"| {cfg} | {r['variant']} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.2f} | {roof} |")
             else:
-                lines.append(f"| {r['context'] // 1024}K | {r['variant']} | - | {r['error'][:80]} |")
+                lines.append(f"| {cfg} | {r['variant']} | - | {r['error'][:80]} | - | - |")
     return "\n".join(lines) + "\n"
 
 

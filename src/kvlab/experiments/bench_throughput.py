@@ -37,6 +37,7 @@ class ThroughputConfig:
     seed: int = 0
     rounds: int = 1
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    cuda_graphs: bool = True  # on CUDA: decode steps replayed from CUDA graphs
     params: dict[str, Any] = field(default_factory=dict)  # extra method parameters, by method name
 
 
@@ -82,7 +83,7 @@ def run(cfg: ThroughputConfig) -> dict[str, Any]:
     runs = [c for _ in range(cfg.rounds) for c in configs]
     for name, ratio in track(runs, "decode configs"):
         start = time.perf_counter()
-        result = decode(model, snapshot, make(name, ratio), max_new_tokens=cfg.new_tokens)
+        result = decode(model, snapshot, make(name, ratio), max_new_tokens=cfg.new_tokens, cuda_graphs=cfg.cuda_graphs)
         total = time.perf_counter() - start
         row = {
             "method": name, "ratio": ratio,

@@ -22,7 +22,7 @@ def demo_prompt(max_chars: int = 9000) -> str:
 
 
 def run(model: Any, tokenizer: Any, methods: list[tuple[str, dict[str, Any]]], prompt: str | None = None,
-        max_new_tokens: int = 12) -> list[dict[str, Any]]:
+        max_new_tokens: int = 12, cuda_graphs: bool = True) -> list[dict[str, Any]]:
     """Prefill ``prompt`` once; decode it with each ``(method, params)``; one table row per method."""
     ids = encode_prompts(tokenizer, [prompt or demo_prompt()])
     snapshot = prefill(model, ids, reserve_tokens=max_new_tokens)
@@ -31,7 +31,7 @@ def run(model: Any, tokenizer: Any, methods: list[tuple[str, dict[str, Any]]], p
     rows = []
     for name, params in methods:
         method = make_method(name, **params)
-        result = decode(model, snapshot, method, max_new_tokens, eos_token_id=eos)
+        result = decode(model, snapshot, method, max_new_tokens, eos_token_id=eos, cuda_graphs=cuda_graphs)
         answer = decode_texts(tokenizer, result.tokens[:1], eos)[0]
         rows.append({
             "method": name + "".join(f" {k}={v}" for k, v in params.items()),

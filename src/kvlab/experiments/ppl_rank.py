@@ -13,38 +13,24 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from kvlab.methods.base import Method, PrefillContext
+from kvlab.methods.base import Method
 
 
 @torch.inference_mode()
 def perplexity(model: Any, ids: list[int], method: Method | None = None, chunk: int = 256,
                block_size: int = 16) -> float:
-    """Perplexity of ``ids`` (batch 1) with ``method`` applied to the store before the first token."""
-    from kvlab.models.integration import KVLabCache, new_store, running
+    """Perplexity of ``ids`` (batch 1) with ``method`` applied to the store from the first token on: the
+    first token is prefilled, the method compresses it, and the rest is teacher-forced through
+    :func:`kvlab.generation.decode` ``chunk`` tokens per forward (the first target is predicted from the
+    uncompressed first token)."""
+    from kvlab.generation import decode, prefill
+    from kvlab.methods import make_method
 
-    dtype = next(model.parameters()).dtype
-    store = new_store(model.config, 1, block_size, dtype)
-    if method is not None:
-        method.prefill_end(store, PrefillContext(context_lengths=torch.tensor([0]), queries={}, scaling=1.0,
-                                                 num_query_heads=model.config.num_attention_heads, model=model))
-    for layer in store.layers:
-        layer.reserve(len(ids))
-    cache = KVLabCache(store)
-    x = torch.tensor([ids])
-    nll, count = 0.0, 0
-    with running(model, cache):
-        for s in range(0, len(ids) - 1, chunk):
-            e = min(s + chunk, len(ids))
-            pos = torch.arange(s, e)[None, :]
-            cache.set_inputs(pos, torch.ones_like(pos, dtype=torch.bool))
-            logits = model(input_ids=x[:, s:e], position_ids=pos, past_key_values=cache, use_cache=True).logits[0]
-            target = x[0, s + 1:e + 1]
-            lp = F.log_softmax(logits[:target.shape[0]].float(), -1)
-            nll -= float(lp.gather(1, target[:, None]).sum())
-            count += target.shape[0]
-    return math.exp(nll / count)
+    snapshot = prefill(model, [ids[:1]], block_size=block_size, reserve_tokens=len(ids), observe=1)
+    result = decode(model, snapshot, method or make_method("full"), 0, forced=[ids[1:]], forced_chunk=chunk,
+                    label=f"perplexity ({(method or make_method('full')).name})")
+    return math.exp(float(result.forced_nll.double().mean()))
 
 
 def run(model_name: str = "qwen2.5-coder-0.5b", ranks: tuple[int, ...] = (16, 32, 48, 56, 60), tokens: int = 1024,

@@ -9,6 +9,7 @@ so that no method's answer comes from the uncompressed prefill logits.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -19,12 +20,12 @@ from typing import Any
 
 import torch
 
-from kvlab.attention.torch_attention import visibility
-from kvlab.cache.store import KVStore, LayerStore
+from kvlab.attention.gqa import visibility
+from kvlab.cache.store import LayerStore
 from kvlab.errors import KVLabError, check
-from kvlab.generation import MAX_OBSERVED_QUERIES, Snapshot, _scaling
+from kvlab.generation import MAX_OBSERVED_QUERIES, Snapshot, StepInfo, _scaling, decode
 from kvlab.io import write_atomic
-from kvlab.methods.base import METHODS, Method, PrefillContext, StepContext, make_method
+from kvlab.methods.base import METHODS, Method, PrefillContext, make_method
 from kvlab.models.integration import KVLabCache, new_store, running
 from kvlab.progress import progress_bar
 
@@ -227,7 +228,7 @@ def truncate(snapshot: Snapshot, point: int, captured: Captured) -> Snapshot:
     for i, layer in enumerate(store.layers):
         if i in captured.sliding:
             continue
-        t = int(layer.lengths.max())
+        t = layer.max_length
         idx = (layer.start * layer.block_size)[:, None] + torch.arange(t)[None, :]
         pos = layer.positions[idx.clamp(max=layer.positions.shape[0] - 1)]
         layer.repack(keep=pos < point, reserve_tokens=layer.block_size)
@@ -253,12 +254,24 @@ class RunResult:
 
 
 def _positions_of(layer: LayerStore, row: int, slots: torch.Tensor | None = None) -> set[int]:
-    base = int(layer.start[row]) * layer.block_size
+    """Original positions of a row's live tokens, or of those at logical ``slots`` (-1 padded)."""
+    base = layer.start_host[row] * layer.block_size
     if slots is None:
-        n = int(layer.lengths[row])
-        return set(layer.positions[base:base + n].tolist())
-    slots = slots[slots >= 0]
-    return set(layer.positions[base + slots].tolist())
+        pos = layer.positions[base:base + layer.lengths_host[row]]
+    else:
+        pos = layer.positions[base + slots[slots >= 0]]
+    return {p for p in pos.tolist() if p >= 0}
+
+
+def _reads(info: StepInfo) -> dict[int, list[list[set[int]]]]:
+    """What every layer read at one step: its plan's tokens, or everything it holds."""
+    reads = {}
+    for i, layer in enumerate(info.store.layers):
+        plan = info.plans.get(i)
+        slots = plan.token_slots(layer.lengths, layer.block_size) if plan is not None else None
+        reads[i] = [[_positions_of(layer, b * layer.kv_heads + h, None if slots is None else slots[b, h])
+                     for h in range(layer.kv_heads)] for b in range(layer.batch)]
+    return reads
 
 
 @torch.inference_mode()
@@ -266,93 +279,46 @@ def run_method(model: Any, snapshot: Snapshot, method: Method, forced: list[list
                max_new_tokens: int = 0, eos: Collection[int] | None = None, record_reads: bool = False,
                compress: bool = True, label: str | None = None) -> RunResult:
     """Decode from a copy of ``snapshot`` with ``method``: teacher-force ``forced`` (``[B, n]``, every
-    step through the method), then generate ``max_new_tokens`` greedily.
+    step through the method), then generate ``max_new_tokens`` greedily (at least one token; after
+    every sequence has ended, its tokens are 0).
 
     ``record_reads``: the token positions each (layer, sequence, KV head) read at the step whose logits
     give the first generated token -- the selection after eviction and routing, for GER and consensus.
+    Runs :func:`kvlab.generation.decode` (forced tokens and a per-step callback).
     """
-    eos = set(eos or ())
     store = snapshot.store.clone()
     batch = snapshot.context_lengths.shape[0]
-    ctx = PrefillContext(context_lengths=snapshot.context_lengths.clone(), queries=snapshot.queries,
-                         scaling=snapshot.scaling, num_query_heads=snapshot.num_query_heads)
     t0 = time.perf_counter()
     if compress:
         check(method.observation_window() <= MAX_OBSERVED_QUERIES,
               f"observation window must be <= {MAX_OBSERVED_QUERIES} queries, got {method.observation_window()}")
-        method.prefill_end(store, ctx)
+        method.prefill_end(store, PrefillContext(context_lengths=snapshot.context_lengths.clone(),
+                                                 queries=snapshot.queries, scaling=snapshot.scaling,
+                                                 num_query_heads=snapshot.num_query_heads, model=model))
     compress_seconds = time.perf_counter() - t0
     kept = store.lengths().clone()
-    device = snapshot.logits.device
-    forced_t = torch.tensor(forced, dtype=torch.long, device=device) if forced else \
-        torch.zeros(batch, 0, dtype=torch.long, device=device)
-    n_forced = forced_t.shape[1]
-    total_steps = n_forced + max(0, max_new_tokens - 1)
-    for layer in store.layers:
-        layer.reserve(total_steps + 1)
-    cache = KVLabCache(store, method=method, observe_decode=method.observes_decode_queries())
-    cache.decoding = True
+    n_forced = len(forced[0]) if forced else 0
     reads: dict[int, list[list[set[int]]]] = {}
-    recording = {"on": False}
-    original_plan = method.decode_plan
 
-    def plan_hook(layer_idx: int, layer: LayerStore, query: torch.Tensor, q_positions: torch.Tensor):
-        plan = original_plan(layer_idx, layer, query, q_positions)
-        if recording["on"]:
-            slots = plan.token_slots(layer.lengths, layer.block_size) if plan is not None else None
-            reads[layer_idx] = [[_positions_of(layer, b * layer.kv_heads + h, None if slots is None else slots[b, h])
-                                 for h in range(layer.kv_heads)] for b in range(layer.batch)]
-        return plan
+    def record(info: StepInfo) -> None:
+        if info.step == n_forced - 1:
+            reads.update(_reads(info))
 
-    if record_reads:
-        method.decode_plan = plan_hook  # type: ignore[method-assign]
-    logits = snapshot.logits
-    nll = []
-    generated = []
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    valid = torch.ones(batch, 1, dtype=torch.bool, device=device)
-    context_lengths = snapshot.context_lengths.to(device)
-    start = time.perf_counter()
-    steps = 0
-    try:
-        with running(model, cache), progress_bar(label or f"decode ({method.name})", total=total_steps) as advance:
-            for step in range(total_steps + 1):
-                if step < n_forced:
-                    target = forced_t[:, step]
-                    nll.append(torch.nn.functional.cross_entropy(logits, target, reduction="none"))
-                    token = target
-                else:
-                    token = torch.where(done, torch.zeros_like(done, dtype=torch.long), logits.argmax(-1))
-                    generated.append(token)
-                    done |= torch.tensor([int(t) in eos for t in token.tolist()], device=device)
-                    if step == total_steps or bool(done.all()):
-                        break
-                recording["on"] = record_reads and step == n_forced - 1
-                pos = (context_lengths + step)[:, None]
-                cache.set_inputs(pos, valid)
-                out = model(input_ids=token[:, None], position_ids=pos, past_key_values=cache, use_cache=True)
-                logits = out.logits[:, -1].float()
-                if recording["on"]:
-                    _fill_unplanned(reads, store)
-                method.step_end(store, StepContext(step=step, positions=pos[:, 0], queries=cache.queries))
-                steps += 1
-                advance(1)
-    finally:
-        if record_reads:
-            del method.decode_plan
+    compressed = dataclasses.replace(snapshot, store=store)
+    result = decode(model, compressed, method, max(1, max_new_tokens), eos_token_id=sorted(set(eos or ())),
+                    forced=forced or None, on_step=record if record_reads and n_forced else None, compress=False,
+                    copy_store=False, label=label or f"decode ({method.name})")
+    generated = result.tokens.cpu()
+    if eos:  # after a sequence's end of sequence its tokens are 0
+        ended = torch.isin(generated, torch.tensor(sorted(set(eos)), dtype=torch.long))
+        before = torch.cumsum(ended.long(), 1) - ended.long() > 0
+        generated = torch.where(before, torch.zeros_like(generated), generated)
     return RunResult(
-        generated=torch.stack(generated, 1).cpu() if generated else torch.zeros(batch, 0, dtype=torch.long),
-        forced_nll=torch.stack(nll, 1).cpu() if nll else torch.zeros(batch, 0), kept=kept.cpu(), reads=reads,
-        seconds=time.perf_counter() - start, steps=steps, compress_seconds=compress_seconds,
+        generated=generated,
+        forced_nll=result.forced_nll.cpu() if result.forced_nll is not None else torch.zeros(batch, 0),
+        kept=kept.cpu(), reads=reads, seconds=result.decode_seconds, steps=result.steps,
+        compress_seconds=compress_seconds,
     )
-
-
-def _fill_unplanned(reads: dict[int, list[list[set[int]]]], store: KVStore) -> None:
-    """Layers with no plan at the recorded step read all they hold."""
-    for i, layer in enumerate(store.layers):
-        if i not in reads:
-            reads[i] = [[_positions_of(layer, b * layer.kv_heads + h) for h in range(layer.kv_heads)]
-                        for b in range(layer.batch)]
 
 
 # ----------------------------------------------------------------------------- attention
@@ -362,7 +328,7 @@ def attention_weights(layer: LayerStore, queries: torch.Tensor, q_positions: tor
     over one sequence's stored keys, and the key positions ``[H_kv, T]`` (-1 for empty slots)."""
     h = layer.kv_heads
     rows = [batch_index * h + i for i in range(h)]
-    t = int(layer.lengths[rows].max())
+    t = max(layer.lengths_host[r] for r in rows)
     keys = torch.zeros(h, t, layer.head_dim, dtype=torch.float32)
     kpos = torch.full((h, t), -1, dtype=torch.long)
     for i, row in enumerate(rows):

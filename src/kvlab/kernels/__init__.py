@@ -1,8 +1,9 @@
 """GPU kernels (Triton) for decode over the paged store, each with a torch reference.
 
-Use them through :mod:`kvlab.kernels.dispatch`, which runs Triton on CUDA tensors and the torch
-reference (:mod:`kvlab.kernels.reference`) elsewhere; triton is imported only when a kernel is
-launched, so kvlab works without the ``[triton]`` extra.
+Use them through :mod:`kvlab.kernels.dispatch`, thin wrappers that run Triton on CUDA tensors and the
+torch reference (:mod:`kvlab.kernels.reference`) elsewhere; triton is imported only when a kernel is
+launched, so kvlab works without the ``[triton]`` extra. Attention over the store is
+:func:`kvlab.attention.attend`.
 
 Data layout (that of :class:`kvlab.cache.store.LayerStore`):
 
@@ -14,7 +15,7 @@ Data layout (that of :class:`kvlab.cache.store.LayerStore`):
   -1 padded, and ``seq_lens [B * H_kv]`` tokens covered (only the last listed block may be partial);
   token ``t`` is slot ``row_offset + table[t >> log2(bs)] * bs + (t & (bs - 1))``, where the optional
   ``row_offsets [B * H_kv]`` lets the ids be block numbers within a contiguous row (the store's layout,
-  :func:`kvlab.kernels.dispatch.read_lists`). ``full`` lists all blocks of the row, ``block-route``
+  :func:`kvlab.attention.reads.read_lists`). ``full`` lists all blocks of the row, ``block-route``
   the chosen ones, eviction gives rows different lengths, and a plan of single tokens is the same
   list with ``block_size = 1``.
 
@@ -24,7 +25,8 @@ Kernels and launch grids:
   per GQA group and split of the list, online softmax, then a merge kernel over the splits (grid
   ``(B * H_kv,)``);
 - :mod:`~kvlab.kernels.block_scoring` -- centroid scores and Quest bounds summed over a GQA group: grid
-  ``(B * H_kv, cdiv(n, 32))``; top-k with ``torch.topk``;
+  ``(B * H_kv, cdiv(n, 32))``, top-k then with ``torch.topk``; and ``block_select``, block-route's scoring
+  and top-k fused in one launch (grid ``(B * H_kv, cdiv(blocks, 64))``, the row's last program selects);
 - :mod:`~kvlab.kernels.lowrank_attention` -- rank-R latents of V (and of pre-RoPE K, rotated on chip):
   the grid and merge of the paged kernel.
 

@@ -18,6 +18,7 @@ POINTER_TYPES = {
     "kpos_ptr": "*i64", "qpos_ptr": "*i64", "offs_ptr": "*i64", "table_ptr": "*i32", "lens_ptr": "*i32",
     "count_ptr": "*i32", "lse_ptr": "*fp32", "part_ptr": "*fp32", "freq_ptr": "*fp32",
 }
+SELECT_POINTERS = {"len_ptr": "*i64", "k_ptr": "*i32", "score_ptr": "*fp32", "done_ptr": "*i32", "seq_ptr": "*i32"}
 FLOAT_ARGS = {"scale_log2", "rope_scale"}
 
 
@@ -52,6 +53,11 @@ def configurations() -> list[tuple[str, Any, str, dict[str, Any], dict[str, str]
                     dict(QUEST=False, BLOCK_B=block_scoring.BLOCK_B, BLOCK_D=128), {"out_ptr": "*fp32"}))
         out.append((f"block scores {dtype} quest", block_scoring._block_score_kernel, dtype,
                     dict(QUEST=True, BLOCK_B=block_scoring.BLOCK_B, BLOCK_D=128), {"out_ptr": "*fp32"}))
+        for quest in (False, True):  # 128K tokens in blocks of 16: 8192 blocks per row, up to 1024 read
+            out.append((f"block select (fused scores + top-k) {dtype} {'quest' if quest else 'centroid'}",
+                        block_scoring._block_select_kernel, dtype,
+                        dict(BS=16, UNIT=16, R=1, QUEST=quest, TILE=block_scoring.SELECT_TILE, BLOCK_D=128, COLS=8192,
+                             WIDTH=1024), SELECT_POINTERS))
         c = dict(LOG2_BS=4, BLOCK_M=16, BLOCK_N=lowrank_attention.BLOCK_N, BLOCK_H=64, BLOCK_D=128, BLOCK_RK=32,
                  BLOCK_RV=32, K_MODE=lowrank_attention.K_LOWRANK_ROPE, HAS_OFFSETS=True, WRITE_LSE=True,
                  DOT_FP32=False, IEEE=dtype == "fp32")
@@ -81,6 +87,8 @@ def compile_all(arch: int = 90, dtypes: tuple[str, ...] = ("bf16", "fp16", "fp32
             options = {"num_warps": 4}
             if fn is _paged_decode_split_kernel:  # launched with the tuned configuration
                 options = {"num_warps": TUNING["num_warps"], "num_stages": TUNING["num_stages"]}
+            if "COLS" in constexprs:  # block_select: as block_scoring.block_select launches it
+                options = {"num_warps": max(4, min(16, constexprs["COLS"] // 512))}
             kernel = triton.compile(ASTSource(fn, _signature(fn, dtype, constexprs, overrides), constexprs),
                                     target=target, options=options)
             log(f"ok   sm_{arch} {label}: {len(kernel.asm['cubin'])} bytes of cubin, "

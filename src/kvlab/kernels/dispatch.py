@@ -1,13 +1,11 @@
-"""Pick the kernel: Triton on CUDA tensors, the torch reference elsewhere.
+"""Thin wrappers over kvlab's kernels: Triton on CUDA tensors, the torch reference elsewhere.
 
 Every function takes ``backend``: ``"auto"`` (default: Triton when the tensors are on CUDA and triton
 imports, else torch), ``"triton"`` (forced: on CPU tensors this needs ``TRITON_INTERPRET=1``) or
-``"torch"``. The environment variable ``KVLAB_KERNELS=torch`` turns Triton off everywhere.
-
-:func:`attend` has the contract of :func:`kvlab.attention.attend` (a layer of the store, a query,
-its positions, an optional :class:`~kvlab.attention.plans.ReadPlan`) and turns the store and the
-plan into the generic per-row block list the paged kernel reads (:func:`read_lists`). Triton is
-imported only when a Triton kernel is first launched, so ``import kvlab`` works without it.
+``"torch"``. The environment variable ``KVLAB_KERNELS`` overrides ``auto`` everywhere: ``torch`` turns
+Triton off, ``triton`` turns it on (on the CPU under the interpreter, for tests). Triton is imported
+only when a Triton kernel is first launched, so ``import kvlab`` works without it. Attention over the
+store (plans, read lists, the choice of path) is :func:`kvlab.attention.attend`.
 """
 
 from __future__ import annotations
@@ -15,20 +13,14 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from kvlab.attention.plans import ReadPlan
-from kvlab.attention.torch_attention import attend as torch_attend
-from kvlab.attention.torch_attention import group_queries, ungroup_output
-from kvlab.cache.store import LayerStore
 from kvlab.errors import KVLabError
 from kvlab.kernels import reference
 
 Backend = Literal["auto", "triton", "torch"]
-MAX_DECODE_QUERIES = 16  # longer queries (prefill chunks) take the torch path
 
 
 @functools.cache
@@ -40,20 +32,26 @@ def triton_available() -> bool:
         return False
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def use_triton(device: torch.device, backend: Backend | None = "auto") -> bool:
     """Resolve ``backend`` for tensors on ``device``."""
     backend = backend or "auto"
     if backend not in ("auto", "triton", "torch"):
         raise KVLabError(f"unknown kernel backend {backend!r}; allowed: auto, triton, torch")
+    if backend == "auto":
+        backend = {"torch": "torch", "triton": "triton"}.get(os.environ.get("KVLAB_KERNELS", "auto"), "auto")
     if backend == "torch":
         return False
     if backend == "triton":
         if not triton_available():
             raise KVLabError("the triton backend needs triton: pip install 'kvlab[triton]'")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if device.type != "cuda" and not _interpreting():
             raise KVLabError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
         return True
-    return device.type == "cuda" and triton_available() and os.environ.get("KVLAB_KERNELS", "auto") != "torch"
+    return device.type == "cuda" and triton_available()
 
 
 # ------------------------------------------------------------------ kernels
@@ -102,9 +100,27 @@ def select_blocks(q: torch.Tensor, block_table: torch.Tensor, num_blocks: torch.
                   kmax: torch.Tensor | None = None, backend: Backend | None = "auto"
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Score the listed blocks of each GQA group and keep the best ``k``: :func:`block_scores`, then
-    :func:`top_k_blocks`."""
+    :func:`top_k_blocks` (two launches; block-route uses the fused :func:`block_select`)."""
     scores = block_scores(q, block_table, num_blocks, centroids, kmin, kmax, backend)
     return top_k_blocks(scores, block_table, k)
+
+
+def block_select(q: torch.Tensor, lengths: torch.Tensor, k: torch.Tensor, width: int, block_size: int,
+                 centroids: torch.Tensor | None = None, kmin: torch.Tensor | None = None,
+                 kmax: torch.Tensor | None = None, unit: int | None = None, sink_blocks: int = 0,
+                 local_blocks: int = 0, backend: Backend | None = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Block scoring and top-k in one step: see :func:`kvlab.kernels.block_scoring.block_select` (one
+    fused Triton kernel on CUDA when the row fits, :func:`kvlab.kernels.reference.block_select_ref`
+    elsewhere)."""
+    if use_triton(q.device, backend):
+        from kvlab.kernels import block_scoring
+
+        columns = -(-(centroids if centroids is not None else kmax).shape[1] * (unit or block_size) // block_size)
+        if block_scoring.fits(columns):
+            return block_scoring.block_select(q, lengths, k, width, block_size, centroids, kmin, kmax, unit,
+                                              sink_blocks, local_blocks)
+    return reference.block_select_ref(q, lengths, k, width, block_size, centroids, kmin, kmax, unit, sink_blocks,
+                                      local_blocks)
 
 
 def lowrank_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_latent: torch.Tensor, v_basis: torch.Tensor,
@@ -125,76 +141,3 @@ def lowrank_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_latent: t
 
 
 block_summaries = reference.block_summaries
-
-
-# ------------------------------------------------------------------ the store
-@dataclass
-class ReadLists:
-    """What the paged kernel reads from one layer for one plan (see :func:`read_lists`)."""
-
-    table: torch.Tensor  # [R, n] int32 block numbers within each row, ascending, -1 padded
-    seq_lens: torch.Tensor  # [R] int32 tokens covered
-    block_size: int  # tokens per listed block (1 for a plan of tokens)
-    row_offsets: torch.Tensor  # [R] int64 first slot of each row in the pools
-    max_tokens: int  # an upper bound of seq_lens, known without a device sync
-
-
-def read_lists(layer: LayerStore, plan: ReadPlan | None = None) -> ReadLists:
-    """Turn a layer and a plan into the per-row lists the paged kernel reads.
-
-    A row of the store is one contiguous run of slots from ``start * block_size``, so every list is
-    given relative to its row (``row_offsets``): all of the row's blocks (no plan), the plan's
-    logical blocks (of ``plan.block_size`` tokens, any power of two), or its logical token slots
-    (``block_size = 1``: every slot is its own block).
-    """
-    device = layer.keys.device
-    rows = layer.rows
-    offsets = (layer.start * layer.block_size).to(device)
-    lengths = layer.lengths.to(device)
-    longest = int(layer.lengths.max()) if rows else 0
-    big = torch.iinfo(torch.long).max
-    if plan is None:
-        bs = layer.block_size
-        n = max(-(-longest // bs), 1)
-        index = torch.arange(n, device=device)[None, :].expand(rows, n)
-        table = torch.where(index * bs < lengths[:, None], index, torch.full_like(index, -1))
-        return ReadLists(table.int(), lengths.int(), bs, offsets, longest)
-    index = plan.index.reshape(rows, -1).to(device).long()
-    if plan.kind == "tokens":
-        valid = (index >= 0) & (index < lengths[:, None])
-        index = torch.where(valid, index, torch.full_like(index, big)).sort(-1).values
-        valid = index != big
-        table = torch.where(valid, index, torch.full_like(index, -1))
-        return ReadLists(table.int(), valid.sum(-1).int(), 1, offsets, min(longest, index.shape[1]))
-    bs = plan.block_size or layer.block_size
-    index = torch.where(index >= 0, index, torch.full_like(index, big)).sort(-1).values
-    valid = index != big
-    tokens = (lengths[:, None] - torch.where(valid, index, torch.zeros_like(index)) * bs).clamp(0, bs)
-    seq_lens = torch.where(valid, tokens, torch.zeros_like(tokens)).sum(-1)
-    table = torch.where(valid, index, torch.full_like(index, -1))
-    return ReadLists(table.int(), seq_lens.int(), bs, offsets, min(longest, index.shape[1] * bs))
-
-
-def attend(layer: LayerStore, query: torch.Tensor, q_positions: torch.Tensor, scaling: float,
-           plan: ReadPlan | None = None, backend: Backend | None = "auto") -> torch.Tensor:
-    """Drop-in for :func:`kvlab.attention.attend`: ``query [B, Hq, L, D]`` -> ``[B, L, Hq, D]``.
-
-    Decode steps (``L <= 16``) on CUDA run the paged Triton kernel over :func:`read_lists`; everything
-    else (prefill chunks, the CPU, coded layers -- subclasses of the store that keep K/V encoded and
-    may attend in their own space through ``attend_override``) runs the torch path. Positions are
-    checked in the kernel only when they can hide something (several queries, or a sliding window):
-    a single decode query sees every stored token.
-    """
-    b, hq, length, d = query.shape
-    plain = type(layer) is LayerStore and getattr(layer, "attend_override", None) is None
-    if length > MAX_DECODE_QUERIES or not plain or not use_triton(layer.keys.device, backend):
-        return torch_attend(layer, query, q_positions, scaling, plan)
-    from kvlab.kernels.paged_attention import paged_decode_attention as kernel
-
-    lists = read_lists(layer, plan)
-    q = group_queries(query, layer.kv_heads).to(layer.dtype).contiguous()
-    use_pos = length > 1 or layer.sliding_window is not None
-    out = kernel(q, layer.keys, layer.values, lists.table, lists.seq_lens, lists.block_size, scaling,
-                 q_positions.to(q.device) if use_pos else None, layer.positions if use_pos else None,
-                 layer.sliding_window, row_offsets=lists.row_offsets, max_tokens=lists.max_tokens)
-    return ungroup_output(out, hq, length).to(query.dtype)

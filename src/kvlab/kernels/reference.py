@@ -6,6 +6,8 @@ layout) and computes the same thing with plain tensor operations, in fp32, vecto
 - :func:`paged_decode_attention_ref` -- decode attention over a per-row list of physical blocks;
 - :func:`block_scores_ref` -- per-block scores (centroid dot product or the Quest bound), summed
   over the query heads of a GQA group;
+- :func:`block_select_ref` -- block-route's step: those scores for every block of each row, then the
+  top-k blocks, ascending (the fused kernel's twin, and block-route's torch path);
 - :func:`lowrank_decode_attention_ref` -- attention over rank-R latents of V (and of pre-RoPE K).
 
 A query that sees no key at all gets an output of zeros (the kernels do the same).
@@ -106,6 +108,63 @@ def block_scores_ref(q: torch.Tensor, block_table: torch.Tensor, num_blocks: tor
         qe = qf[:, :, None, :]  # [R, M, 1, D]
         scores = torch.maximum(qe * lo[:, None], qe * hi[:, None]).sum(-1).sum(1)
     return scores.masked_fill(~valid, float("-inf"))
+
+
+def _rowwise_scores(summaries: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    """``[rows, n, D] . [rows, D] -> [rows, n]`` in fp32: one matrix-vector product per row on the CPU
+    (``bmm`` with a single column is several times slower there), one ``bmm`` elsewhere."""
+    if summaries.device.type != "cpu":
+        return torch.bmm(summaries.float(), vec.float()[:, :, None])[:, :, 0]
+    out = torch.empty(summaries.shape[0], summaries.shape[1], dtype=torch.float32)
+    mat = summaries.float()
+    for r in range(mat.shape[0]):
+        torch.mv(mat[r], vec[r].float(), out=out[r])
+    return out
+
+
+def block_select_ref(q: torch.Tensor, lengths: torch.Tensor, k: torch.Tensor, width: int, block_size: int,
+                     centroids: torch.Tensor | None = None, kmin: torch.Tensor | None = None,
+                     kmax: torch.Tensor | None = None, unit: int | None = None, sink_blocks: int = 0,
+                     local_blocks: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of :func:`kvlab.kernels.block_scoring.block_select`, with fixed shapes (no read-back).
+
+    Block ``j`` of a row scores the max over its ``unit``-token scoring units (those holding a token)
+    of the group's summed ``q . centroid`` or Quest bound; blocks past the row's end score ``-inf``,
+    the first ``sink_blocks`` and the newest ``local_blocks`` ``+inf``. The ``k[row]`` best blocks
+    (ties: the lowest block first) are returned ascending, ``[rows, width]`` -1 padded, with the
+    tokens they cover ``[rows]``.
+    """
+    b, h, m, d = q.shape
+    rows = b * h
+    unit = unit or block_size
+    r = block_size // unit
+    qf = q.float().reshape(rows, m, d)
+    lengths = lengths.to(q.device).long()
+    if centroids is not None:
+        s = _rowwise_scores(centroids, qf.sum(1))
+    else:
+        s = _rowwise_scores(kmax, qf.clamp(min=0).sum(1)) + _rowwise_scores(kmin, qf.clamp(max=0).sum(1))
+    n_units = s.shape[1]
+    filled = torch.arange(n_units, device=s.device)[None, :] * unit < lengths[:, None]
+    s = torch.where(filled, s.nan_to_num(nan=-torch.inf), -torch.inf)
+    n_cols = -(-n_units // r)
+    if r > 1:
+        s = torch.nn.functional.pad(s, (0, n_cols * r - n_units), value=-torch.inf).view(rows, n_cols, r).amax(-1)
+    nb = torch.div(lengths + block_size - 1, block_size, rounding_mode="floor")
+    cols = torch.arange(n_cols, device=s.device)[None, :]
+    in_row = cols < nb[:, None]
+    forced = in_row & ((cols < sink_blocks) | (cols >= (nb - local_blocks)[:, None]))
+    s = torch.where(forced, torch.inf, torch.where(in_row, s, -torch.inf))
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :width]
+    if order.shape[1] < width:
+        order = torch.nn.functional.pad(order, (0, width - order.shape[1]), value=0)
+    take = torch.minimum(k.to(s.device).long(), nb).clamp(max=width)
+    keep = torch.arange(width, device=s.device)[None, :] < take[:, None]
+    big = torch.iinfo(torch.long).max
+    index = torch.where(keep, order, big).sort(1).values
+    index = torch.where(index == big, -1, index)
+    covered = (lengths[:, None] - index.clamp(min=0) * block_size).clamp(0, block_size)
+    return index, torch.where(index >= 0, covered, 0).sum(1)
 
 
 def rope_rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,

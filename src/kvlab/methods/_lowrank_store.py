@@ -63,7 +63,8 @@ class CodedLayerStore(LayerStore):
     def num_blocks(self) -> int:
         return self.positions.shape[0] // self.block_size
 
-    def _allocate(self, capacity_blocks: torch.Tensor) -> None:
+    def _allocate(self, capacity_blocks: torch.Tensor | list[int]) -> None:
+        capacity_blocks = torch.as_tensor(capacity_blocks, dtype=torch.long, device=self.device)
         align = max(1, self.align_tokens // self.block_size)
         capacity_blocks = ceil_div_tensor(capacity_blocks, align) * align
         self.capacity = capacity_blocks.clone()
@@ -132,6 +133,7 @@ class CodedLayerStore(LayerStore):
         self.positions[first:first + n] = pos.to(self.positions.device)
         self._encode(row, offset, k, v, pos)
         self.lengths[row] += n
+        self.lengths_host[row] += n
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                valid: torch.Tensor | None = None) -> None:
@@ -153,6 +155,14 @@ class CodedLayerStore(LayerStore):
             sel = valid[b]
             self._write_row(row, keys[b, h][sel], values[b, h][sel], positions[b][sel])
 
+    def append_decode(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        self.append(keys, values, positions)  # encoded row by row (a coded layer is not captured in graphs)
+
+    def compact(self, new_lengths: list[int], keep: torch.Tensor | None = None) -> None:
+        """Decode-time compaction (dead slots and ``keep``): decoded and re-encoded, capacities kept."""
+        self.repack(keep=keep if keep is not None else self.in_use(self.max_length),
+                    capacity_blocks=list(self.capacity_host))
+
     def repack(self, keep: torch.Tensor | None = None, capacity_blocks: torch.Tensor | None = None,
                reserve_tokens: int = 0) -> None:
         """Decode the kept tokens of every row and re-encode them into a freshly sized pool."""
@@ -162,9 +172,10 @@ class CodedLayerStore(LayerStore):
         rows = []
         for row in range(self.rows):
             k, v, p = self.row_view(row)
+            m = p >= 0  # dead slots go
             if keep is not None:
-                m = keep[row, :k.shape[0]].to(k.device)
-                k, v, p = k[m], v[m], p[m]
+                m = m & keep[row, :k.shape[0]].to(k.device)
+            k, v, p = k[m], v[m], p[m]
             rows.append((k.clone(), v.clone(), p.clone()))
         new_lengths = torch.tensor([len(r[2]) for r in rows], dtype=torch.long, device=self.lengths.device)
         if capacity_blocks is None:

@@ -1,11 +1,13 @@
 """Shared pieces of the decode-time routing methods (block-route, cluster-route, the oracles).
 
 - :class:`RoutingMethod`: the parameters every router shares (block size, sink and local blocks,
-  dense layers, refresh, the recall diagnostic) and the budget arithmetic.
+  dense layers, the recall diagnostic), the budget arithmetic, and the plan/run split: a
+  :class:`RoutePlan` per layout on the host once per step (:meth:`RoutingMethod.plan_step`), then a
+  fixed-width selection per layer on the device (:meth:`RoutingMethod.select`).
 - :class:`BlockMeta`: per-block key metadata (centroid, element-wise min and max) of one layer, kept
-  up to date incrementally as decode appends tokens: only the blocks that changed since the last
-  update (in decode, the partial last block) are recomputed. The store has no metadata hook, so the
-  method keeps it, keyed on the store's pool (a repack or a new snapshot rebuilds it).
+  up to date as decode appends tokens: a decode step recomputes each row's newest block, on the
+  device, with fixed shapes. The store has no metadata hook, so the method keeps it, keyed on the
+  store's layout (a repack or a new snapshot rebuilds it).
 - :func:`attention_mass` and :func:`mass_recall`: the true attention of a decode query (the oracles
   and the per-step recall diagnostic; it costs a full attention pass).
 - :func:`entropy_profile_path` / :func:`load_dense_layers`: where ``dense_layers=auto`` finds the
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from typing import Any
 import torch
 
 from kvlab.attention.plans import ReadPlan
-from kvlab.cache.store import KVStore, LayerStore, ceil_div_tensor
+from kvlab.cache.store import KVStore, LayerStore, ceil_div, ceil_div_tensor
 from kvlab.errors import KVLabError, check
 from kvlab.methods.base import Method, PrefillContext
 
@@ -54,6 +57,28 @@ def load_dense_layers(profile: str) -> list[int]:
     return layers
 
 
+# ---------------------------------------------------------------- the host plan of a routed layer
+@dataclass(frozen=True)
+class RoutePlan:
+    """What a routed layer reads at one decode step, decided on the host (:meth:`RoutingMethod.host_plan`).
+
+    ``lengths`` / ``budgets``: each row's tokens at the step and its token budget; ``width``: the fixed
+    width of the selection (blocks, or tokens for a token router), a bound over the layer's capacity, so
+    every step of a decode has the same shapes; ``reselect``: ``False`` on the steps between
+    ``refresh`` re-selections. ``signature`` is what the step's device work depends on.
+    """
+
+    step: int
+    lengths: tuple[int, ...]
+    budgets: tuple[int, ...]
+    width: int
+    reselect: bool = True
+
+    @property
+    def signature(self) -> tuple:
+        return self.width, self.reselect
+
+
 # ---------------------------------------------------------------- the shared method base
 @dataclass
 class RoutingMethod(Method):
@@ -65,6 +90,12 @@ class RoutingMethod(Method):
     (the layers an entropy profile names; ``dense_layers_profile`` is its JSON path or the model name).
     ``record_recall``: on each routed step also compute the attention-mass recall of the selection
     against full attention (a full attention pass per layer; appended to ``recall_log``).
+
+    Plan on the host, select on the device: :meth:`plan_step` makes one :class:`RoutePlan` per layout
+    (layers holding the same lengths share it) from the store's host copies, before the step;
+    :meth:`decode_plan` -- the frame every router shares -- then only launches the router's
+    :meth:`select` for a routed layer (dense layers and layers whose rows are all within budget read
+    everything). Called without :meth:`plan_step` (benchmarks, tests), it plans the layer on the spot.
     """
 
     block_size: int = 16
@@ -91,6 +122,7 @@ class RoutingMethod(Method):
         self.recall_log: list[dict[str, Any]] = []
         self._dense: set[int] | None = None
         self._calls: dict[int, int] = {}
+        self._plans: dict[int, RoutePlan | None] | None = None  # this step's plans, while plan_step drives
 
     @staticmethod
     def _parse_dense(spec: Any) -> int | list[int] | str:
@@ -127,18 +159,23 @@ class RoutingMethod(Method):
         self.reset()
         self._scaling = ctx.scaling
         self._dense = self.resolve_dense_layers(store.num_layers)
-        shortest = int(ctx.context_lengths.min())
+        lengths = [int(n) for n in ctx.context_lengths.tolist()]
+        shortest = min(lengths)
         check(self.block_size <= shortest,
               f"block_size {self.block_size} is larger than the context ({shortest} tokens); "
               f"allowed: a power of two from 1 to {min(MAX_BLOCK_SIZE, shortest)}")
-        for n in ctx.context_lengths.tolist():
-            self.check_budget(int(n))
+        for n in lengths:
+            self.check_budget(n)
 
     def reset(self) -> None:
         """Forget all per-run state (called at the start of every decode)."""
         self._dense = None
         self._calls = {}
+        self._plans = None
         self.recall_log = []
+
+    def graph_safe(self) -> bool:
+        return not self.record_recall
 
     def is_dense(self, layer_idx: int) -> bool:
         if self._dense is None:  # decode_plan used without prefill_end (benchmarks, tests)
@@ -146,11 +183,25 @@ class RoutingMethod(Method):
             return layer_idx < spec if isinstance(spec, int) else layer_idx in spec
         return layer_idx in self._dense
 
-    def next_step(self, layer_idx: int) -> int:
-        """The decode step number of this call for ``layer_idx`` (0, 1, ...)."""
-        step = self._calls.get(layer_idx, 0)
-        self._calls[layer_idx] = step + 1
-        return step
+    # ------------------------------------------------------------ plan (host) and run (device)
+    def plan_step(self, store: KVStore, step: int) -> tuple:
+        """One :class:`RoutePlan` per layout for decode step ``step``, for the lengths the step attends
+        over (one token more per row than the store holds now); returns the plans' signatures."""
+        plans: dict[int, RoutePlan | None] = {}
+        shared: dict[tuple, RoutePlan | None] = {}
+        for i in store.compressible_layers():
+            if self.is_dense(i):
+                continue
+            layer = store.layers[i]
+            key = (tuple(layer.capacity_host), tuple(layer.lengths_host))
+            if key not in shared:
+                shared[key] = self.host_plan(layer, step, [n + 1 for n in layer.lengths_host])
+                self.prepare_layer(i, layer, shared[key])
+            elif shared[key] is not None:
+                self.prepare_layer(i, layer, shared[key])
+            plans[i] = shared[key]
+        self._plans = plans
+        return tuple((i, None if p is None else p.signature) for i, p in plans.items())
 
     def decode_plan(self, layer_idx: int, layer: LayerStore, query: torch.Tensor,
                     q_positions: torch.Tensor) -> ReadPlan | None:
@@ -159,17 +210,51 @@ class RoutingMethod(Method):
         recall is logged when ``record_recall`` is on."""
         if self.is_dense(layer_idx):
             return None
-        step = self.next_step(layer_idx)
-        budgets = self.row_budgets(layer.lengths)
-        if bool((budgets >= layer.lengths).all()):
+        if self._plans is not None:
+            plan = self._plans.get(layer_idx)
+        else:  # not driven by decode: plan this layer now, for what it holds
+            plan = self.host_plan(layer, self.next_step(layer_idx), layer.lengths_host)
+            if plan is not None:
+                self.prepare_layer(layer_idx, layer, plan)
+        if plan is None:
             return None
-        plan = self.select(layer_idx, layer, query, step, budgets)
-        self.record(layer_idx, step, layer, query, getattr(self, "_scaling", None), plan)
-        return plan
+        read = self.select(layer_idx, layer, query, plan)
+        self.record(layer_idx, plan.step, layer, query, getattr(self, "_scaling", None), read)
+        return read
 
-    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, step: int,
-               budgets: torch.Tensor) -> ReadPlan:
-        """What decode step ``step`` of a routed layer reads, given each row's token ``budgets``."""
+    def next_step(self, layer_idx: int) -> int:
+        """The decode step number of this call for ``layer_idx`` (0, 1, ...), when no plan_step drives."""
+        step = self._calls.get(layer_idx, 0)
+        self._calls[layer_idx] = step + 1
+        return step
+
+    def host_plan(self, layer: LayerStore, step: int, lengths: list[int]) -> RoutePlan | None:
+        """The plan of a routed layer at ``lengths`` (host ints), or ``None`` when every row is within budget."""
+        budgets = [self.row_budget(n) for n in lengths]
+        if all(b >= n for b, n in zip(budgets, lengths, strict=True)):
+            return None
+        for n in {n for b, n in zip(budgets, lengths, strict=True) if b < n}:
+            self.check_budget(n)
+        return RoutePlan(step, tuple(lengths), tuple(budgets), self.read_width(layer, lengths, budgets))
+
+    def read_width(self, layer: LayerStore, lengths: list[int], budgets: list[int]) -> int:
+        """The selection's fixed width (blocks): the most any row may read at any length up to the
+        layer's capacity (a row reads its budget's blocks, or all of its blocks while within budget)."""
+        bs = self.block_size
+
+        def blocks(n: int) -> int:
+            return ceil_div(n, bs) if self.row_budget(n) >= n else min(self.row_budget(n) // bs, ceil_div(n, bs))
+
+        points = set(lengths) | {c * layer.block_size for c in layer.capacity_host}
+        if self.budget_tokens is not None:  # the longest row still within budget reads all its blocks
+            points.add(min(self.budget_tokens, max(points)))
+        return max(1, max(blocks(n) for n in points))
+
+    def prepare_layer(self, layer_idx: int, layer: LayerStore, plan: RoutePlan) -> None:
+        """Host-side preparation of a routed layer before its step (per-layer state sized to the plan)."""
+
+    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, plan: RoutePlan) -> ReadPlan:
+        """What decode step ``plan.step`` of a routed layer reads (device work only)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ budget
@@ -180,15 +265,27 @@ class RoutingMethod(Method):
         sink_end = min(self.sink_blocks * self.block_size, length)
         return min(length, sink_end + length - max(local_start, sink_end))
 
+    def row_budget(self, length: int) -> int:
+        """Tokens a row of ``length`` tokens may read (rounded down, as :meth:`Method.tokens_kept`)."""
+        if self.budget_tokens is not None:
+            return self.budget_tokens
+        return max(1, math.floor(self.keep_fraction * length + 1e-9))
+
     def row_budgets(self, lengths: torch.Tensor) -> torch.Tensor:
-        """Tokens each row may read at its current length (rounded down, as :meth:`Method.tokens_kept`)."""
+        """:meth:`row_budget` of every row of ``lengths`` (a tensor, wherever it is: no read-back)."""
         if self.budget_tokens is not None:
             return torch.full_like(lengths, self.budget_tokens)
         return torch.floor(self.keep_fraction * lengths.double() + 1e-9).long().clamp(min=1)
 
+    def blocks_read(self, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(blocks per row, blocks read per row)`` at ``lengths`` (device): a row within budget reads all."""
+        nb = ceil_div_tensor(lengths, self.block_size)
+        budgets = self.row_budgets(lengths)
+        return nb, torch.where(budgets >= lengths, nb, torch.minimum(budgets // self.block_size, nb))
+
     def check_budget(self, length: int) -> None:
         """A clear error when the budget cannot hold the sink and local blocks at ``length`` tokens."""
-        budget = int(self.row_budgets(torch.tensor([length]))[0])
+        budget = self.row_budget(length)
         if budget >= length:
             return  # dense fallback
         need = (self.sink_blocks + self.local_blocks) * self.block_size
@@ -196,18 +293,6 @@ class RoutingMethod(Method):
               f"budget of {budget} tokens (context {length}) is smaller than sink_blocks + local_blocks = "
               f"{self.sink_blocks} + {self.local_blocks} blocks of {self.block_size} = {need} tokens; "
               f"allowed: a budget of at least {need} tokens (or fewer/smaller blocks)")
-
-    def block_budgets(self, lengths: torch.Tensor, budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                   torch.Tensor]:
-        """``(blocks per row, blocks read per row, dense rows)`` for rows of ``lengths`` tokens with token
-        ``budgets``."""
-        nb = ceil_div_tensor(lengths, self.block_size)
-        dense = budgets >= lengths
-        k = torch.where(dense, nb, torch.minimum(budgets // self.block_size, nb))
-        need = self.sink_blocks + self.local_blocks
-        if bool((~dense & (k < need)).any()):
-            self.check_budget(int(lengths[~dense & (k < need)][0]))
-        return nb, k, dense
 
     def forced_blocks(self, nb: torch.Tensor, width: int) -> torch.Tensor:
         """``[rows, width]`` bool: the sink blocks and the newest ``local_blocks`` blocks of each row
@@ -227,25 +312,33 @@ class RoutingMethod(Method):
 
 
 # ---------------------------------------------------------------- selection
-def top_blocks(scores: torch.Tensor, nb: torch.Tensor, k: torch.Tensor, forced: torch.Tensor | None) -> torch.Tensor:
-    """Per row the ``k`` best of its ``nb`` blocks by ``scores`` ``[rows, width]`` (forced ones first).
+def top_blocks(scores: torch.Tensor, nb: torch.Tensor, k: torch.Tensor, width: int,
+               forced: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row the ``k`` best of its ``nb`` blocks by ``scores`` ``[rows, n]`` (forced ones first; ties:
+    the lowest block first), ascending, ``[rows, width]`` -1 padded, on the device of ``scores``.
 
-    Returns ascending block ids ``[rows, max k]``, -1 padded, on the device of ``scores``.
+    ``width`` (host) bounds every ``k``, so the result has one shape whatever the lengths: no read-back.
     """
-    rows, width = scores.shape
-    kmax = min(max(int(k.max()), 1), width)  # before k moves: no device sync for a CPU k
+    rows, n = scores.shape
     device = scores.device
     nb, k = nb.to(device), k.to(device)
-    s = scores.float().clone()
-    cols = torch.arange(width, device=device)[None, :]
+    s = scores.float()
+    cols = torch.arange(n, device=device)[None, :]
     if forced is not None:
         s = torch.where(forced.to(device), torch.inf, s)
     s = torch.where(cols < nb[:, None], s.nan_to_num(nan=-torch.inf), -torch.inf)
-    top = s.topk(kmax, dim=1).indices
-    keep = torch.arange(kmax, device=device)[None, :] < torch.minimum(k, nb)[:, None]
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :width]
+    if order.shape[1] < width:
+        order = torch.nn.functional.pad(order, (0, width - order.shape[1]))
+    keep = torch.arange(width, device=device)[None, :] < torch.minimum(k, nb)[:, None]
+    return ascending(torch.where(keep, order, -1))
+
+
+def ascending(index: torch.Tensor) -> torch.Tensor:
+    """Each row's valid (``>= 0``) entries ascending, the -1 padding last (same shape)."""
     big = torch.iinfo(torch.long).max
-    idx = torch.where(keep, top, big).sort(1).values
-    return torch.where(idx == big, -1, idx)
+    index = torch.where(index >= 0, index.long(), big).sort(1).values
+    return torch.where(index == big, -1, index)
 
 
 def grouped_query(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -264,7 +357,7 @@ def rowwise_mv(mat: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         return torch.bmm(mat.float(), vec.float()[:, :, None])[:, :, 0]
     out = torch.empty(mat.shape[0], mat.shape[1], dtype=torch.float32)
     for r in range(mat.shape[0]):
-        torch.mv(mat[r], vec[r], out=out[r])
+        torch.mv(mat[r].float(), vec[r].float(), out=out[r])
     return out
 
 
@@ -272,9 +365,14 @@ def rowwise_mv(mat: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
 class BlockMeta:
     """Centroid, min and max of the keys in every ``unit``-token block of each row of one layer.
 
-    ``centroid``/``kmin``/``kmax``: ``[rows, blocks, D]`` float32 (a partial last block covers the
-    tokens it has; an empty block has min +inf and max -inf). :meth:`update` recomputes only the blocks
-    that gained tokens since the previous call, unless the store was repacked or replaced.
+    ``centroid``/``kmin``/``kmax``: ``[rows, units, D]`` in the keys' dtype (computed in fp32), sized to
+    the layer's capacity, so decode never regrows them (a partial last block covers the tokens it has;
+    an empty block has centroid 0, min +inf and max -inf). Two updates:
+
+    - :meth:`update` (host-driven): rebuild after the layer's layout changed or a row shrank, else
+      recompute only the blocks that gained tokens since the previous update;
+    - :meth:`update_newest` (device only, fixed shape): after a decode append, recompute each row's
+      newest block -- what a decode step changes, and what a CUDA graph can replay.
     """
 
     CHUNK_TOKENS = 4096
@@ -283,76 +381,78 @@ class BlockMeta:
         self.unit = unit
         self.need_bounds = need_bounds
         self.need_centroid = need_centroid
-        self.lengths: torch.Tensor | None = None
-        self._key: tuple | None = None
+        self.lengths: list[int] | None = None  # host lengths at the last update
+        self.version = -1
         self.centroid = self.kmin = self.kmax = torch.empty(0)
-        self.capacity = 0
-        self.device = torch.device("cpu")  # the device of the keys summarised (set by update)
+        self.capacity = 0  # blocks per row held
         self.blocks_recomputed = 0  # how many (row, block) entries the last update recomputed
 
     def update(self, layer: LayerStore) -> None:
-        key = (layer.keys.data_ptr(), layer.keys.shape[0], tuple(layer.start.tolist()))
-        self.device = layer.keys.device
         u = self.unit
-        nb = int(ceil_div_tensor(layer.lengths.max(), u)) if layer.rows else 0
-        rebuild = self._key != key or self.lengths is None or bool((layer.lengths < self.lengths).any())
+        lengths = list(layer.lengths_host)
+        nb = ceil_div(max(lengths, default=0), u)
+        rebuild = (self.version != layer.layout_version or self.lengths is None
+                   or any(n < m for n, m in zip(lengths, self.lengths, strict=True))
+                   or ceil_div(layer.max_capacity_tokens, u) > self.capacity)
         if rebuild:
-            self._allocate(layer, nb)
+            self._allocate(layer)
             b0 = 0
         else:
-            changed = layer.lengths != self.lengths
-            if not bool(changed.any()):
+            changed = [m for n, m in zip(lengths, self.lengths, strict=True) if n != m]
+            if not changed:
                 self.blocks_recomputed = 0
                 return
-            b0 = int((self.lengths[changed] // u).min())
-            if nb > self.capacity:
-                self._grow(nb)
+            b0 = min(changed) // u
         self._compute(layer, b0, nb)
         self.blocks_recomputed = (nb - b0) * layer.rows
-        self.lengths = layer.lengths.clone()
-        self._key = key
+        self.lengths = lengths
+        self.version = layer.layout_version
 
-    def _allocate(self, layer: LayerStore, nb: int) -> None:
-        shape = (layer.rows, nb + max(4, nb // 8), layer.head_dim)
-        self.capacity = shape[1]
-        dev = self.device
-        self.centroid = torch.zeros(shape, device=dev) if self.need_centroid else torch.empty(0, device=dev)
-        self.kmin = torch.full(shape, torch.inf, device=dev) if self.need_bounds else torch.empty(0, device=dev)
-        self.kmax = torch.full(shape, -torch.inf, device=dev) if self.need_bounds else torch.empty(0, device=dev)
+    def update_newest(self, layer: LayerStore) -> None:
+        """Recompute each row's block holding its newest token, from the pool (device work only)."""
+        u, device = self.unit, layer.device
+        lengths = layer.lengths
+        block = ((lengths - 1).clamp(min=0) // u)  # [rows]
+        slots = block[:, None] * u + torch.arange(u, device=device)[None, :]  # [rows, u]
+        valid = (slots < lengths[:, None])[..., None]
+        phys = layer._row_base[:, None] + torch.minimum(slots, (lengths - 1).clamp(min=0)[:, None])
+        k = layer.keys[phys].float()  # [rows, u, D]
+        rows = torch.arange(layer.rows, device=device)
+        self._store(rows, block, k, valid)
+        self.lengths = None  # the host record no longer says what was last computed
 
-    def _grow(self, nb: int) -> None:
-        self.capacity = nb + max(4, nb // 4)
+    def _allocate(self, layer: LayerStore) -> None:
+        self.capacity = max(ceil_div(layer.max_capacity_tokens, self.unit), 1)
+        shape = (layer.rows, self.capacity, layer.head_dim)
+        dev, dtype = layer.device, layer.dtype
+        empty = torch.empty(0, device=dev, dtype=dtype)
+        self.centroid = torch.zeros(shape, device=dev, dtype=dtype) if self.need_centroid else empty
+        self.kmin = torch.full(shape, torch.inf, device=dev, dtype=dtype) if self.need_bounds else empty
+        self.kmax = torch.full(shape, -torch.inf, device=dev, dtype=dtype) if self.need_bounds else empty
 
-        def grow(t: torch.Tensor, fill: float) -> torch.Tensor:
-            if t.numel() == 0:
-                return t
-            out = torch.full((t.shape[0], self.capacity, t.shape[2]), fill, device=t.device)
-            out[:, : t.shape[1]] = t
-            return out
-
-        self.centroid = grow(self.centroid, 0.0)
-        self.kmin = grow(self.kmin, torch.inf)
-        self.kmax = grow(self.kmax, -torch.inf)
+    def _store(self, rows: torch.Tensor, blocks: torch.Tensor, k: torch.Tensor, valid: torch.Tensor) -> None:
+        """Summaries of key groups ``k`` ``[..., u, D]`` (``valid`` ``[..., u, 1]``) into ``[rows, blocks]``."""
+        if self.need_centroid:
+            cnt = valid.sum(-2).clamp(min=1)
+            self.centroid[rows, blocks] = (torch.where(valid, k, 0.0).sum(-2) / cnt).to(self.centroid.dtype)
+        if self.need_bounds:
+            self.kmin[rows, blocks] = torch.where(valid, k, torch.inf).amin(-2).to(self.kmin.dtype)
+            self.kmax[rows, blocks] = torch.where(valid, k, -torch.inf).amax(-2).to(self.kmax.dtype)
 
     def _compute(self, layer: LayerStore, b0: int, b1: int) -> None:
-        u, dev = self.unit, self.device
-        lengths = layer.lengths.to(dev)
-        base = layer.start.to(dev) * layer.block_size
+        u, dev = self.unit, layer.device
+        lengths = layer.lengths
+        base = layer._row_base
         last = (lengths - 1).clamp(min=0)
         step = max(1, self.CHUNK_TOKENS // u)
+        rows = torch.arange(layer.rows, device=dev)[:, None]
         for c0 in range(b0, b1, step):
             c1 = min(b1, c0 + step)
             slots = torch.arange(c0 * u, c1 * u, device=dev)[None, :]
-            valid = slots < lengths[:, None]  # [rows, S]
+            valid = (slots < lengths[:, None]).view(layer.rows, c1 - c0, u, 1)
             phys = base[:, None] + torch.minimum(slots, last[:, None])
             k = layer.keys[phys].float().view(layer.rows, c1 - c0, u, -1)
-            vm = valid.view(layer.rows, c1 - c0, u, 1)
-            if self.need_centroid:
-                cnt = vm.sum(2).clamp(min=1)
-                self.centroid[:, c0:c1] = torch.where(vm, k, 0.0).sum(2) / cnt
-            if self.need_bounds:
-                self.kmin[:, c0:c1] = torch.where(vm, k, torch.inf).amin(2)
-                self.kmax[:, c0:c1] = torch.where(vm, k, -torch.inf).amax(2)
+            self._store(rows, torch.arange(c0, c1, device=dev)[None, :], k, valid)
 
 
 # ---------------------------------------------------------------- true attention
@@ -365,7 +465,7 @@ def attention_mass(layer: LayerStore, query: torch.Tensor, scaling: float) -> to
     b, hq, length, d = query.shape
     h = layer.kv_heads
     g = hq // h
-    t = int(layer.lengths.max()) if layer.rows else 0
+    t = layer.max_length
     out = torch.zeros(b, h, g, t, device=layer.keys.device)
     q = grouped_query(query, h)
     for row in range(layer.rows):

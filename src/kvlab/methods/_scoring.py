@@ -10,7 +10,12 @@ Everything works per layer on the paged store, one *row* per (sequence, KV head)
   (``[B, H, G, w, T]``, query head ``h * G + g`` serves KV head ``h``) so K/V are never repeated;
 - :func:`snapkv_scores` -- SnapKV's pooled window attention (the exact kvpress convention);
 - :func:`keep_top` and :func:`evict` -- per-row scores to a keep mask, then a real repack that frees
-  the evicted blocks.
+  the evicted blocks (eviction at prefill end);
+- :func:`mark_dead` and :func:`maintain` -- decode-time eviction without a copy per step: a step marks
+  each row's evicted slot dead (position -1, on the device, fixed shape), and every
+  :data:`COMPACT_EVERY` steps the host compacts the dead slots away in place (``LayerStore.compact``).
+  A row then holds at most its kept tokens plus ``compact_every`` dead slots (plus the step's new
+  token), where repacking at every step held exactly the kept tokens but copied all of them each step.
 """
 
 from __future__ import annotations
@@ -22,17 +27,20 @@ from kvlab.cache.store import LayerStore
 from kvlab.errors import check
 from kvlab.methods.base import Method, PrefillContext
 
+COMPACT_EVERY = 32  # decode steps of marked evictions between in-place compactions (the default)
 
-def padded_layer(layer: LayerStore) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys ``[B, H, T, D]`` and positions ``[B, H, T]`` of a layer; ``T`` is the longest row, -1 pads."""
+
+def padded_layer(layer: LayerStore, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys ``[B, H, T, D]`` and positions ``[B, H, T]`` of a layer; ``T`` is ``width`` (default: the
+    longest row, from the host copy), -1 pads (and marks dead slots)."""
     device = layer.device
-    t = int(layer.lengths.max()) if layer.rows else 0
+    t = layer.max_length if width is None else width
     idx = torch.arange(t, device=device)
     in_use = layer.in_use(t)  # [rows, T]
-    if layer.uniform:
-        k, _, pos = layer.dense_view()
+    if layer.uniform and t <= layer.max_capacity_tokens:
+        k, _, pos = layer.dense_view(t)
     else:
-        slots = (layer.start.to(device) * layer.block_size)[:, None] + idx[None, :]
+        slots = layer._row_base[:, None] + idx[None, :]
         slots = torch.where(in_use, slots, torch.zeros_like(slots))
         k = layer.keys[slots].view(layer.batch, layer.kv_heads, t, layer.head_dim)
         pos = layer.positions[slots].view(layer.batch, layer.kv_heads, t)
@@ -127,6 +135,49 @@ def evict(layer: LayerStore, keep: torch.Tensor) -> None:
     layer.repack(keep=keep)
 
 
+def compact_rows(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per-row values ``[rows, W]`` with each row's kept entries moved to its front, in order, 0 after;
+    the same width, no read-back (how ``LayerStore.compact`` moves the slots)."""
+    rows, width = values.shape
+    keep = keep.to(values.device)
+    cum = torch.cumsum(keep.long(), 1)
+    want = torch.arange(1, width + 1, device=values.device)[None, :].expand(rows, width).contiguous()
+    src = torch.searchsorted(cum, want).clamp(max=max(width - 1, 0))
+    filled = torch.arange(width, device=values.device)[None, :] < cum[:, -1:]
+    return torch.where(filled, values.gather(1, src), torch.zeros_like(values))
+
+
+def mark_dead(layer: LayerStore, victim: torch.Tensor, evict: torch.Tensor) -> None:
+    """Decode-time eviction of one slot per row, on the device: the logical slot ``victim[row]`` of every
+    row where ``evict[row]`` gets position -1 (dead: never read again; compacted away later)."""
+    slots = layer._row_base + victim.clamp(min=0)
+    layer.positions.index_copy_(0, slots, torch.where(evict, -1, layer.positions[slots]))
+
+
+def maintain(layer: LayerStore, caps: list[int], every: int,
+             per_slot: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Host-side upkeep of a layer held at ``caps`` tokens per row by decode-time eviction, before a step.
+
+    Each step past a row's cap marks one slot dead, so a row of ``n`` slots holds ``n - cap`` dead
+    ones (known on the host). Once some row holds ``every`` of them, the layer is compacted in place,
+    and so are the method's per-slot values ``per_slot`` (``[rows, W]`` each, in place too: a captured
+    CUDA graph keeps reading the same tensors); ``layer.holes`` tells the attention whether dead slots
+    must be masked. Returns ``per_slot``.
+    """
+    per_slot = list(per_slot or [])
+    dead = [n - c for n, c in zip(layer.lengths_host, caps, strict=True)]
+    if max(dead, default=0) >= every:
+        if per_slot:
+            _, pos = padded_layer(layer, per_slot[0].shape[1])
+            live = pos.reshape(layer.rows, -1) >= 0
+            for values in per_slot:
+                values.copy_(compact_rows(values, live))
+        layer.compact([min(n, c) for n, c in zip(layer.lengths_host, caps, strict=True)])
+        dead = [0]
+    layer.holes = max(dead, default=0) > 0
+    return per_slot
+
+
 def compact(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Per-row values ``[rows, T]`` compacted like :meth:`LayerStore.repack` compacts the slots (0 padded)."""
     rows, t = values.shape
@@ -143,7 +194,7 @@ def compact(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 def per_row(values: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """``[B]`` per-sequence values -> ``[rows]``."""
-    return values.repeat_interleave(kv_heads)
+    return values.repeat_interleave(kv_heads, output_size=values.numel() * kv_heads)
 
 
 def kept_per_sequence(method: Method, context_lengths: torch.Tensor,
@@ -176,6 +227,11 @@ def check_budget(n_keep: torch.Tensor, protected: int, what: str) -> None:
 def grow(values: torch.Tensor, width: int) -> torch.Tensor:
     """Zero-pad per-row values ``[rows, T]`` on the right to ``width`` columns (new tokens start at 0)."""
     return F.pad(values, (0, width - values.shape[1])) if width > values.shape[1] else values
+
+
+def rows_of(values: list[int], kv_heads: int) -> list[int]:
+    """``[B]`` per-sequence host values -> ``[rows]``."""
+    return [v for v in values for _ in range(kv_heads)]
 
 
 def recent_mask(layer: LayerStore, recent: torch.Tensor | int, width: int) -> torch.Tensor:

@@ -1,13 +1,22 @@
 """The method interface: one small dataclass per method, registered by name.
 
-A method may act at three points, and each is optional:
+A method may act at four points, and each is optional:
 
 - :meth:`Method.prefill_end` -- once, when the prompt is in the store: evict what it will not keep
   (SnapKV, StreamingLLM, KV-Compress, ...). It sees the last ``observation_window()`` queries of
   every layer.
-- :meth:`Method.decode_plan` -- every decode step, every layer: choose which blocks or tokens the
-  step reads (block routing, cluster routing, oracles). ``None`` reads everything.
-- :meth:`Method.step_end` -- after every decode step: evict during decode (StreamingLLM's window).
+- :meth:`Method.plan_step` -- on the host, once per decode step, before the step runs: decide from
+  the store's host copies what the step will do (a router's budgets and read widths; an evicting
+  method's compaction every few steps). It returns what the step's device work depends on (a
+  captured CUDA graph is replayed only while that stays the same).
+- :meth:`Method.decode_plan` -- every decode step, every layer, on the device: choose which blocks or
+  tokens the step reads (block routing, cluster routing, oracles). ``None`` reads everything.
+- :meth:`Method.step_end` -- after every decode step, on the device: evict during decode (mark the
+  evicted slots dead; :meth:`plan_step` compacts them away every few steps).
+
+A method whose ``decode_plan`` and ``step_end`` only launch device work of fixed shapes -- no read
+of a device value into Python, no per-step Python state -- says so with :meth:`Method.graph_safe`,
+and ``decode`` then captures its steps in CUDA graphs.
 
 One vocabulary across methods: ``budget`` is the fraction of the context kept (or read), ``ratio``
 the fraction removed (kvpress's ``compression_ratio``); they are one number, ``budget = 1 - ratio``.
@@ -17,6 +26,7 @@ the fraction removed (kvpress's ``compression_ratio``); they are one number, ``b
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -42,7 +52,7 @@ class PrefillContext:
 class StepContext:
     """What a method may use after a decode step."""
 
-    step: int  # 0 for the first generated token
+    step: int  # 0 for the first decode step (in a replayed CUDA graph: the step it was captured at)
     positions: torch.Tensor  # [B] position of the token just decoded
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, Hq, 1, D], if observed
 
@@ -104,6 +114,17 @@ class Method:
     def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
         """Evict from the store after prefill. Default: keep everything."""
 
+    def decode_reserve(self, tokens: int) -> int:
+        """Slots per row to reserve before a decode of ``tokens`` steps (a method that holds the cache at
+        a fixed size needs fewer). Default: ``tokens``."""
+        return tokens
+
+    def plan_step(self, store: KVStore, step: int) -> Hashable:
+        """Host-side plan of decode step ``step`` (0, 1, ...), made before the step appends its token, from
+        the store's host copies only. Returns what the step's device work depends on (its widths and
+        modes); a CUDA graph of the step is reused while it stays the same. Default: nothing to plan."""
+        return None
+
     def decode_plan(self, layer_idx: int, layer: LayerStore, query: torch.Tensor,
                     q_positions: torch.Tensor) -> ReadPlan | None:
         """Which part of ``layer`` a decode step reads. Default: everything."""
@@ -111,6 +132,16 @@ class Method:
 
     def step_end(self, store: KVStore, ctx: StepContext) -> None:
         """Evict after a decode step. Default: nothing."""
+
+    def decode_end(self, store: KVStore) -> None:
+        """After the last decode step (compact what was marked dead, so the store holds what was kept)."""
+
+    def graph_safe(self) -> bool:
+        """Whether a decode step with this method may be captured in a CUDA graph: ``decode_plan`` and
+        ``step_end`` launch only fixed-shape device work and keep no per-step Python state. Default:
+        true for a method that has neither hook (its decode is plain decode)."""
+        cls = type(self)
+        return cls.decode_plan is Method.decode_plan and cls.step_end is Method.step_end
 
     # ----------------------------------------------------------- describe
     @classmethod

@@ -13,20 +13,29 @@ tokens; every decode step scores the blocks against the query and reads the best
 ``score_block`` scores at a finer granularity than blocks are read (a block's score is the max of its
 sub-blocks' scores), as LServe scores 16-token logical pages inside 64-token physical pages (Yang et
 al., 2025, arXiv 2502.14866). Under GQA the scores of a group's query heads are summed, so the whole
-group reads one selection. The block metadata is updated incrementally as decode appends tokens.
+group reads one selection.
+
+A step does no host work per layer: the budgets and the read width come from the step's host plan
+(:class:`~kvlab.methods._routing_common.RoutePlan`), the block metadata of each row's newest block is
+recomputed on the device, and scoring plus top-k is one launch (on CUDA the fused Triton kernel
+:func:`kvlab.kernels.block_scoring.block_select`, elsewhere its torch twin), so a decode step of
+block-route can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from kvlab.attention.gqa import group_queries
 from kvlab.attention.plans import ReadPlan
-from kvlab.cache.store import LayerStore
+from kvlab.cache.store import LayerStore, ceil_div
 from kvlab.errors import check
-from kvlab.methods._routing_common import BlockMeta, RoutingMethod, grouped_query, rowwise_mv, top_blocks
+from kvlab.kernels import dispatch
+from kvlab.methods._routing_common import BlockMeta, RoutePlan, RoutingMethod, ascending, grouped_query, rowwise_mv
 from kvlab.methods.base import register
 
 
@@ -59,8 +68,65 @@ class BlockRoute(RoutingMethod):
     def reset(self) -> None:
         super().reset()
         self._meta: dict[int, BlockMeta] = {}
-        self._prev: dict[int, torch.Tensor] = {}
+        self._prev: dict[int, torch.Tensor] = {}  # layer -> [rows, width] the last selection (refresh > 1)
+        self._selected: dict[int, int] = {}  # layout version -> width of the selection last made there
 
+    # ------------------------------------------------------------ host
+    def host_plan(self, layer: LayerStore, step: int, lengths: list[int]) -> RoutePlan | None:
+        plan = super().host_plan(layer, step, lengths)
+        if plan is None or self.refresh == 1:
+            return plan
+        fresh = self._selected.get(layer.layout_version) != plan.width
+        return dataclasses.replace(plan, reselect=fresh or step % self.refresh == 0)
+
+    def prepare_layer(self, layer_idx: int, layer: LayerStore, plan: RoutePlan) -> None:
+        meta = self._meta.get(layer_idx)
+        if meta is None:
+            meta = self._meta[layer_idx] = BlockMeta(self._sub, need_bounds=self.score == "bound",
+                                                     need_centroid=self.score == "centroid")
+        if meta.version != layer.layout_version:
+            meta.update(layer)  # after prefill or a repack: from what the layer holds (host phase)
+        if self.refresh > 1 and plan.reselect:
+            prev = self._prev.get(layer_idx)
+            if prev is None or prev.shape != (layer.rows, plan.width) or prev.device != layer.device:
+                self._prev[layer_idx] = torch.full((layer.rows, plan.width), -1, dtype=torch.long, device=layer.device)
+            self._selected[layer.layout_version] = plan.width
+
+    # ------------------------------------------------------------ device
+    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, plan: RoutePlan) -> ReadPlan:
+        meta = self._meta[layer_idx]
+        if self._plans is not None and query.shape[2] == 1:
+            meta.update_newest(layer)  # a decode step appended one token per row
+        else:
+            meta.update(layer)
+        nb, k = self.blocks_read(layer.lengths)
+        b, h, bs = layer.batch, layer.kv_heads, self.block_size
+        if not plan.reselect:
+            return self._reuse(layer_idx, layer, plan, nb, k)
+        kw = {"centroids": meta.centroid} if self.score == "centroid" else {"kmin": meta.kmin, "kmax": meta.kmax}
+        table, tokens = dispatch.block_select(group_queries(query, h), layer.lengths, k, plan.width, bs,
+                                              unit=self._sub, sink_blocks=self.sink_blocks,
+                                              local_blocks=self.local_blocks, **kw)
+        if self.refresh > 1:
+            self._prev[layer_idx].copy_(table)
+        return ReadPlan("blocks", table.view(b, h, -1), block_size=bs, ascending=True, tokens=tokens.view(b, h))
+
+    def _reuse(self, layer_idx: int, layer: LayerStore, plan: RoutePlan, nb: torch.Tensor,
+               k: torch.Tensor) -> ReadPlan:
+        """Between re-selections: the previous selection, plus the current sink and newest blocks."""
+        prev = self._prev[layer_idx]
+        width = ceil_div(layer.max_capacity_tokens, self.block_size)
+        device = layer.device
+        cols = torch.arange(width, device=device)[None, :]
+        chosen = torch.zeros(layer.rows, width + 1, dtype=torch.bool, device=device)
+        chosen.scatter_(1, torch.where(prev >= 0, prev, width), True)
+        in_row = cols < nb[:, None]
+        chosen = (chosen[:, :width] | self.forced_blocks(nb, width) | (k >= nb)[:, None]) & in_row
+        index = ascending(torch.where(chosen, cols, -1))[:, :plan.width + self.sink_blocks + self.local_blocks]
+        return ReadPlan("blocks", index.view(layer.batch, layer.kv_heads, -1), block_size=self.block_size,
+                        ascending=True)
+
+    # ------------------------------------------------------------ diagnostic
     def block_scores(self, layer_idx: int, layer: LayerStore, query: torch.Tensor) -> torch.Tensor:
         """``[rows, blocks]`` scores of every block (summed over each GQA group; -inf past a row's end)."""
         meta = self._meta.get(layer_idx)
@@ -69,7 +135,7 @@ class BlockRoute(RoutingMethod):
                                                      need_centroid=self.score == "centroid")
         meta.update(layer)
         q = grouped_query(query, layer.kv_heads)  # [rows, G*L, D]
-        nsub = -(-int(layer.lengths.max()) // self._sub)
+        nsub = ceil_div(layer.max_length, self._sub)
         if self.score == "centroid":
             s = rowwise_mv(meta.centroid[:, :nsub], q.sum(1))
         else:  # Σ_i max(q_i min_i, q_i max_i) = q⁺·max + q⁻·min, summed over the group
@@ -82,27 +148,3 @@ class BlockRoute(RoutingMethod):
             nb = -(-nsub // r)
             s = torch.nn.functional.pad(s, (0, nb * r - nsub), value=-torch.inf).view(s.shape[0], nb, r).amax(-1)
         return s
-
-    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, step: int,
-               budgets: torch.Tensor) -> ReadPlan:
-        nb, k, dense = self.block_budgets(layer.lengths, budgets)
-        width = int(nb.max())
-        device = layer.keys.device  # the selection is made where the keys are
-        nb_dev = nb.to(device)
-        forced = self.forced_blocks(nb_dev, width)
-        prev = self._prev.get(layer_idx)
-        if prev is not None and step % self.refresh != 0:
-            cols = torch.arange(width, device=device)[None, :]
-            chosen = torch.zeros(layer.rows, width, dtype=torch.bool, device=device)
-            valid = prev >= 0
-            chosen[torch.arange(layer.rows, device=device)[:, None].expand_as(prev)[valid], prev[valid]] = True
-            chosen |= forced | (dense.to(device)[:, None] & (cols < nb_dev[:, None]))
-            big = torch.iinfo(torch.long).max
-            idx = torch.where(chosen, cols, big).sort(1).values
-            idx = idx[:, : int(chosen.sum(1).max())]
-            index = torch.where(idx == big, -1, idx)
-        else:
-            scores = self.block_scores(layer_idx, layer, query)
-            index = top_blocks(scores[:, :width], nb, k, forced)
-            self._prev[layer_idx] = index
-        return ReadPlan("blocks", index.view(layer.batch, layer.kv_heads, -1), block_size=self.block_size)

@@ -27,7 +27,7 @@ from kvlab.attention.plans import ReadPlan
 from kvlab.attention.sparse import row_threads
 from kvlab.cache.store import KVStore, LayerStore, ceil_div_tensor
 from kvlab.errors import check
-from kvlab.methods._routing_common import RoutingMethod, grouped_query, rowwise_mv
+from kvlab.methods._routing_common import RoutePlan, RoutingMethod, grouped_query, rowwise_mv
 from kvlab.methods.base import PrefillContext, register
 
 
@@ -100,9 +100,9 @@ class ClusterRoute(RoutingMethod):
 
     def _cluster_layer(self, layer: LayerStore) -> _LayerClusters:
         rows, d, dev = layer.rows, layer.head_dim, layer.keys.device  # the clusters live where the keys are
-        spans = [self._span(int(n)) for n in layer.lengths.tolist()]
+        spans = [self._span(n) for n in layer.lengths_host]
         c_max = max(1, max(-(-(e - s) // self.cluster_size) for s, e in spans))
-        cap = int(layer.lengths.max())
+        cap = layer.max_length
         assign = torch.full((rows, cap), -1, dtype=torch.long, device=dev)
         dirs = torch.zeros(rows, c_max, d, device=dev)
         means = torch.zeros(rows, c_max, d, device=dev)
@@ -111,7 +111,7 @@ class ClusterRoute(RoutingMethod):
             if e <= s:
                 continue
             t0 = time.perf_counter()
-            first = int(layer.start[row]) * layer.block_size
+            first = layer.start_host[row] * layer.block_size
             keys = layer.keys[first + s: first + e]
             clusters = -(-(e - s) // self.cluster_size)
             a, c = cosine_kmeans(keys, clusters, self.iters)
@@ -145,24 +145,26 @@ class ClusterRoute(RoutingMethod):
         """Assign the slots in ``todo`` ``[rows, T]`` to their nearest centroid (cosine)."""
         for row in todo.any(1).nonzero().flatten().tolist():
             slots = todo[row].nonzero().flatten()
-            first = int(layer.start[row]) * layer.block_size
+            first = layer.start_host[row] * layer.block_size
             keys = torch.nn.functional.normalize(layer.keys[first + slots].float(), dim=-1)
             sim = keys @ state.dirs[row].T
             sim[:, ~state.exists[row]] = -torch.inf
             state.assign[row, slots] = sim.argmax(1)
             state.exists[row, state.assign[row, slots]] = True
 
-    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, step: int,
-               budgets: torch.Tensor) -> ReadPlan:
-        dense = budgets >= layer.lengths
-        for n in layer.lengths[~dense].unique().tolist():
-            self.check_budget(int(n))
+    def graph_safe(self) -> bool:
+        return False  # new tokens join clusters by a data-dependent loop over rows
+
+    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, plan: RoutePlan) -> ReadPlan:
+        step = plan.step
         state = self._layers.get(layer_idx)
         if state is None:  # decode_plan without prefill_end (benchmarks): cluster now
             state = self._layers[layer_idx] = self._cluster_layer(layer)
-        width = int(layer.lengths.max())
+        width = layer.max_length
         device = layer.keys.device
-        lengths, budgets, dense = layer.lengths.to(device), budgets.to(device), dense.to(device)
+        lengths = layer.lengths
+        budgets = torch.tensor(plan.budgets, dtype=torch.long, device=device)
+        dense = budgets >= lengths
         if state.assign.shape[1] < width:
             grow = torch.full((layer.rows, width + 64 - state.assign.shape[1]), -1, dtype=torch.long, device=device)
             state.assign = torch.cat([state.assign, grow], 1)

@@ -33,6 +33,18 @@ class SharedLayerStore:
     def append(self, *args: Any, **kwargs: Any) -> None:
         """The layer's own K/V are dropped: the layer below's are used."""
 
+    def append_decode(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def advance_host(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def ensure_room(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def compact(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
     def repack(self, *args: Any, **kwargs: Any) -> None:
         """Eviction happens on the source layer."""
 

@@ -79,6 +79,9 @@ class KVCompress(Method):
     def observes_decode_queries(self) -> bool:
         return self.interval is not None and self._active()
 
+    def graph_safe(self) -> bool:
+        return self.interval is None  # continual compression repacks the store every `interval` steps
+
     def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
         if not self._active():
             return

@@ -19,8 +19,8 @@ from typing import ClassVar
 import torch
 
 from kvlab.attention.plans import ReadPlan
-from kvlab.cache.store import LayerStore, ceil_div_tensor
-from kvlab.methods._routing_common import RoutingMethod, attention_mass, top_blocks
+from kvlab.cache.store import LayerStore, ceil_div
+from kvlab.methods._routing_common import RoutePlan, RoutingMethod, attention_mass, top_blocks
 from kvlab.methods.base import register
 
 
@@ -29,6 +29,9 @@ class _Oracle(RoutingMethod):
     sink_blocks: int = 0
     local_blocks: int = 1
     dense_layers: int | str | list[int] = 0
+
+    def graph_safe(self) -> bool:
+        return False  # the true attention is computed row by row
 
     def _mass(self, layer: LayerStore, query: torch.Tensor) -> torch.Tensor:
         """``[rows, T]`` true attention mass summed over each GQA group."""
@@ -45,13 +48,13 @@ class OracleTokens(_Oracle):
     name: ClassVar[str] = "oracle-tokens"
     summary: ClassVar[str] = "oracle: top-k tokens by true attention (costs a full attention pass)"
 
-    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, step: int,
-               budgets: torch.Tensor) -> ReadPlan:
+    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, plan: RoutePlan) -> ReadPlan:
         lengths = layer.lengths
-        budgets = torch.minimum(budgets, lengths)
+        budgets = torch.minimum(torch.tensor(plan.budgets, device=lengths.device), lengths)
+        width = max(min(b, n) for b, n in zip(plan.budgets, plan.lengths, strict=True))
         mass = self._mass(layer, query)
-        index = top_blocks(mass, lengths, budgets, None)  # tokens are blocks of one
-        return ReadPlan("tokens", index.view(layer.batch, layer.kv_heads, -1))
+        index = top_blocks(mass, lengths, budgets, width)  # tokens are blocks of one
+        return ReadPlan("tokens", index.view(layer.batch, layer.kv_heads, -1), ascending=True)
 
 
 @register
@@ -62,15 +65,16 @@ class OracleBlocks(_Oracle):
     name: ClassVar[str] = "oracle-blocks"
     summary: ClassVar[str] = "oracle: top-k blocks by true attention mass (costs a full attention pass)"
 
-    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, step: int,
-               budgets: torch.Tensor) -> ReadPlan:
+    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, plan: RoutePlan) -> ReadPlan:
         lengths = layer.lengths
         bs = self.block_size
-        nb = ceil_div_tensor(lengths, bs)
-        k = torch.where(budgets >= lengths, nb, torch.minimum(budgets // bs, nb)).clamp(min=1)
+        nb, k = self.blocks_read(lengths)
+        k = k.clamp(min=1)
         mass = self._mass(layer, query)
-        width = int(nb.max())
+        width = ceil_div(layer.max_length, bs)
         mass = torch.nn.functional.pad(mass, (0, width * bs - mass.shape[1]))
         block_mass = mass.view(layer.rows, width, bs).sum(-1)
-        index = top_blocks(block_mass, nb, k, None)
-        return ReadPlan("blocks", index.view(layer.batch, layer.kv_heads, -1), block_size=bs)
+        most = max(1, max(ceil_div(n, bs) if b >= n else min(b // bs, ceil_div(n, bs))
+                          for b, n in zip(plan.budgets, plan.lengths, strict=True)))
+        index = top_blocks(block_mass, nb, k, most)
+        return ReadPlan("blocks", index.view(layer.batch, layer.kv_heads, -1), block_size=bs, ascending=True)

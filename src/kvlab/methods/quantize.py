@@ -17,6 +17,7 @@ compressible (global) layers are quantized; sliding-window layers keep their win
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -182,6 +183,12 @@ class Quantize(Method):
             if not isinstance(store.layers[i], QuantizedLayerStore):
                 store.layers[i] = QuantizedLayerStore(store.layers[i], self.bits, self.group)
 
+    def decode_reserve(self, tokens: int) -> int:
+        return self._inner.decode_reserve(tokens) if self._inner else tokens
+
+    def plan_step(self, store: KVStore, step: int) -> Hashable:
+        return self._inner.plan_step(store, step) if self._inner else None
+
     def decode_plan(self, layer_idx: int, layer: LayerStore, query: torch.Tensor,
                     q_positions: torch.Tensor) -> ReadPlan | None:
         return self._inner.decode_plan(layer_idx, layer, query, q_positions) if self._inner else None
@@ -189,6 +196,10 @@ class Quantize(Method):
     def step_end(self, store: KVStore, ctx: StepContext) -> None:
         if self._inner is not None:
             self._inner.step_end(store, ctx)
+
+    def decode_end(self, store: KVStore) -> None:
+        if self._inner is not None:
+            self._inner.decode_end(store)
 
 
 def with_quantization(method: Method | str, bits: int = 8, group: int = 32, **budget: float | int) -> Quantize:

@@ -10,6 +10,12 @@ Two pieces plug in, both through transformers' public extension points (checked 
 The attention function is not handed the cache, so the cache being driven is found through a context
 variable set by :func:`running`. Because ``"kvlab"`` has no mask function, transformers builds no
 mask: causality, padding and sliding windows come from the positions kept in the store.
+
+Only :func:`kvlab.generation.prefill` and :func:`kvlab.generation.decode` drive a :class:`KVLabCache`
+(decode is the only loop that sets ``decoding``). In decode the driver passes ``cache_position`` to
+the model, so transformers never asks the cache for its length, and a layer's step is: a fixed-shape
+slot write (:meth:`~kvlab.cache.store.LayerStore.append_decode`), the method's per-layer plan, the
+attention -- device work only.
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 
+from kvlab.attention import ReadPlan, attend
 from kvlab.cache.store import KVStore
-from kvlab.kernels.dispatch import attend  # Triton on CUDA decode steps, the torch path otherwise
 from kvlab.methods.base import Method
 
 ATTENTION_NAME = "kvlab"
@@ -41,10 +47,11 @@ class KVLabCache(Cache):
         self.method = method
         self.observe = observe  # keep the last `observe` queries of each layer (prefill)
         self.observe_decode = observe_decode
-        self.decoding = False
+        self.decoding = False  # set by kvlab.generation.decode alone
         self.q_positions: torch.Tensor | None = None  # [B, L]
         self.valid: torch.Tensor | None = None  # [B, L]
         self.queries: dict[int, torch.Tensor] = {}
+        self.plans: dict[int, ReadPlan | None] = {}  # what each layer read at the last step
         self.slack = 64
 
     def set_inputs(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
@@ -53,11 +60,15 @@ class KVLabCache(Cache):
     # -- the transformers Cache surface the decoders use
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        self.store.layers[layer_idx].append(key_states, value_states, self.q_positions, self.valid)
+        layer = self.store.layers[layer_idx]
+        if self.decoding and key_states.shape[2] == 1:
+            layer.append_decode(key_states, value_states, self.q_positions)
+        else:
+            layer.append(key_states, value_states, self.q_positions, self.valid)
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.store.layers[layer_idx].lengths.max())
+        return self.store.layers[layer_idx].max_length  # the host copy: no device read
 
     @property
     def is_initialized(self) -> bool:
@@ -76,8 +87,10 @@ class KVLabCache(Cache):
         plan = None
         if self.decoding and self.method is not None and layer.sliding_window is None:
             plan = self.method.decode_plan(layer_idx, layer, query, self.q_positions)
+        self.plans[layer_idx] = plan
         out = attend(layer, query, self.q_positions, scaling, plan)
-        layer.trim_window(self.slack)
+        if not self.decoding:
+            layer.trim_window(self.slack)  # prefill: give the memory back; decode trims in place before a step
         return out
 
 
