@@ -3,9 +3,11 @@
 1. With nothing compressed, kvlab (decode steps through the Triton kernels) reproduces transformers'
    logits and greedy tokens on tiny random models of every supported architecture, fp32 and bf16.
 2. Every routing and eviction method at full budget decodes the same greedy tokens as ``full``.
-3. ``block-route`` at 1/4 budget gives the same logits through the Triton kernels as through the
-   torch path (same plan, two attention implementations).
-4. Every method at budget 1/2 runs on the GPU and decodes what it decodes on the CPU (fp32; logits
+3. ``block-route`` at 1/4 budget gives the same logits through the Triton kernels (the fused scoring
+   + top-k kernel and the paged attention kernel) as through the torch path.
+4. Decode steps replayed from CUDA graphs give the same tokens and logits as eager steps, for every
+   method that captures its steps (full, block-route, streaming, h2o, tova, kv-compress, snapkv).
+5. Every method at budget 1/2 runs on the GPU and decodes what it decodes on the CPU (fp32; logits
    within 1e-2: CPU and GPU arithmetic differ in rounding, which can move a near-tie in a selection).
 
 Prints one line per check and exits non-zero if any fails.
@@ -13,12 +15,14 @@ Prints one line per check and exits non-zero if any fails.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+from collections.abc import Iterator
 
 import torch
 
 import kvlab
-from kvlab.experiments.bench_gpu import kernels_in_model
 from kvlab.experiments.runner import EVICTION, OTHER, ROUTING
 from kvlab.generation import decode, prefill
 from kvlab.methods import make_method
@@ -35,17 +39,39 @@ def report(name: str, ok: bool, detail: str) -> None:
         failures.append(name)
 
 
+@contextlib.contextmanager
+def kernels(backend: str) -> Iterator[None]:
+    """Every kernel through ``backend`` (``triton`` or ``torch``) for the block (KVLAB_KERNELS)."""
+    saved = os.environ.get("KVLAB_KERNELS")
+    os.environ["KVLAB_KERNELS"] = backend
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("KVLAB_KERNELS", None)
+        else:
+            os.environ["KVLAB_KERNELS"] = saved
+
+
+GRAPH_METHODS = [("full", {}), ("block-route", {"budget": 0.25, "dense_layers": 0}),
+                 ("block-route", {"budget": 0.25, "dense_layers": 0, "refresh": 3}),
+                 ("streaming", {"budget": 0.25, "compact_every": 5}), ("h2o", {"budget": 0.25, "window": 8}),
+                 ("tova", {"budget": 0.25}), ("kv-compress", {"budget": 0.25}),
+                 ("snapkv", {"budget": 0.25, "window": 8})]
+
+
 def prompts(lengths: tuple[int, ...], seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, 250, (n,), generator=g).tolist() for n in lengths]
 
 
-def main() -> int:
+def main(graphs_only: bool = False) -> int:
+    """All checks; ``graphs_only`` (``--graphs``): checks 3 and 4 on tiny-llama alone (a minute)."""
     device = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
     ids = prompts((300, 211))
-    for arch in ARCHS:
-        for dtype in (torch.float32, torch.bfloat16):
+    for arch in ARCHS[:1] if graphs_only else ARCHS:
+        for dtype in (torch.float32,) if graphs_only else (torch.float32, torch.bfloat16):
             model, _ = kvlab.load(f"random:{arch}", dtype=dtype)
             model = model.to(device)
             ref_tokens, ref_logits = transformers_greedy(model, ids, 12)
@@ -63,7 +89,7 @@ def main() -> int:
             if dtype != torch.float32:
                 continue
             full = out.tokens.cpu()
-            for name in ROUTING + EVICTION:
+            for name in () if graphs_only else ROUTING + EVICTION:
                 try:
                     extra = {"dense_layers": 0} if name in ROUTING else {}
                     res = decode(model, snap, make_method(name, budget=1.0, **extra), max_new_tokens=12)
@@ -75,14 +101,28 @@ def main() -> int:
             if arch == "tiny-gemma3":
                 continue
             results = {}
-            for use_kernels in (True, False):
-                with kernels_in_model(use_kernels):
-                    results[use_kernels] = decode(model, snap, make_method("block-route", budget=0.25, dense_layers=0),
-                                                  max_new_tokens=12, return_logits=True)
-            diff = (results[True].logits - results[False].logits).abs().max().item()
+            for backend in ("triton", "torch"):
+                with kernels(backend):
+                    results[backend] = decode(model, snap, make_method("block-route", budget=0.25, dense_layers=0),
+                                              max_new_tokens=12, return_logits=True, cuda_graphs=False)
+            diff = (results["triton"].logits - results["torch"].logits).abs().max().item()
             report(f"{arch} block-route 1/4: Triton vs torch path", diff <= 1e-3, f"max |Δlogit| {diff:.2e}")
+            for name, params in GRAPH_METHODS:
+                try:
+                    runs = [decode(model, snap, make_method(name, **params), max_new_tokens=24, return_logits=True,
+                                   cuda_graphs=graphs) for graphs in (False, True)]
+                    diff = (runs[0].logits - runs[1].logits).abs().max().item()
+                    ok = torch.equal(runs[0].tokens, runs[1].tokens) and diff <= 1e-4 and runs[1].replays > 0
+                    report(f"{arch} {name} {params}: CUDA graphs vs eager", ok,
+                           f"max |Δlogit| {diff:.2e}, {runs[1].graphs} graphs, {runs[1].replays} of "
+                           f"{runs[1].steps} steps replayed")
+                except Exception as exc:  # noqa: BLE001 -- reported, the rest go on
+                    report(f"{arch} {name} {params}: CUDA graphs vs eager", False, f"{type(exc).__name__}: {exc}")
             del model, snap
             torch.cuda.empty_cache()
+    if graphs_only:
+        print(f"{len(failures)} failed" + (": " + ", ".join(failures) if failures else ""), flush=True)
+        return 1 if failures else 0
     cpu_model, _ = kvlab.load("random:tiny-llama")
     gpu_model = kvlab.load("random:tiny-llama")[0].to(device)
     cpu_snap = prefill(cpu_model, ids, block_size=16, reserve_tokens=4, observe=8)
@@ -106,4 +146,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(graphs_only="--graphs" in sys.argv[1:]))

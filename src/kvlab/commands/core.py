@@ -19,6 +19,8 @@ RatioOpt = Annotated[float | None, typer.Option(help="fraction of the context re
 BudgetTokensOpt = Annotated[int | None, typer.Option("--budget-tokens", help="budget as a token count")]
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", "-p", help="method parameter NAME=VALUE (repeat)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+CudaGraphsOpt = Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs",
+                                             help="on CUDA, replay decode steps from CUDA graphs (default on)")]
 
 
 def parse_method_params(method: str, params: list[str] | None, **common: Any) -> dict[str, Any]:
@@ -99,6 +101,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 64,
         block_size: Annotated[int, typer.Option(help="tokens per block of the store (power of two)")] = 16,
         dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+        cuda_graphs: CudaGraphsOpt = True,
         as_json: JsonOpt = False,
     ) -> None:
         """Generate from a prompt with a compression method and report what it kept and cost."""
@@ -118,7 +121,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
               f"--block-size must be a power of two, got {block_size}")
         m, tok = kvlab.load(model, dtype=dtype)
         result = kvlab.generate(m, tok, prompts, method=method_obj, max_new_tokens=max_new_tokens,
-                                block_size=block_size)
+                                block_size=block_size, cuda_graphs=cuda_graphs)
         stats = result.stats
         if as_json:
             print(json.dumps({"texts": result.texts, "stats": stats}, indent=2))
@@ -145,22 +148,43 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         steps: Annotated[int, typer.Option(help="decode steps timed per round")] = 16,
         rounds: Annotated[int, typer.Option(help="alternating rounds; the median is reported")] = 2,
         dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "float32",
+        budget: Annotated[float, typer.Option(help="budget of block-route and streaming")] = 0.25,
+        host: Annotated[bool, typer.Option("--host/--no-host", help="also the host-time table (tiny layers)")] = True,
+        host_layers: Annotated[str, typer.Option("--host-layers", help="layer counts of the host-time model")]
+        = "2,16",
+        host_context: Annotated[int, typer.Option("--host-context", help="context of the host-time model")] = 1024,
+        cuda_graphs: CudaGraphsOpt = True,
         as_json: JsonOpt = False,
     ) -> None:
-        """Uncompressed decode: kvlab's store vs transformers' DynamicCache + SDPA, as a ratio from one run."""
+        """What a decode step costs: kvlab full vs transformers' DynamicCache (ratio from one run), block-route
+        and streaming beside them; then the host time and sync-forcing calls per step on tiny layers."""
         import kvlab
-        from kvlab.experiments.bench_decode import run
+        from kvlab.experiments.bench_decode import host_time, run
         from kvlab.machine import describe as machine
 
         check(batch >= 1 and all(c >= 1 for c in context), "--batch and --context must be >= 1")
+        check(0 < budget < 1, f"--budget must be in (0, 1), got {budget}")
+        try:
+            layer_counts = tuple(int(x) for x in host_layers.split(",") if x.strip())
+        except ValueError:
+            raise KVLabError(f"--host-layers takes comma-separated layer counts, got {host_layers!r}") from None
+        check(layer_counts and all(n >= 1 for n in layer_counts), "--host-layers must be >= 1 each")
         m, _ = kvlab.load(model, dtype=dtype)
-        rows = run(m, context, batch=batch, steps=steps, rounds=rounds)
-        print_table(rows, title=f"decode, full cache · {model} · {machine()}", as_json=as_json)
+        rows = run(m, context, batch=batch, steps=steps, rounds=rounds, budget=budget, cuda_graphs=cuda_graphs)
+        host_rows = host_time(layer_counts, host_context, batch, max(steps, 8), max(rounds, 1)) if host else []
+        if as_json:
+            print(json.dumps({"machine": machine(), "model": rows, "host": host_rows}, indent=2))
+            return
+        print_table(rows, title=f"decode step · {model} · {machine()}")
+        if host_rows:
+            print_table(host_rows, title=f"host time per decode step · random Llama, hidden 64 · {host_context} "
+                                         f"tokens × {batch} · sync-forcing calls per step")
 
     @app.command()
     def demo(
         model: ModelOpt = "qwen2.5-coder-0.5b",
         budget: BudgetOpt = 0.25,
+        cuda_graphs: CudaGraphsOpt = True,
         as_json: JsonOpt = False,
     ) -> None:
         """One long real prompt (stdlib code + a question), prefilled once, answered by several methods."""
@@ -171,7 +195,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         kvlab.make_method("streaming", budget=budget)  # validate before loading
         m, tok = kvlab.load(model)
         methods = [("full", {})] + [(name, {"budget": budget}) for name in ("streaming", "block-route", "kv-compress")]
-        rows = run(m, tok, methods)
+        rows = run(m, tok, methods, cuda_graphs=cuda_graphs)
         print_table(rows, title=f"kvlab demo · {model} · {machine()}", as_json=as_json)
 
     @app.command()

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from kvlab.commands.core import JsonOpt, ModelOpt
+from kvlab.commands.core import CudaGraphsOpt, JsonOpt, ModelOpt
 from kvlab.commands.output import print_table
 from kvlab.errors import KVLabError
 
@@ -31,6 +31,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         block_size: Annotated[int, typer.Option(help="tokens per block of the store")] = 16,
         rounds: Annotated[int, typer.Option(help="decode every config this many times, report the fastest")] = 1,
         threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
+        cuda_graphs: CudaGraphsOpt = True,
         dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
         markdown: Annotated[bool, typer.Option("--markdown", help="print a Markdown table")] = False,
         as_json: JsonOpt = False,
@@ -40,7 +41,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
         cfg = bt.ThroughputConfig(model=model, batch=batch, context=context, new_tokens=new_tokens,
                                   ratios=_floats(ratios), block_size=block_size, dtype=dtype, rounds=rounds,
-                                  threads=threads,
+                                  threads=threads, cuda_graphs=cuda_graphs,
                                   methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
         result = bt.run(cfg)
         if as_json:

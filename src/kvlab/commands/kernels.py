@@ -37,9 +37,12 @@ def print_gpu_result(result: dict[str, Any]) -> None:
     if result["targets"]:
         print_table(result["targets"], title="targets (ratios from this run)")
     if result["e2e"]:
-        print_table([{"context": f"{r['context'] // 1024}K", "variant": r["variant"],
-                      "tok/s": r.get("tokens_per_s"), "ms/token": r.get("ms_per_token"), "note": r.get("error", "")}
-                     for r in result["e2e"]], title="end to end · random-weight llama-3.1-8b, batch 1, bf16")
+        print_table([{"context × batch": f"{r['context'] // 1024}K × {r['batch']}", "variant": r["variant"],
+                      "tok/s": r.get("tokens_per_s"), "ms/step": r.get("ms_per_step"),
+                      "roofline ms": r.get("roofline_ms"), "× roofline": r.get("of_roofline"),
+                      "note": r.get("error", "")}
+                     for r in result["e2e"]], title="end to end · random-weight llama-3.1-8b, bf16, kvlab decode "
+                                                    "(CUDA graphs) · roofline: weights + KV read ÷ copy bandwidth")
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -50,6 +53,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         quick: Annotated[bool, typer.Option("--quick", help="8K and 32K, batch 1 and 4, end to end at 32K")] = False,
         e2e: Annotated[bool, typer.Option("--e2e/--no-e2e", help="also time decode of llama-3.1-8b end to end")]
         = True,
+        attention: Annotated[bool, typer.Option("--attention/--no-attention",
+                                                help="the decode-attention kernel table (off: end to end only)")]
+        = True,
+        cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs",
+                                                  help="end to end with CUDA graphs (default) or eager steps")] = True,
         tune: Annotated[bool, typer.Option("--tune/--no-tune", help="first pick the paged kernel's launch config")]
         = True,
         warmup: Annotated[int, typer.Option(help="untimed calls before timing")] = 10,
@@ -66,8 +74,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
         check(warmup >= 0 and iters >= 1, "--warmup must be >= 0 and --iters >= 1")
         result = run_gpu_benchmark(_ints(context, "--context"), _ints(batch, "--batch"), quick=quick, e2e=e2e,
-                                   tune=tune, warmup=warmup, iters=iters, out_dir=out_dir,
-                                   log=lambda line: typer.echo(line, err=True))
+                                   tune=tune, attention=attention, cuda_graphs=cuda_graphs, warmup=warmup,
+                                   iters=iters, out_dir=out_dir, log=lambda line: typer.echo(line, err=True))
         if docs and Path("docs/benchmarks.md").is_file():  # run from a kvlab checkout
             typer.echo(f"updated {update_docs(result)} (section \"## GPU kernels\")", err=True)
         if as_json:
