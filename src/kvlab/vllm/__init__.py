@@ -1,0 +1,10 @@
+"""kvlab inside vLLM: block-route as an attention-backend plugin (see docs/vllm.md).
+
+- :mod:`kvlab.vllm.config` -- the ``"kvlab"`` entry of vLLM's ``--additional-config``, validated by
+  kvlab's own method classes (no vLLM import);
+- :mod:`kvlab.vllm.routing` -- page summaries, the per-step plan and the per-layer page selection
+  (plain PyTorch on vLLM's tensors);
+- :mod:`kvlab.vllm.backend` -- the backend vLLM runs: its CPU (and, written but not run, Triton) backend
+  with kvlab's step plan and compacted block tables;
+- :mod:`kvlab.vllm.plugin` -- the ``vllm.general_plugins`` entry point that registers it.
+"""

