@@ -1,0 +1,79 @@
+"""`kvlab serve` refuses bad input before vLLM starts: one line, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from kvlab.cli import app
+from kvlab.errors import KVLabError
+
+
+def serve(*args: str):
+    result = CliRunner().invoke(app, ["serve", *args])
+    assert isinstance(result.exception, KVLabError), (result.exception, result.output)
+    return str(result.exception)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--method", "nope"], ["unknown method 'nope'", "vLLM runs: full, block-route"]),
+    (["--method", "cluster-route", "--budget", "0.1"], ["cannot run inside vLLM", "full, block-route"]),
+    (["--method", "kv-compress", "--budget", "0.1"], ["cannot run inside vLLM", "full, block-route"]),
+    (["--method", "oracle-blocks", "--budget", "0.1"], ["cannot run inside vLLM"]),
+    (["--method", "block-route", "--budget", "1.5"], ["budget must be in (0, 1]"]),
+    (["--method", "block-route", "--ratio", "1.0"], ["ratio must be in [0, 1)"]),
+    (["--method", "block-route", "--budget-tokens", "0"], ["budget_tokens must be a positive"]),
+    (["--method", "block-route"], ["needs a budget"]),
+    (["--method", "block-route", "--budget", "0.1", "-p", "score_block=48"], ["score_block 48 does not divide"]),
+    (["--method", "block-route", "--budget", "0.1", "-p", "score_block=256"], ["score_block 256 does not divide"]),
+    (["--method", "block-route", "--budget", "0.1", "-p", "score_block=24"], ["score_block 24 does not divide"]),
+    (["--method", "block-route", "--budget", "0.1", "-p", "score_block=0"], ["score_block must be a power of two"]),
+    (["--method", "block-route", "--budget", "0.1", "--block-size", "96"], ["power-of-two page size"]),
+    (["--method", "block-route", "--budget", "0.1", "--block-size", "48"], ["multiple of 32"]),
+    (["--method", "block-route", "--budget", "0.1", "-p", "refresh=4"], ["refresh=4 is not supported"]),
+    (["--method", "block-route", "--budget", "0.1", "-p", "colour=red"], ["has no parameter 'colour'"]),
+])
+def test_bad_method_configuration(args, words):
+    message = serve(*args)
+    for w in words:
+        assert w in message
+
+
+def test_model_that_is_neither_builtin_nor_a_directory_with_a_config(tmp_path):
+    message = serve("--model", str(tmp_path))
+    assert "neither a built-in model" in message and "config.json" in message
+    assert "neither a built-in model" in serve("--model", "no-such-model")
+
+
+def test_dense_layers_outside_the_model(tiny_model):
+    message = serve("--model", str(tiny_model), "--method", "block-route", "--budget", "0.1", "-p", "dense_layers=9")
+    assert "dense_layers=9 is outside the model" in message
+
+
+def test_max_model_len_beyond_the_model(tiny_model):
+    assert "--max-model-len must be in 1..8192" in serve("--model", str(tiny_model), "--max-model-len", "100000")
+
+
+def test_port_in_use(tiny_model):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        message = serve("--model", str(tiny_model), "--port", str(port))
+    assert f"cannot listen on 127.0.0.1:{port}" in message and "--port" in message
+
+
+def test_unconverted_builtin_in_this_environment_writes_nothing(tmp_path):
+    env = {**os.environ, "KVLAB_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "kvlab", "serve", "--model", "qwen2.5-coder-0.5b"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model 'qwen2.5-coder-0.5b' is not converted yet")
+    assert "kvlab.load('qwen2.5-coder-0.5b')" in lines[0]
+    assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
