@@ -6,7 +6,8 @@
 3. ``block-route`` at 1/4 budget gives the same logits through the Triton kernels (the fused scoring
    + top-k kernel and the paged attention kernel) as through the torch path.
 4. Decode steps replayed from CUDA graphs give the same tokens and logits as eager steps, for every
-   method that captures its steps (full, block-route, streaming, h2o, tova, kv-compress, snapkv).
+   method that captures its steps (full, block-route, streaming, h2o, tova, kv-compress, cluster-route,
+   snapkv).
 5. Every method at budget 1/2 runs on the GPU and decodes what it decodes on the CPU (fp32; logits
    within 1e-2: CPU and GPU arithmetic differ in rounding, which can move a near-tie in a selection).
 
@@ -57,6 +58,7 @@ GRAPH_METHODS = [("full", {}), ("block-route", {"budget": 0.25, "dense_layers": 
                  ("block-route", {"budget": 0.25, "dense_layers": 0, "refresh": 3}),
                  ("streaming", {"budget": 0.25, "compact_every": 5}), ("h2o", {"budget": 0.25, "window": 8}),
                  ("tova", {"budget": 0.25}), ("kv-compress", {"budget": 0.25}),
+                 ("cluster-route", {"budget": 0.25, "dense_layers": 0}),
                  ("snapkv", {"budget": 0.25, "window": 8})]
 
 

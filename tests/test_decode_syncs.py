@@ -19,7 +19,8 @@ from kvlab.methods import make_method
 
 STEPS = 40  # past one in-place compaction of the decode-time evictions (every 32 steps by default)
 METHODS = [("full", {}), ("block-route", {"budget": 0.25, "dense_layers": 0}), ("kv-compress", {"budget": 0.25}),
-           ("streaming", {"budget": 0.25}), ("h2o", {"budget": 0.25, "window": 16}), ("tova", {"budget": 0.25})]
+           ("streaming", {"budget": 0.25}), ("h2o", {"budget": 0.25, "window": 16}), ("tova", {"budget": 0.25}),
+           ("cluster-route", {"budget": 0.25, "dense_layers": 0})]
 
 
 def random_llama(layers: int):

@@ -25,42 +25,18 @@ visibility comes from the gathered positions as in :mod:`kvlab.attention.gqa`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Literal
 
 import torch
 
 from kvlab.attention.gqa import group_queries, ungroup_output
-from kvlab.attention.torch_attention import WORKSPACE, copy_unit
+from kvlab.attention.torch_attention import ROW_THREADS, WORKSPACE, copy_unit, row_threads
 from kvlab.cache.store import LayerStore
 from kvlab.errors import check
 
-ROW_THREADS = 1  # intra-op threads for the per-row copies and products (None: torch's setting), see below
 BATCH_ROWS_MAX_ELEMENTS = 1 << 20  # selections up to this many K elements in all rows are attended in one batch
 RUN_MIN_TOKENS = 16  # mean run length from which a token plan is copied run by run in mode="auto"
-__all__ = ["WORKSPACE", "attend_blocks", "attend_tokens", "copy_unit", "merge_runs", "row_threads"]
-
-
-@contextmanager
-def row_threads(n: int | None = None) -> Iterator[None]:
-    """Run the block with at most ``n`` torch threads (default :data:`ROW_THREADS`), then restore.
-
-    The sparse paths issue a few small ops per row. On a 2-core machine shared with other work, every
-    multi-threaded op waits for its second thread to be scheduled, so a loop of small ops costs far
-    more with 2 threads than with 1 (measured: 434 ms vs 5 ms of CPU for one 32K step); one thread
-    per op is also what a busy server would give each request.
-    """
-    n = ROW_THREADS if n is None else n
-    old = torch.get_num_threads()
-    if n is None or n >= old:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+__all__ = ["ROW_THREADS", "WORKSPACE", "attend_blocks", "attend_tokens", "copy_unit", "merge_runs", "row_threads"]
 
 
 def merge_runs(units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,9 +6,9 @@ Three reads, each launching only device work (every size comes from the layer's 
   one SDPA call (no mask for the common decode step: one query, every row full, no dead slot);
 - :func:`attend_ragged` -- rows of different capacities: one SDPA per row over a contiguous slice;
 - :func:`attend_plan` -- what a :class:`~kvlab.attention.plans.ReadPlan` selects, with fixed shapes:
-  the selected logical blocks of every row are copied as whole units of the pool (one memcpy per
-  block; a plan of tokens copies single slots) into one ``[rows, n, D]`` buffer, then one batched
-  masked attention. The width is the plan's, so a step of a captured decode always has one shape.
+  the selected logical blocks of each chunk of rows are copied as whole units of the pool (one memcpy
+  per block; a plan of tokens copies single slots) into one reused ``[rows, n, D]`` buffer, then one
+  batched masked attention. The width is the plan's, so every step of a decode has one shape.
 
 :func:`attend_plan_reference` gathers a plan's tokens row by row (the slow reference of every plan).
 Use :func:`kvlab.attention.attend`, which also picks the Triton kernel on CUDA; these are its torch path.
@@ -17,6 +17,8 @@ Use :func:`kvlab.attention.attend`, which also picks the Triton kernel on CUDA; 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import reduce
 
 import torch
@@ -27,6 +29,8 @@ from kvlab.cache.store import LayerStore
 
 # The names other modules import from here (one definition each, in kvlab.attention.gqa).
 _attend_rows, _expand_groups = attend_rows, expand_groups
+ROW_THREADS = 1  # intra-op threads for the small copies and products of a plan (None: torch's setting)
+PLAN_CHUNK_ELEMENTS = 1 << 20  # a plan's rows are gathered and attended in chunks of this many K elements
 __all__ = ["WORKSPACE", "attend_dense", "attend_plan", "attend_plan_reference", "attend_ragged", "attend_torch",
            "group_queries", "ungroup_output", "visibility"]
 
@@ -60,6 +64,27 @@ class Workspace:
 
 
 WORKSPACE = Workspace()
+
+
+@contextmanager
+def row_threads(n: int | None = None) -> Iterator[None]:
+    """Run the block with at most ``n`` torch threads (default :data:`ROW_THREADS`), then restore.
+
+    The sparse paths issue a few small ops per row. On a 2-core machine shared with other work, every
+    multi-threaded op waits for its second thread to be scheduled, so a loop of small ops costs far
+    more with 2 threads than with 1 (measured: 434 ms vs 5 ms of CPU for one 32K step); one thread
+    per op is also what a busy server would give each request.
+    """
+    n = ROW_THREADS if n is None else n
+    old = torch.get_num_threads()
+    if n is None or n >= old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def attend_torch(layer: LayerStore, query: torch.Tensor, q_positions: torch.Tensor, scaling: float,
@@ -125,45 +150,58 @@ def _gather(pool: torch.Tensor, index: torch.Tensor, name: str) -> torch.Tensor:
 
 def attend_plan(layer: LayerStore, query: torch.Tensor, q_positions: torch.Tensor, scaling: float,
                 plan: ReadPlan) -> torch.Tensor:
-    """Attention over what a plan selects, with fixed shapes (see the module docstring)."""
+    """Attention over what a plan selects, with fixed shapes (see the module docstring); on the CPU with
+    :data:`ROW_THREADS` threads (:func:`row_threads`)."""
+    if layer.device.type != "cpu" or torch.compiler.is_compiling():
+        return _attend_plan(layer, query, q_positions, scaling, plan)
+    with row_threads():
+        return _attend_plan(layer, query, q_positions, scaling, plan)
+
+
+def _attend_plan(layer: LayerStore, query: torch.Tensor, q_positions: torch.Tensor, scaling: float,
+                 plan: ReadPlan) -> torch.Tensor:
     b, hq, length, d = query.shape
     h, rows = layer.kv_heads, layer.rows
     g = hq // h
     device = layer.device
     index = plan.index.reshape(rows, -1).to(device).long()
     lengths = layer.lengths
-    if plan.kind == "blocks":
+    if plan.kind == "blocks":  # whole units of the pool: one memcpy of unit * D elements each
         bs = plan.block_size or layer.block_size
         unit = copy_unit(layer, bs)
         r = bs // unit
-        units = (index.clamp(min=0)[:, :, None] * r + torch.arange(r, device=device)).flatten(1)  # [rows, n*r]
-        gid = (layer._row_base // unit)[:, None] + units
+        ids = (layer._row_base // unit)[:, None] + (index.clamp(min=0)[:, :, None] * r
+                                                    + torch.arange(r, device=device)).flatten(1)  # [rows, n*r]
         slots = (index[:, :, None] * bs + torch.arange(bs, device=device)).flatten(1)  # logical slot of each token
         valid = (index[:, :, None] >= 0).expand(rows, index.shape[1], bs).flatten(1) & (slots < lengths[:, None])
-        n = index.shape[1] * bs
-        k = _gather(layer.keys.view(-1, unit * d), gid.flatten(), "k").view(rows, n, d)
-        v = _gather(layer.values.view(-1, unit * d), gid.flatten(), "v").view(rows, n, d)
-        need_pos = length > 1 or layer.sliding_window is not None or layer.holes
-        kpos = layer.positions.view(-1, unit)[gid.flatten()].view(rows, n) if need_pos else None
-    else:
+        kpool, vpool = layer.keys.view(-1, unit * d), layer.values.view(-1, unit * d)
+        ppool = layer.positions.view(-1, unit)
+    else:  # single slots
         valid = (index >= 0) & (index < lengths[:, None])
-        phys = (layer._row_base[:, None] + index.clamp(min=0)).flatten()
-        n = index.shape[1]
-        k = _gather(layer.keys, phys, "k").view(rows, n, d)
-        v = _gather(layer.values, phys, "v").view(rows, n, d)
-        need_pos = length > 1 or layer.sliding_window is not None or layer.holes
-        kpos = layer.positions[phys].view(rows, n) if need_pos else None
+        ids = layer._row_base[:, None] + index.clamp(min=0)
+        kpool, vpool, ppool = layer.keys, layer.values, layer.positions
+    n = valid.shape[1]
     q = group_queries(query, h).to(layer.dtype).reshape(rows, g * length, d)
     vis = valid[:, None, :]  # [rows, 1 or G*L, n]
-    if kpos is not None:
+    if length > 1 or layer.sliding_window is not None or layer.holes:  # positions can hide a token
+        kpos = ppool[ids.flatten()].view(rows, n)
         qpos = q_positions.to(device).repeat_interleave(h, 0, output_size=rows)  # [rows, L]
-        seen = visibility(kpos, qpos, layer.sliding_window)  # [rows, L, n]
-        vis = expand_groups(seen, g) & vis
-    scores = torch.bmm(q, k.transpose(1, 2)).mul_(scaling).masked_fill_(~vis, float("-inf"))
-    seen_any = vis.any(-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(~seen_any, 0.0), dim=-1).masked_fill(~seen_any, 0.0)
-    out = torch.bmm(probs.to(v.dtype), v).view(b, h, g * length, d)
-    return ungroup_output(out, hq, length).to(query.dtype)
+        vis = expand_groups(visibility(kpos, qpos, layer.sliding_window), g) & vis
+    out = torch.empty_like(q)
+    # rows in chunks of at most PLAN_CHUNK_ELEMENTS gathered K elements: a selection that fits the cache is
+    # attended right after it is copied (fixed shapes still: the chunks are set by the plan's width)
+    chunk = max(1, min(rows, PLAN_CHUNK_ELEMENTS // max(n * d, 1)))
+    for r0 in range(0, rows, chunk):
+        r1 = min(rows, r0 + chunk)
+        sel = ids[r0:r1].flatten()
+        k = _gather(kpool, sel, "k").view(r1 - r0, n, d)
+        v = _gather(vpool, sel, "v").view(r1 - r0, n, d)
+        seen = vis[r0:r1]
+        scores = torch.bmm(q[r0:r1], k.transpose(1, 2)).mul_(scaling).masked_fill_(~seen, float("-inf"))
+        seen_any = seen.any(-1, keepdim=True)
+        probs = torch.softmax(scores.masked_fill(~seen_any, 0.0), dim=-1).masked_fill(~seen_any, 0.0)
+        torch.bmm(probs.to(v.dtype), v, out=out[r0:r1])
+    return ungroup_output(out.view(b, h, g * length, d), hq, length).to(query.dtype)
 
 
 def attend_plan_reference(layer: LayerStore, query: torch.Tensor, q_positions: torch.Tensor, scaling: float,

@@ -9,7 +9,10 @@ reads, so the two differ only in how the rest is chosen. New decode tokens stay 
 and are assigned to their nearest centroid every ``recluster`` steps (at the latest when they leave
 the window).
 
-The selected tokens are scattered in memory and read with a token-granular gather. With
+A decode step does only device work with fixed shapes (the step's new token joins its nearest
+cluster, the clusters are scored and taken, the selection has the plan's fixed width), so it can be
+captured in a CUDA graph like block-route's. The selected tokens are scattered in memory and read
+with a token-granular gather. With
 ``relayout=true`` each head's clustered tokens are physically reordered after clustering so every
 cluster is contiguous (positions travel with the keys, so RoPE and masks are unaffected); the tokens
 of a cluster then form one run and are read run by run. ``relayout_seconds`` records what it cost.
@@ -102,7 +105,7 @@ class ClusterRoute(RoutingMethod):
         rows, d, dev = layer.rows, layer.head_dim, layer.keys.device  # the clusters live where the keys are
         spans = [self._span(n) for n in layer.lengths_host]
         c_max = max(1, max(-(-(e - s) // self.cluster_size) for s, e in spans))
-        cap = layer.max_length
+        cap = max(layer.max_capacity_tokens, layer.max_length)
         assign = torch.full((rows, cap), -1, dtype=torch.long, device=dev)
         dirs = torch.zeros(rows, c_max, d, device=dev)
         means = torch.zeros(rows, c_max, d, device=dev)
@@ -131,7 +134,14 @@ class ClusterRoute(RoutingMethod):
                 a = a[order]
                 self.stats["relayout_seconds"] += time.perf_counter() - t1
             assign[row, s:e] = a
-        return _LayerClusters(assign, dirs, means, exists)
+        state = _LayerClusters(assign, dirs, means, exists)
+        # the local window joins its nearest clusters now (it is read whole until it leaves the window)
+        slots = torch.arange(cap, device=dev)[None, :]
+        tail = (slots >= torch.tensor([e for _, e in spans], device=dev)[:, None]) & layer.in_use(cap)
+        tail &= slots >= self.sink_blocks * self.block_size
+        if bool(tail.any()):
+            self._assign_new(layer, state, tail)
+        return state
 
     # ------------------------------------------------------------ decode
     def _forced(self, lengths: torch.Tensor, width: int) -> torch.Tensor:
@@ -152,32 +162,56 @@ class ClusterRoute(RoutingMethod):
             state.assign[row, slots] = sim.argmax(1)
             state.exists[row, state.assign[row, slots]] = True
 
-    def graph_safe(self) -> bool:
-        return False  # new tokens join clusters by a data-dependent loop over rows
+    def _assign_newest(self, layer: LayerStore, state: _LayerClusters) -> None:
+        """A decode step's new token (each row's newest) joins its nearest cluster: device work, fixed shapes."""
+        lengths = layer.lengths
+        newest = (lengths - 1).clamp(min=0)
+        keys = torch.nn.functional.normalize(layer.keys[layer._row_base + newest].float(), dim=-1)  # [rows, D]
+        sim = torch.bmm(state.dirs, keys[:, :, None])[:, :, 0].masked_fill(~state.exists, -torch.inf)
+        cluster = sim.argmax(1)
+        assigned = state.assign.gather(1, newest[:, None])[:, 0]
+        join = (newest >= self.sink_blocks * self.block_size) & (assigned < 0) & (lengths > 0)
+        state.assign.scatter_(1, newest[:, None], torch.where(join, cluster, assigned)[:, None])
+        state.exists.scatter_(1, cluster[:, None], (state.exists.gather(1, cluster[:, None])[:, 0] | join)[:, None])
 
-    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, plan: RoutePlan) -> ReadPlan:
-        step = plan.step
+    def graph_safe(self) -> bool:
+        return not self.record_recall
+
+    def read_width(self, layer: LayerStore, lengths: list[int], budgets: list[int]) -> int:
+        """Tokens: the most any row may read at any length up to the layer's capacity."""
+        points = set(lengths) | {c * layer.block_size for c in layer.capacity_host}
+        if self.budget_tokens is not None:
+            points.add(min(self.budget_tokens, max(points)))
+        return max(1, max(min(self.row_budget(n), n) for n in points))
+
+    def prepare_layer(self, layer_idx: int, layer: LayerStore, plan: RoutePlan) -> None:
         state = self._layers.get(layer_idx)
         if state is None:  # decode_plan without prefill_end (benchmarks): cluster now
             state = self._layers[layer_idx] = self._cluster_layer(layer)
-        width = layer.max_length
+        width = max(layer.max_capacity_tokens, layer.max_length)
+        if state.assign.shape[1] < width:  # the layer grew: the assignments grow with it (host phase)
+            grow = torch.full((layer.rows, width - state.assign.shape[1]), -1, dtype=torch.long, device=layer.device)
+            state.assign = torch.cat([state.assign, grow], 1)
+
+    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, plan: RoutePlan) -> ReadPlan:
+        state = self._layers[layer_idx]
         device = layer.keys.device
         lengths = layer.lengths
-        budgets = torch.tensor(plan.budgets, dtype=torch.long, device=device)
-        dense = budgets >= lengths
-        if state.assign.shape[1] < width:
-            grow = torch.full((layer.rows, width + 64 - state.assign.shape[1]), -1, dtype=torch.long, device=device)
-            state.assign = torch.cat([state.assign, grow], 1)
-        assign = state.assign[:, :width]
+        width = state.assign.shape[1]
         slots = torch.arange(width, device=device)[None, :]
         in_row = slots < lengths[:, None]
         forced = self._forced(lengths, width)
-        todo = (assign < 0) & in_row & (slots >= self.sink_blocks * self.block_size)
-        if step % self.recluster != 0:
-            todo &= ~forced  # in between, only tokens leaving the window must be placed now
-        if bool(todo.any()):
-            self._assign_new(layer, state, todo)
-            assign = state.assign[:, :width]
+        if self._plans is not None and query.shape[2] == 1:
+            self._assign_newest(layer, state)  # every decode token joins a cluster at its own step
+        else:  # not driven by decode (or several new tokens): place what must be placed now
+            todo = (state.assign < 0) & in_row & (slots >= self.sink_blocks * self.block_size)
+            if plan.step % self.recluster != 0:
+                todo &= ~forced  # in between, only tokens leaving the window must be placed now
+            if bool(todo.any()):
+                self._assign_new(layer, state, todo)
+        assign = state.assign
+        budgets = self.row_budgets(lengths)
+        dense = budgets >= lengths
         # score clusters, then take whole clusters best first while they fit the budget
         q = grouped_query(query, layer.kv_heads).sum(1)  # [rows, D]
         scores = rowwise_mv(state.means, q)
@@ -194,9 +228,9 @@ class ClusterRoute(RoutingMethod):
         sel = forced | (chosen.gather(1, member) & (member < c))
         sel |= dense[:, None] & in_row
         big = torch.iinfo(torch.long).max
-        idx = torch.where(sel, slots, big).sort(1).values[:, : int(sel.sum(1).max())]
+        idx = torch.where(sel, slots, big).sort(1).values[:, :plan.width]
         index = torch.where(idx == big, -1, idx)
-        return ReadPlan("tokens", index.view(layer.batch, layer.kv_heads, -1))
+        return ReadPlan("tokens", index.view(layer.batch, layer.kv_heads, -1), ascending=True)
 
     def describe(self) -> dict:
         return {**super().describe(), **{k: round(v, 4) for k, v in self.stats.items()}}
