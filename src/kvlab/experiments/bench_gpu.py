@@ -444,10 +444,11 @@ def kvlab_step_seconds(model: Any, method: Any, context: int, batch: int, steps:
     """Seconds per decode step of ``method`` through :func:`kvlab.generation.decode`, steady state: two
     decodes of ``warm`` and ``warm + steps`` tokens on one filled store, the difference of their times
     divided by ``steps`` (what both share -- the method's prefill work, the eager first step, the
-    capture of the CUDA graphs -- cancels)."""
+    capture of the CUDA graphs -- cancels), after an untimed decode that compiles the kernels."""
     from kvlab.generation import decode
 
-    snapshot = _filled_snapshot(model, context, batch, 2 * warm + steps + 16, device)
+    snapshot = _filled_snapshot(model, context, batch, 2 * warm + steps + 24, device)
+    decode(model, snapshot, method, max_new_tokens=4, copy_store=False, cuda_graphs=cuda_graphs)  # kernels built
     times, info = [], {}
     for n in (warm, warm + steps):
         result = decode(model, snapshot, method, max_new_tokens=n, copy_store=False, cuda_graphs=cuda_graphs)
@@ -526,6 +527,7 @@ def e2e_rows(configs: tuple[tuple[int, int], ...], device: torch.device, steps: 
                 batch //= 2
                 kv_bytes //= 2
         base = {"context": context, "batch": batch, "batch_asked": asked}
+        # block-route routes every layer here (dense_layers=0); its summaries are 1/32 of the K/V bytes
         variants = [("full", lambda: make_method("full"), kv_bytes),
                     (f"block-route 1/{round(1 / E2E_BUDGET)}", lambda: make_method(
                         "block-route", budget=E2E_BUDGET, dense_layers=0), kv_bytes * E2E_BUDGET + kv_bytes / 32)]
