@@ -126,3 +126,61 @@ def test_a_decode_has_few_step_shapes(snapshots, name, params):
 
     result = decode(model, snap, make_method(name, **params), max_new_tokens=STEPS + 1, on_step=plans)
     assert result.step_keys <= 2 and len(shapes) == 1, (result.step_keys, shapes)
+
+
+# ------------------------------------------------------------------ the CUDA-graph bookkeeping, emulated on the CPU
+class ReplayWithoutHost:
+    """Stands in for CUDA graphs on the CPU: a capture runs the step once (its host and its device work,
+    which a real capture and its first replay do between them); a later replay runs the step again and
+    then puts every piece of host state back as it was -- the store's host copies, the method's Python
+    state, the cache's -- so that, as in a real replay, only the device work happened."""
+
+    def __init__(self, store_of, method):
+        self.store_of, self.method = store_of, method
+        self.fresh = set()
+
+    def warm(self, step):
+        step()
+
+    def capture(self, step):
+        self.fresh.add(step)
+        step()
+        return step
+
+    def replay(self, step):
+        if step in self.fresh:  # the replay right after the capture: the capture already ran it
+            self.fresh.discard(step)
+            return
+        store = self.store_of()
+        host = [(list(layer.lengths_host), layer.holes) for layer in store.layers]
+        state = {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(self.method).items()}
+        step()
+        for layer, (lengths, holes) in zip(store.layers, host, strict=True):
+            layer.lengths_host, layer.holes = lengths, holes
+        vars(self.method).update(state)
+
+
+@pytest.mark.parametrize("name,params", METHODS + [("block-route", {"budget": 0.25, "dense_layers": 0, "refresh": 3}),
+                                                   ("streaming", {"budget": 0.25, "compact_every": 5})],
+                         ids=[m for m, _ in METHODS] + ["block-route-refresh", "streaming-compact-5"])
+def test_replayed_steps_need_no_host_work(snapshots, monkeypatch, name, params):
+    """decode's CUDA-graph driver, with replays that do only device work (emulated): the same tokens and
+    logits as eager decode, and the store's host copies still equal its device tensors. A method whose
+    step relied on Python state changing from step to step would fail here."""
+    import kvlab.generation as generation
+
+    model, snap = snapshots[2]
+    ref = decode(model, snap, make_method(name, **params), max_new_tokens=STEPS, return_logits=True)
+    method = make_method(name, **params)
+    seen = {}
+
+    def graphs(device, m, store, cuda_graphs, on_step, forced_chunk):
+        seen["store"] = store
+        return generation._StepGraphs(ReplayWithoutHost(lambda: store, m))
+
+    monkeypatch.setattr(generation, "_step_graphs", graphs)
+    out = decode(model, snap, method, max_new_tokens=STEPS, return_logits=True)
+    assert out.replays >= STEPS - 6, out.replays
+    assert torch.equal(out.tokens, ref.tokens) and (out.logits - ref.logits).abs().max() <= 1e-5
+    for layer in seen["store"].layers:
+        assert layer.lengths_host == layer.lengths.tolist()

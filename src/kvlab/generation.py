@@ -163,6 +163,26 @@ class StepInfo:
     logits: torch.Tensor  # [B, V] float32 next-token logits of the step
 
 
+class _CudaGraphs:
+    """The CUDA side of :class:`_StepGraphs` (a test replaces it to run the same bookkeeping on the CPU)."""
+
+    def warm(self, step: Callable[[], None]) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def capture(self, step: Callable[[], None]) -> Any:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return graph
+
+    def replay(self, graph: Any) -> None:
+        graph.replay()
+
+
 class _StepGraphs:
     """CUDA graphs of decode steps, one per key (the step's kind, the store's layout, the method's plan).
 
@@ -173,8 +193,9 @@ class _StepGraphs:
     (:meth:`~kvlab.cache.store.KVStore.advance_host`).
     """
 
-    def __init__(self) -> None:
-        self.graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
+    def __init__(self, backend: Any = None) -> None:
+        self.backend = backend or _CudaGraphs()
+        self.graphs: dict[Hashable, Any] = {}
         self.warm: set[Hashable] = set()
         self.replays = 0
 
@@ -182,23 +203,27 @@ class _StepGraphs:
         """Run one step; True when it was a replay (its host bookkeeping is the caller's)."""
         graph = self.graphs.get(key)
         if graph is not None:
-            graph.replay()
+            self.backend.replay(graph)
             self.replays += 1
             return True
         if key not in self.warm:
             self.warm.add(key)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                step()
-            torch.cuda.current_stream().wait_stream(stream)
+            self.backend.warm(step)
             return False
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        self.graphs[key] = graph
-        graph.replay()
+        graph = self.graphs[key] = self.backend.capture(step)
+        self.backend.replay(graph)
         return False
+
+
+def _step_graphs(device: torch.device, method: Method, store: KVStore, cuda_graphs: bool,
+                 on_step: Callable | None, forced_chunk: int) -> _StepGraphs | None:
+    """Graphs for a decode's steps when they can be captured: CUDA, asked for, a graph-safe method on plain
+    layers with the Triton kernels, no per-step callback, one token per step."""
+    if not (cuda_graphs and device.type == "cuda" and on_step is None and forced_chunk == 1):
+        return None
+    if not (method.graph_safe() and use_triton(device) and all(type(layer) is LayerStore for layer in store.layers)):
+        return None
+    return _StepGraphs()
 
 
 def _forced_tensor(forced: list[list[int]] | torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
@@ -335,9 +360,7 @@ def decode(model: Any, snapshot: Snapshot, method: Method, max_new_tokens: int =
         nll[:, 0] = F.cross_entropy(snapshot.logits.float(), forced_t[:, 0], reduction="none")
     elif n_gen:
         start_generation(snapshot.logits.float())
-    graphs = _StepGraphs() if (cuda_graphs and device.type == "cuda" and on_step is None and forced_chunk == 1
-                               and method.graph_safe() and use_triton(device)
-                               and all(type(layer) is LayerStore for layer in store.layers)) else None
+    graphs = _step_graphs(device, method, store, cuda_graphs, on_step, forced_chunk)
 
     keys: set[Hashable] = set()
 
