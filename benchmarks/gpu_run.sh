@@ -4,10 +4,11 @@
 # made here by `bash benchmarks/gpu_wheels.sh`).
 #   bash benchmarks/gpu_run.sh [smoke|bench|full|e2e]   -> logs and JSON under $OUT (default ./out/gpu)
 # smoke: quick sizes; bench: the benchmarks and model checks; full: also the kernel tests on the GPU;
-# e2e (issue 13, under 8 minutes): CUDA graphs vs eager and the fused kernel vs torch on a tiny model, then
-# the decode-attention table at 128K x 1 and x 4 (the fused scoring + top-k among it) and decode end to end of
-# random-weight llama-3.1-8b in bf16 through kvlab's decode with CUDA graphs (full and block-route 1/8 at
-# 32K x 1, 128K x 1 and 128K x 4 -- x 2 where 4 does not fit), beside the roofline and transformers' StaticCache.
+# e2e (issue 13, at most 7.5 minutes): the fused kernel's tests on the GPU, CUDA graphs vs eager and Triton vs
+# torch on a tiny model, then the decode-attention table at 128K x 1 and x 4 (the fused scoring + top-k among it)
+# and decode end to end of random-weight llama-3.1-8b in bf16 through kvlab's decode with CUDA graphs (full and
+# block-route 1/8 at 32K x 1, 128K x 1 and 128K x 4 -- x 2 where 4 does not fit), beside the roofline and
+# transformers' StaticCache + SDPA under a CUDA graph.
 # Each step has its own time limit, so a slow or broken step still leaves the others' results.
 set -uo pipefail
 mode=${1:-full}
@@ -32,11 +33,12 @@ kernel_tests() {
 }
 case "$mode" in
 e2e)
+  kernel_tests 60 -k "block_select or attend_triton or block_route_decodes"
   echo "== CUDA graphs vs eager, Triton vs torch (tiny-llama)"
-  timeout 100 python3 benchmarks/gpu_checks.py --graphs > "$OUT/gpu-checks-graphs.txt" 2>&1
+  timeout 90 python3 benchmarks/gpu_checks.py --graphs > "$OUT/gpu-checks-graphs.txt" 2>&1
   grep -v "^ok  " "$OUT/gpu-checks-graphs.txt" | tail -20
   echo "== kvlab bench gpu: 128K x 1 and x 4, and end to end with CUDA graphs"
-  timeout 330 python3 -m kvlab bench gpu --context 128k --batch 1,4 --no-tune --iters 30 --warmup 5 --out-dir "$OUT" \
+  timeout 300 python3 -m kvlab bench gpu --context 128k --batch 1,4 --no-tune --iters 30 --warmup 5 --out-dir "$OUT" \
     --no-docs > "$OUT/bench-e2e.txt" 2> "$OUT/bench-e2e.log"
   grep -E "copy|e2e|fused|wrote|rror" "$OUT/bench-e2e.log" | tail -30
   tail -40 "$OUT/bench-e2e.txt" ;;

@@ -380,11 +380,13 @@ def test_block_route_decodes_through_the_fused_kernel(monkeypatch: pytest.Monkey
     from kvlab.methods import make_method
 
     model, _ = kvlab.load("random:tiny-llama")
+    model = model.to(DEVICE)
     snap = prefill(model, [list(range(3, 203)), list(range(9, 150))], block_size=8, reserve_tokens=4)
     method = dict(budget=0.3, block_size=8, dense_layers=0)
+    monkeypatch.setenv("KVLAB_KERNELS", "torch")
     ref = decode(model, snap, make_method("block-route", **method), 4, return_logits=True)
     monkeypatch.setenv("KVLAB_KERNELS", "triton")
-    out = decode(model, snap, make_method("block-route", **method), 4, return_logits=True)
+    out = decode(model, snap, make_method("block-route", **method), 4, return_logits=True, cuda_graphs=False)
     assert torch.equal(out.tokens, ref.tokens)
     assert (out.logits - ref.logits).abs().max() <= 1e-4
 
