@@ -205,12 +205,12 @@ class LayerStore:
             need = [max(need)] * self.rows
         self.repack(keep=None, capacity_blocks=[max(n, c) for n, c in zip(need, self.capacity_host, strict=True)])
 
-    def ensure_room(self, tokens: int = 1, window_slack: int = 64) -> None:
+    def ensure_room(self, tokens: int = 1, window_slack: int | None = 64) -> None:
         """Before a decode step (host decisions, device work only when needed): room for ``tokens`` more
         per row, growing by a quarter when full; a sliding-window layer first drops, in place, what has
-        fallen ``window_slack`` tokens behind its window."""
+        fallen ``window_slack`` tokens behind its window (``None``: no trim)."""
         w = self.sliding_window
-        if w is not None and self.max_length + tokens > w + window_slack:
+        if w is not None and window_slack is not None and self.max_length + tokens > w + window_slack:
             t = self.max_length
             keep = torch.arange(t, device=self.device)[None, :] >= (self._lengths[:, None] - w)
             self.compact([min(n, w) for n in self.lengths_host], keep)
@@ -236,7 +236,7 @@ class LayerStore:
         if valid is None:
             valid = torch.ones(batch, new, dtype=torch.bool, device=keys.device)
         counts = [int(c) for c in valid.sum(1).tolist() for _ in range(heads)]  # [rows], read back once
-        self.ensure_room(max(counts, default=0), window_slack=1 << 62)
+        self.ensure_room(max(counts, default=0), window_slack=None)  # prefill trims after attention
         # Slot of each new valid token: row start + current length + rank among the row's valid tokens.
         rank = torch.cumsum(valid.long(), 1) - 1  # [B, L]
         base = (self._row_base + self._lengths).view(batch, heads, 1).to(rank.device)
@@ -413,7 +413,7 @@ class KVStore:
         """``[layers, batch, kv_heads]`` tokens held."""
         return torch.stack([layer.lengths.view(self.batch, self.kv_heads) for layer in self.layers])
 
-    def ensure_room(self, tokens: int = 1, window_slack: int = 64) -> None:
+    def ensure_room(self, tokens: int = 1, window_slack: int | None = 64) -> None:
         """:meth:`LayerStore.ensure_room` on every layer (host decisions; device work only to grow or trim)."""
         for layer in self.layers:
             layer.ensure_room(tokens, window_slack)
