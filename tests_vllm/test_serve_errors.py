@@ -77,3 +77,7 @@ def test_unconverted_builtin_in_this_environment_writes_nothing(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: model 'qwen2.5-coder-0.5b' is not converted yet")
     assert "kvlab.load('qwen2.5-coder-0.5b')" in lines[0]
     assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
+
+
+def test_kv_pool_must_be_a_positive_size():
+    assert "--kv-cache-gib must be a whole number of GiB >= 1, got 0" in serve("--kv-cache-gib", "0")

@@ -97,6 +97,17 @@ def check_port(host: str, port: int) -> None:
             raise KVLabError(f"cannot listen on {host}:{port} ({exc.strerror}); pick a free port with --port") from None
 
 
+def set_kv_pool(gib: int | None) -> None:
+    """Size vLLM's CPU KV pool. Without VLLM_CPU_KVCACHE_SPACE vLLM 0.32 wants 92% of the machine's memory
+    free at start and refuses to start on a busy machine."""
+    import os
+
+    if gib is None and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return
+    gib = 4 if gib is None else gib
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
+
+
 def vllm_argv(directory: Path, served_name: str, section: dict[str, Any], host: str, port: int,
               max_model_len: int | None, dtype: str, page_size: int, extra: list[str]) -> list[str]:
     argv = ["--model", str(directory), "--served-model-name", served_name, "--host", host, "--port", str(port),
@@ -144,9 +155,14 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         max_model_len: Annotated[int | None, typer.Option("--max-model-len", help="longest prompt + output")] = None,
         dtype: DtypeOpt = "bfloat16",
         block_size: PageOpt = 128,
+        kv_cache_gib: Annotated[int | None, typer.Option(
+            "--kv-cache-gib", help="vLLM's KV pool in GiB (VLLM_CPU_KVCACHE_SPACE; default: that variable, else 4)")]
+        = None,
     ) -> None:
         """Serve a model with vLLM's OpenAI-compatible server and kvlab's method (options after `--` go to vLLM)."""
         section = kvlab_section(method, param, budget, ratio, budget_tokens, block_size)  # before any model work
+        check(kv_cache_gib is None or kv_cache_gib >= 1,
+              f"--kv-cache-gib must be a whole number of GiB >= 1, got {kv_cache_gib}")
         require_vllm()
         directory, served = resolve_model(model)
         section = kvlab_section(method, param, budget, ratio, budget_tokens, block_size, directory)
@@ -157,6 +173,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         check(dtype in ("bfloat16", "float32", "float16", "auto"),
               f"--dtype must be bfloat16, float32, float16 or auto, got {dtype!r}")
         check_port(host, port)
+        set_kv_pool(kv_cache_gib)
         run_vllm_server(vllm_argv(directory, served, section, host, port, max_model_len, dtype, block_size,
                                   list(ctx.args)))
 

@@ -131,7 +131,8 @@ class KVLabImplMixin:
     def _kvlab_init(self) -> None:
         vllm_config = get_current_vllm_config()
         self.kvlab = engine_config(vllm_config)
-        self.kvlab_num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+        # All of the model's layers (layer indices are global, also under pipeline parallelism).
+        self.kvlab_num_layers = int(vllm_config.model_config.hf_text_config.num_hidden_layers)
         self.kvlab_layer: int | None = None
         self.kvlab_dense = True
         self.kvlab_summaries: PageSummaries | None = None
