@@ -92,6 +92,30 @@ def test_paged_decode_attention(gen: torch.Generator, dtype: torch.dtype, block_
 
 
 @needs_triton
+def test_paged_kernel_launch_config_is_scoped(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tuned launch configuration (what `kvlab bench gpu --tune` returns) acts inside `tuned` only, or for
+    one call with `config=`; the module's defaults never change."""
+    from kvlab.kernels import paged_attention as pa
+
+    b, h, groups, d = 1, 2, 2, 32
+    table, lens, slots = random_lists(gen, b * h, 300, 16)
+    k, v, q = (torch.randn(n, d, generator=gen) for n in (slots, slots, b * h * groups))
+    q, k, v, table, lens = dev(q.view(b, h, groups, d), k, v, table, lens)
+    ref = reference.paged_decode_attention_ref(q, k, v, table, lens, 16, d**-0.5)
+    defaults = dict(pa.TUNING)
+    seen = []
+    split_plan = pa.split_plan
+    monkeypatch.setattr(pa, "split_plan", lambda *args: (seen.append(args[-1]), split_plan(*args))[1])  # tile width
+    with pa.tuned({"BLOCK_N": 32, "num_warps": 2}):
+        check_close(pa.paged_decode_attention(q, k, v, table, lens, 16, d**-0.5), ref, torch.float32, gen)
+    check_close(pa.paged_decode_attention(q, k, v, table, lens, 16, d**-0.5), ref, torch.float32, gen)
+    out = pa.paged_decode_attention(q, k, v, table, lens, 16, d**-0.5, config={**defaults, "BLOCK_N": 128})
+    check_close(out, ref, torch.float32, gen)
+    assert seen == [32, defaults["BLOCK_N"], 128]
+    assert pa.TUNING == defaults
+
+
+@needs_triton
 @pytest.mark.parametrize("window", [None, 40])
 def test_paged_decode_attention_positions(gen: torch.Generator, window: int | None) -> None:
     """Several query tokens per group (M = G * L), causal and sliding-window masks from slot positions."""
@@ -317,7 +341,7 @@ def test_bench_gpu_without_cuda_is_one_clear_error() -> None:
 
 
 def test_bench_gpu_targets_from_rows() -> None:
-    from kvlab.experiments.bench_gpu import evaluate_targets
+    from kvlab.experiments.bench_gpu_kernels import evaluate_targets
 
     rows = [
         {"context": 131072, "batch": 1, "variant": "torch sdpa", "part": "attention", "us": 100.0, "GBps": 2000.0},
@@ -410,7 +434,7 @@ def test_kernels_compile_for_hopper_without_a_gpu() -> None:
 
 
 def test_bench_gpu_docs_section_replaces_only_its_own(tmp_path) -> None:
-    from kvlab.experiments.bench_gpu import update_docs
+    from kvlab.experiments.gpu_report import update_docs
 
     rows = [{"context": 8192, "batch": 1, "variant": "torch sdpa", "part": "attention", "us": 50.0},
             {"context": 8192, "batch": 1, "variant": "kvlab full (bs=16)", "part": "attention", "us": 52.0}]
@@ -429,7 +453,7 @@ def test_bench_gpu_docs_section_replaces_only_its_own(tmp_path) -> None:
 def test_bench_gpu_end_to_end_runs_on_cpu() -> None:
     """The end-to-end part of the GPU benchmark (kvlab decode of a filled store, steady-state step time from
     two decodes) on a tiny random model on the CPU (no timing claims, no peer: that needs CUDA)."""
-    from kvlab.experiments.bench_gpu import e2e_rows, e2e_targets
+    from kvlab.experiments.bench_gpu_e2e import e2e_rows, e2e_targets
 
     rows = e2e_rows(((512, 2),), torch.device("cpu"), steps=2, log=lambda line: None, copy_gbps=10.0,
                     model_name="random:tiny-llama", peer=False)

@@ -28,7 +28,7 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
 
 def print_gpu_result(result: dict[str, Any]) -> None:
     """The tables of a :func:`kvlab.experiments.bench_gpu.run_gpu_benchmark` result."""
-    from kvlab.experiments.bench_gpu import table_rows
+    from kvlab.experiments.gpu_report import table_rows
 
     rates = result["device_rates"]
     print_table(table_rows(result), title=f"decode attention · {result['device']} · bf16, 8 KV × 32 q heads, D 128 · "
@@ -70,7 +70,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     ) -> None:
         """Time kvlab's Triton decode kernels against torch SDPA / flash-attn / FlashInfer on a CUDA GPU."""
         from kvlab.errors import check
-        from kvlab.experiments.bench_gpu import run_gpu_benchmark, update_docs
+        from kvlab.experiments.bench_gpu import run_gpu_benchmark
+        from kvlab.experiments.gpu_report import update_docs
 
         check(warmup >= 0 and iters >= 1, "--warmup must be >= 0 and --iters >= 1")
         result = run_gpu_benchmark(_ints(context, "--context"), _ints(batch, "--batch"), quick=quick, e2e=e2e,

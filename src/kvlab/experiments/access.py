@@ -99,7 +99,7 @@ def _reader(layer: LayerStore, block: int, index: torch.Tensor):
 
 def _kernel_reader(layer: LayerStore, block: int, index: torch.Tensor):
     """The Triton paged kernel over the blocks ``index`` ``[1, H, n]`` of ``block`` tokens, lists built once."""
-    from kvlab.kernels.dispatch import read_lists
+    from kvlab.attention.reads import read_lists
     from kvlab.kernels.paged_attention import paged_decode_attention
 
     plan = ReadPlan("tokens", index) if block == 1 else ReadPlan("blocks", index, block_size=block)
@@ -115,7 +115,7 @@ def _kernel_reader(layer: LayerStore, block: int, index: torch.Tensor):
 
 def _time_cuda(fn, reps: int) -> tuple[float, float | None]:
     """``(seconds per call from a CUDA-graph replay, eager seconds)``; the graph time is the kernel's own."""
-    from kvlab.experiments.bench_gpu import cuda_time_us, graph_time_us
+    from kvlab.experiments.gpu_timing import cuda_time_us, graph_time_us
 
     eager = cuda_time_us(lambda _: fn(), 1, warmup=5, iters=max(reps, 20)) / 1e6
     try:

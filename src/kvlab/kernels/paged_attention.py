@@ -22,9 +22,12 @@ Design (FlashDecoding, Dao et al. 2023; the split/merge of FlashInfer's decode k
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import triton
@@ -33,9 +36,21 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 BLOCK_N = 64  # tokens per tile (the low-rank kernel's; the paged kernel's is TUNING["BLOCK_N"])
 MIN_TOKENS_PER_SPLIT = 256
-# Launch configuration of the paged kernel. Defaults for head_dim 128, bf16; `kvlab bench gpu` sweeps
-# a few configurations on the device it runs on and sets the fastest here (see bench_gpu.tune_paged_kernel).
+# Launch configuration of the paged kernel: the defaults, for head_dim 128, bf16. `kvlab bench gpu` sweeps a
+# few configurations on its device (experiments.gpu_tuning) and runs with the fastest inside `tuned(...)`.
 TUNING: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+_ACTIVE: contextvars.ContextVar[dict[str, int]] = contextvars.ContextVar("kvlab_paged_tuning", default=TUNING)
+
+
+@contextmanager
+def tuned(config: dict[str, int]) -> Iterator[None]:
+    """Launch the paged kernel with ``config`` (``BLOCK_N``, ``num_warps``, ``num_stages``; missing keys: the
+    defaults of :data:`TUNING`) inside the block, wherever it is called from; the defaults again after."""
+    token = _ACTIVE.set({**TUNING, **config})
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
 
 
 def interpreting() -> bool:
@@ -220,7 +235,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
                            q_positions: torch.Tensor | None = None, kv_positions: torch.Tensor | None = None,
                            window: int | None = None, row_offsets: torch.Tensor | None = None,
                            num_splits: int | None = None, max_tokens: int | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, config: dict[str, int] | None = None) -> torch.Tensor:
     """Decode attention of ``q [B, H_kv, M, D]`` over per-row block lists; returns ``[B, H_kv, M, D]``.
 
     ``k_pool``/``v_pool``: ``[S, D]`` (last dim contiguous); ``block_table``: ``[B * H_kv, n]`` int32
@@ -229,7 +244,8 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     row: with it the table may hold block numbers relative to the row (the store's rows are
     contiguous), in blocks of any power of two. With ``q_positions [B, L]`` and ``kv_positions [S]`` a query row
     ``m`` (position ``q_positions[b, m % L]``) sees a slot iff ``0 <= pos <= q_pos`` (and within
-    ``window``). ``max_tokens`` (the longest list) avoids a device sync when given.
+    ``window``). ``max_tokens`` (the longest list) avoids a device sync when given. ``config``: the launch
+    configuration (default: the one :func:`tuned` set, else :data:`TUNING`).
     """
     b, h, m, d = q.shape
     rows = b * h
@@ -239,7 +255,8 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     lens = seq_lens.to(device=q.device, dtype=torch.int32).contiguous()
     if max_tokens is None:
         max_tokens = int(lens.max()) if rows else 0
-    block_n = TUNING["BLOCK_N"]
+    config = config or _ACTIVE.get()
+    block_n = config["BLOCK_N"]
     splits, per_split = split_plan(rows, max_tokens, q.device, num_splits, block_n)
     if out is None:
         out = torch.empty_like(q)
@@ -251,7 +268,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     meta = dict(LOG2_BS=int(math.log2(block_size)), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                 USE_POS=use_pos, HAS_WINDOW=use_pos and window is not None, HAS_OFFSETS=row_offsets is not None,
                 DOT_FP32=dot_in_fp32(q.dtype), IEEE=q.dtype == torch.float32,
-                num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
+                num_warps=config["num_warps"], num_stages=config["num_stages"])
     length = q_positions.shape[1] if use_pos else 1
     common = (scale * LOG2E, window or 0, h, length, per_split, m, d,
               q.stride(0), q.stride(1), q.stride(2), k_pool.stride(0), v_pool.stride(0), table.stride(0))
