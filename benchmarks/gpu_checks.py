@@ -24,14 +24,16 @@ from collections.abc import Iterator
 import torch
 
 import kvlab
-from kvlab.experiments.runner import EVICTION, OTHER, ROUTING
 from kvlab.generation import decode, prefill
-from kvlab.methods import make_method
+from kvlab.methods import by_family, make_method
 from kvlab.models.reference import transformers_greedy
 
 ARCHS = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma3"]
 TOL = {torch.float32: 1e-3, torch.bfloat16: 0.15}  # max |Δlogit|; logits of these models are O(1)
 failures: list[str] = []
+FAMILY = {cls.name: cls.family for cls in by_family()}
+ROUTING = [name for name, family in FAMILY.items() if family == "routing"]
+EVICTION = [name for name, family in FAMILY.items() if family == "eviction"]
 
 
 def report(name: str, ok: bool, detail: str) -> None:
@@ -129,7 +131,7 @@ def main(graphs_only: bool = False) -> int:
     gpu_model = kvlab.load("random:tiny-llama")[0].to(device)
     cpu_snap = prefill(cpu_model, ids, block_size=16, reserve_tokens=4, observe=8)
     gpu_snap = prefill(gpu_model, ids, block_size=16, reserve_tokens=4, observe=8)
-    for name in ROUTING + EVICTION + OTHER:
+    for name in [n for n in FAMILY if n not in ("full", "kv-compress-w32")]:  # the w32 preset needs 32 observed
         params = {"budget": 0.5}
         if name in ("snapkv", "pyramidkv", "ada-snapkv", "h2o"):
             params["window"] = 8

@@ -35,6 +35,19 @@ def test_methods_and_models_list():
     assert {"qwen2.5-coder-0.5b", "gemma3-270m", "random:tiny-llama", "random:llama-3.1-8b"} <= models
 
 
+def test_methods_are_listed_by_family():
+    from kvlab.methods import FAMILIES, METHODS
+
+    rows = json.loads(runner.invoke(app, ["methods", "--json"]).output)
+    assert sorted(r["method"] for r in rows) == sorted(METHODS)
+    assert all(r["family"] == METHODS[r["method"]].family for r in rows)
+    order = [FAMILIES.index(r["family"]) for r in rows]
+    assert order == sorted(order) and set(order) == set(range(len(FAMILIES)))  # grouped, every family there
+    family = {r["method"]: r["family"] for r in rows}
+    assert (family["full"], family["block-route"], family["tova"], family["quantize"], family["cross-layer"]) == (
+        "reference", "routing", "eviction", "smaller vectors", "architectural")
+
+
 def test_piped_tables_print_every_name_whole():
     """`kvlab models | grep qwen2.5-coder-0.5b` must find the name: no identifier wraps when piped."""
     import re

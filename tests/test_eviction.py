@@ -247,3 +247,26 @@ def test_cli_generate_and_bench_throughput(monkeypatch):
     rows = json.loads(out.output)["rows"]
     assert [(r["method"], r["ratio"]) for r in rows] == [("full", 0.0), ("kv-compress", 0.5), ("snapkv", 0.5)]
     assert rows[1]["cache MB"] < rows[0]["cache MB"]
+
+
+# ------------------------------------------------------------------ the scorer frame
+def test_a_scorer_is_its_score(snapshot):
+    """A new evictor needs only `score` (ScorerMethod's frame does the budget, the per-row top-k and the real
+    eviction): keeping the newest tokens by position keeps exactly each row's last `budget` tokens."""
+    from dataclasses import dataclass
+
+    from kvlab.attention.probs import padded_layer
+    from kvlab.methods.scorer import ScorerMethod
+
+    @dataclass
+    class Newest(ScorerMethod):
+        def score(self, layer_idx, layer, ctx):
+            _, pos = padded_layer(layer)
+            return pos.float().masked_fill(pos < 0, float("-inf"))
+
+    store = compress(snapshot, Newest(budget=0.25))
+    for i in store.compressible_layers():
+        for row in range(store.layers[i].rows):
+            n = int(snapshot.context_lengths[row // store.kv_heads])
+            assert kept_positions(store, i, row) == list(range(n - n // 4, n))
+    assert store.bytes_in_use() < snapshot.store.bytes_in_use()

@@ -177,6 +177,15 @@ def test_resolve_runs_fixed_setting_methods_once_and_refuses_unknown_ones():
         resolve(["no-such-method"], [])
 
 
+def test_every_method_in_report_order_by_family():
+    """The experiments run (and tables list) every registered method, grouped by its family."""
+    labels = [s.label for s in resolve(None, [])]
+    assert labels == ["full", "block-route", "cluster-route", "cluster-route+relayout", "oracle-tokens",
+                      "oracle-blocks", "streaming", "kv-compress", "kv-compress-w32", "snapkv", "pyramidkv", "h2o",
+                      "tova", "knorm", "random", "ada-snapkv", "low-rank (own setting)", "quantize (own setting)",
+                      "local-global (own setting)", "cross-layer (own setting)"]
+
+
 # ----------------------------------------------------------------------------- experiments end to end
 METHODS = ["full", "block-route", "snapkv", "streaming", "quantize"]
 

@@ -13,12 +13,13 @@ from hypothesis import strategies as st
 
 import kvlab
 from kvlab.attention.plans import ReadPlan
+from kvlab.attention.probs import mass_recall
 from kvlab.cache.store import KVStore
 from kvlab.errors import KVLabError
 from kvlab.generation import decode, prefill
 from kvlab.methods import make_method
-from kvlab.methods._routing_common import BlockMeta, mass_recall
 from kvlab.methods.base import Method, PrefillContext
+from kvlab.methods.block_route import BlockMeta
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from kvlab.cache.store import KVStore, LayerStore
 from kvlab.errors import KVLabError, check
 from kvlab.kernels.dispatch import use_triton
 from kvlab.methods.base import Method, PrefillContext, StepContext, make_method
-from kvlab.models.integration import KVLabCache, new_store, running
+from kvlab.models.integration import KVLabCache, left_pad, new_store, positions_from_valid, running
 from kvlab.progress import progress_bar
 
 MAX_OBSERVED_QUERIES = 64  # last prefill queries kept per layer for methods that score with them
@@ -53,22 +53,6 @@ def encode_prompts(tokenizer: Any, prompts: list[str], chat: bool | None = None)
                 tokens = [bos] + tokens
         ids.append(list(tokens))
     return ids
-
-
-def left_pad(ids: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids [B, L]`` left-padded and ``valid [B, L]``."""
-    length = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(ids), length, dtype=torch.bool)
-    for i, x in enumerate(ids):
-        input_ids[i, length - len(x):] = torch.tensor(x, dtype=torch.long)
-        valid[i, length - len(x):] = True
-    return input_ids, valid
-
-
-def positions_from_valid(valid: torch.Tensor) -> torch.Tensor:
-    """Positions 0, 1, ... over the valid tokens of each row (padding gets 0)."""
-    return (torch.cumsum(valid.long(), 1) - 1).clamp(min=0)
 
 
 @dataclass

@@ -29,6 +29,13 @@ def group_queries(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return query.reshape(b, kv_heads, (hq // kv_heads) * length, d)
 
 
+def query_rows(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``[B, Hq, L, D]`` -> ``[rows, G * L, D]`` float32: :func:`group_queries` with one row per (sequence,
+    KV head), as the store's rows."""
+    b, hq, length, d = query.shape
+    return group_queries(query, kv_heads).reshape(b * kv_heads, (hq // kv_heads) * length, d).float()
+
+
 def ungroup_output(out: torch.Tensor, q_heads: int, length: int) -> torch.Tensor:
     """``[B, H_kv, G * L, D]`` -> ``[B, L, Hq, D]`` (the layout transformers' attention returns)."""
     b, _, _, d = out.shape

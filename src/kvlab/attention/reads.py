@@ -16,6 +16,7 @@ import torch
 
 from kvlab.attention.plans import ReadPlan
 from kvlab.cache.store import LayerStore, ceil_div
+from kvlab.kernels.selection import ascending
 
 
 @dataclass
@@ -42,13 +43,6 @@ def full_lists(layer: LayerStore) -> ReadLists:
     return lists
 
 
-def _ascending(index: torch.Tensor) -> torch.Tensor:
-    """Each row's valid entries in ascending order, the -1 padding last."""
-    big = torch.iinfo(torch.long).max
-    index = torch.where(index >= 0, index, big).sort(-1).values
-    return torch.where(index == big, -1, index)
-
-
 def read_lists(layer: LayerStore, plan: ReadPlan | None = None) -> ReadLists:
     """Turn a layer and a plan into the per-row lists the paged kernel reads (see the module docstring)."""
     if plan is None:
@@ -57,7 +51,7 @@ def read_lists(layer: LayerStore, plan: ReadPlan | None = None) -> ReadLists:
     lengths = layer.lengths
     index = plan.index.reshape(rows, -1).to(layer.device).long()
     if not plan.ascending:
-        index = _ascending(index)
+        index = ascending(index)
     bs = 1 if plan.kind == "tokens" else (plan.block_size or layer.block_size)
     if plan.kind == "tokens":
         index = torch.where(index < lengths[:, None], index, -1)

@@ -33,6 +33,7 @@ from kvlab.attention.gqa import group_queries, ungroup_output
 from kvlab.attention.torch_attention import ROW_THREADS, WORKSPACE, copy_unit, row_threads
 from kvlab.cache.store import LayerStore
 from kvlab.errors import check
+from kvlab.kernels.selection import ascending
 
 BATCH_ROWS_MAX_ELEMENTS = 1 << 20  # selections up to this many K elements in all rows are attended in one batch
 RUN_MIN_TOKENS = 16  # mean run length from which a token plan is copied run by run in mode="auto"
@@ -55,9 +56,7 @@ def _compact(units: torch.Tensor, limit: torch.Tensor, unit: int) -> torch.Tenso
     """Drop units that start at or past a row's length and push the -1 padding to the end."""
     units = torch.where((units >= 0) & (units * unit < limit[:, None]), units, -1)
     if bool(((units[:, 1:] >= 0) & (units[:, :-1] < 0)).any()):
-        big = torch.iinfo(units.dtype).max
-        key = torch.where(units < 0, big, units).sort(1).values
-        units = torch.where(key == big, -1, key)
+        units = ascending(units)
     return units
 
 

@@ -200,13 +200,13 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
     @app.command()
     def methods(as_json: JsonOpt = False) -> None:
-        """List the methods with their parameters and defaults."""
-        from kvlab.methods import METHODS
+        """List the methods by family, with their parameters and defaults."""
+        from kvlab.methods import by_family
 
         rows = []
-        for name, cls in sorted(METHODS.items()):
+        for cls in by_family():
             params = {f.name: _default(f) for f in cls.parameters()}
-            rows.append({"method": name, "summary": cls.summary,
+            rows.append({"family": cls.family, "method": cls.name, "summary": cls.summary,
                          "parameters": ", ".join(f"{k}={v}" for k, v in params.items())})
         print_table(rows, title="kvlab methods", as_json=as_json)
 

@@ -6,14 +6,14 @@ values, post-RoPE keys and pre-RoPE keys (recovered by un-rotating, see
 ``X^T X`` (uncentred, so ``x ~ P P^T x`` with no mean term), sorted by eigenvalue. The share of
 ``||X||^2`` the top ``R`` directions keep is the *energy* reported. One file per rank:
 ``$KVLAB_CACHE/calibration/<model>-rank<R>.pt`` holding ``k_pre``, ``k_post``, ``v`` as
-``[layers, kv_heads, D, R]``. Calibration text: Python standard-library modules (every other long
+``[layers, kv_heads, D, R]`` (:func:`kvlab.models.profiles.calibration_path`, where ``low-rank`` finds
+it). Calibration text: Python standard-library modules (every other long
 module, so evaluation can use the rest).
 """
 
 from __future__ import annotations
 
 import io
-import re
 import sysconfig
 from pathlib import Path
 from typing import Any
@@ -21,13 +21,7 @@ from typing import Any
 import torch
 
 from kvlab.errors import check
-
-
-def calibration_path(model_name: str, rank: int, folder: Path | None = None) -> Path:
-    from kvlab.models.builtin import cache_root
-
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name)
-    return (folder or cache_root() / "calibration") / f"{safe}-rank{rank}.pt"
+from kvlab.models.profiles import calibration_path
 
 
 def stdlib_files(part: int) -> list[Path]:

@@ -8,7 +8,8 @@ several lengths, on both built-in model families. The boundary is the change poi
 mean (:func:`kvlab.experiments.metrics.boundary_layer`), computed per prompt to judge its stability.
 
 The profile written here, ``$KVLAB_CACHE/profiles/<model>-entropy.json``, is what
-``block-route --dense-layers auto`` reads: ``{"model", "dense_layers": [...], "boundary", ...}``.
+``block-route --dense-layers auto`` reads: ``{"model", "dense_layers": [...], "boundary", ...}``
+(its name and its reader live in :mod:`kvlab.models.profiles`, where the routers can reach them).
 """
 
 from __future__ import annotations
@@ -20,19 +21,14 @@ from typing import Any
 
 from kvlab.experiments.metrics import boundary_layer
 from kvlab.io import write_atomic
-from kvlab.models.builtin import cache_root
+from kvlab.models.profiles import entropy_profile_path
 
 MIN_DROP = 0.05  # a boundary needs the mean entropy to drop by at least this much
 
 
 def profile_path(model_name: str) -> Path:
-    """Where the entropy profile of ``model_name`` lives: the path ``block-route`` reads
-    (:func:`kvlab.methods._routing_common.entropy_profile_path`) when that module exists."""
-    try:
-        from kvlab.methods._routing_common import entropy_profile_path
-    except ImportError:
-        safe = model_name.replace("/", "--").replace(":", "-")
-        return cache_root() / "profiles" / f"{safe}-entropy.json"
+    """Where the entropy profile of ``model_name`` lives: the path ``dense_layers=auto`` reads
+    (:func:`kvlab.models.profiles.entropy_profile_path`)."""
     return entropy_profile_path(model_name)
 
 

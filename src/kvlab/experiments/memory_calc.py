@@ -29,12 +29,12 @@ GGUF metadata (read with the ``gguf`` package).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvlab.errors import KVLabError, check
+from kvlab.methods.cross_layer import sharing_layers  # the method chooses its layers the same way
 
 DTYPE_BYTES = {"float32": 4.0, "fp32": 4.0, "bfloat16": 2.0, "bf16": 2.0, "float16": 2.0, "fp16": 2.0,
                "fp8": 1.0, "float8": 1.0}
@@ -203,22 +203,6 @@ class Strategy:
     bits: int | None = None  # int8 / int4
     group: int = 32  # tokens per key scale group (quantized)
     keep: float = 1.0  # eviction: fraction of tokens kept on global layers
-
-
-def sharing_layers(windows: list[int | None] | int, fraction: float) -> list[int]:
-    """Which layers reuse the K/V of the nearest layer below of the same kind (same window, or both global).
-
-    Within each kind, ``fraction`` of its layers share, spread evenly; the lowest layer of a kind never
-    shares. ``windows`` is the per-layer window list (or a layer count: all global).
-    """
-    check(0 <= fraction < 1, f"share fraction must be in [0, 1), got {fraction}")
-    if isinstance(windows, int):
-        windows = [None] * windows
-    shared = []
-    for kind in dict.fromkeys(windows):
-        idx = [i for i, w in enumerate(windows) if w == kind]
-        shared += [i for j, i in enumerate(idx) if j > 0 and math.floor((j + 1) * fraction) > math.floor(j * fraction)]
-    return sorted(shared)
 
 
 def cache_bytes(shape: ModelShape, context: int, batch: int = 1, dtype: str = "bfloat16",

@@ -1,6 +1,7 @@
 """The machinery every experiment shares: method configurations from the registry, cached cells,
-prefill with capture points, teacher-forced decoding with a method applied, and attention weights
-recomputed from a snapshot's stored keys and observed queries (no eager re-run).
+prefill with capture points, and teacher-forced decoding with a method applied. (The attention weights
+the locality experiments read, recomputed from a snapshot's stored keys and observed queries, are
+:func:`kvlab.attention.probs.attention_weights`, importable from here too.)
 
 Prefill once, compress many: a context is prefilled once and every method starts from a copy of the
 same snapshot. A prompt is split into a prefilled part and a forced tail (at least its last token),
@@ -20,19 +21,14 @@ from typing import Any
 
 import torch
 
-from kvlab.attention.gqa import visibility
+from kvlab.attention.probs import attention_weights  # noqa: F401  (the experiments import it from here)
 from kvlab.cache.store import LayerStore
 from kvlab.errors import KVLabError, check
 from kvlab.generation import MAX_OBSERVED_QUERIES, Snapshot, StepInfo, _scaling, decode
 from kvlab.io import write_atomic
-from kvlab.methods.base import METHODS, Method, PrefillContext, make_method
+from kvlab.methods.base import Method, PrefillContext, by_family, make_method
 from kvlab.models.integration import KVLabCache, new_store, running
 from kvlab.progress import progress_bar
-
-# Method families (by registry name); names not registered yet are skipped with a note.
-ROUTING = ["block-route", "cluster-route", "oracle-tokens", "oracle-blocks"]
-EVICTION = ["streaming", "kv-compress", "snapkv", "pyramidkv", "h2o", "tova", "knorm", "random", "ada-snapkv"]
-OTHER = ["low-rank", "quantize", "local-global", "cross-layer"]
 
 
 @dataclass(frozen=True)
@@ -69,30 +65,26 @@ def spec(label: str, name: str | None = None, **params: Any) -> MethodSpec:
 
 
 def all_specs() -> list[MethodSpec]:
-    """Every method the experiments know, in report order (relayout is a cluster-route variant)."""
-    out = [spec("full")]
-    for name in ROUTING + EVICTION + OTHER:
-        out.append(spec(name))
-        if name == "cluster-route":
+    """Every registered method in report order: by family (:data:`kvlab.methods.base.FAMILIES`), each in
+    registration order (relayout is a cluster-route variant)."""
+    out = []
+    for cls in by_family():
+        out.append(spec(cls.name))
+        if cls.name == "cluster-route":
             out.append(spec("cluster-route+relayout", "cluster-route", relayout=True))
     return out
 
 
 def resolve(labels: list[str] | None, notes: list[str], budget: float = 0.25) -> list[MethodSpec]:
-    """The specs for ``labels`` (all when None) whose method is registered and accepts a budget;
+    """The specs for ``labels`` (all when None) that accept a budget, or run once at their own setting;
     the rest are dropped with a note in ``notes``."""
     known = {s.label: s for s in all_specs()}
-    for name in METHODS:  # methods added to the registry that this list does not know yet
-        known.setdefault(name, spec(name))
     wanted = list(known) if labels is None else labels
     out = []
     for label in wanted:
         if label not in known:
             raise KVLabError(f"unknown method {label!r}; allowed: {', '.join(known)}")
         s = known[label]
-        if s.name not in METHODS:
-            _note(notes, f"method {s.name!r} is not registered yet: skipped")
-            continue
         try:
             s.make(budget)
         except KVLabError as exc:
@@ -117,14 +109,19 @@ def _note(notes: list[str], text: str) -> None:
         notes.append(text)
 
 
-def family(method: Method) -> str:
-    """``routing`` (chooses what each step reads), ``eviction`` (drops at prefill or decode), ``other``."""
+def hook_kind(method: Method) -> str:
+    """How a method acts, from the hooks it overrides: ``routing`` (chooses what each decode step reads),
+    ``eviction`` (changes the cache at prefill or decode: what NIAH also runs question-agnostic),
+    ``other`` or ``none``. What a method *is*, for tables, is its :attr:`~kvlab.methods.base.Method.family`."""
     cls = type(method)
     if cls.decode_plan is not Method.decode_plan:
         return "routing"
     if cls.prefill_end is not Method.prefill_end or cls.step_end is not Method.step_end:
         return "eviction"
     return "none" if not cls.compresses else "other"
+
+
+family = hook_kind  # the name experiments/niah.py imports (renamed there with the validate restructure)
 
 
 # ----------------------------------------------------------------------------- cell cache
@@ -319,32 +316,6 @@ def run_method(model: Any, snapshot: Snapshot, method: Method, forced: list[list
         kept=kept.cpu(), reads=reads, seconds=result.decode_seconds, steps=result.steps,
         compress_seconds=compress_seconds,
     )
-
-
-# ----------------------------------------------------------------------------- attention
-def attention_weights(layer: LayerStore, queries: torch.Tensor, q_positions: torch.Tensor, scaling: float,
-                      batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact softmax attention ``[Hq, L, T]`` of observed ``queries [B, Hq, L, D]`` (positions ``[L]``)
-    over one sequence's stored keys, and the key positions ``[H_kv, T]`` (-1 for empty slots)."""
-    h = layer.kv_heads
-    rows = [batch_index * h + i for i in range(h)]
-    t = max(layer.lengths_host[r] for r in rows)
-    keys = torch.zeros(h, t, layer.head_dim, dtype=torch.float32)
-    kpos = torch.full((h, t), -1, dtype=torch.long)
-    for i, row in enumerate(rows):
-        k, _, p = layer.row_view(row)
-        keys[i, :k.shape[0]] = k.float()
-        kpos[i, :k.shape[0]] = p
-    q = queries[batch_index].float()  # [Hq, L, D]
-    hq = q.shape[0]
-    g = hq // h
-    kk = keys.repeat_interleave(g, 0)  # [Hq, T, D]
-    pp = kpos.repeat_interleave(g, 0)  # [Hq, T]
-    scores = torch.einsum("hld,htd->hlt", q, kk) * scaling
-    mask = visibility(pp, q_positions[None, :].expand(hq, -1), layer.sliding_window)  # [Hq, L, T]
-    scores = scores.masked_fill(~mask, float("-inf"))
-    w = torch.softmax(scores, -1).nan_to_num(0.0)
-    return w, pp
 
 
 def budget_label(b: float) -> str:

@@ -25,11 +25,14 @@ Kernels and launch grids:
   per GQA group and split of the list, online softmax, then a merge kernel over the splits (grid
   ``(B * H_kv,)``);
 - :mod:`~kvlab.kernels.block_scoring` -- centroid scores and Quest bounds summed over a GQA group: grid
-  ``(B * H_kv, cdiv(n, 32))``, top-k then with ``torch.topk``; and ``block_select``, block-route's scoring
-  and top-k fused in one launch (grid ``(B * H_kv, cdiv(blocks, 64))``, the row's last program selects);
+  ``(B * H_kv, cdiv(n, 32))``, top-k then in torch (:func:`~kvlab.kernels.dispatch.top_k_blocks`); and
+  ``block_select``, block-route's scoring and top-k fused in one launch (grid
+  ``(B * H_kv, cdiv(blocks, 64))``, the row's last program selects);
 - :mod:`~kvlab.kernels.lowrank_attention` -- rank-R latents of V (and of pre-RoPE K, rotated on chip):
   the grid and merge of the paged kernel.
 
-:mod:`~kvlab.kernels.aot_check` compiles them for a GPU architecture without a GPU. See ``README.md``
+:mod:`~kvlab.kernels.selection` holds the torch pieces every selection shares (ascending -1 padded
+lists, the forced sink and newest blocks, top-k with ties to the lowest block, row-wise scores).
+:mod:`~kvlab.kernels.aot_check` compiles the kernels for a GPU architecture without a GPU. See ``README.md``
 in this directory for the design notes.
 """

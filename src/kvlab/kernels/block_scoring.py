@@ -11,7 +11,7 @@ read once for the whole group:
 Two kernels:
 
 - :func:`block_scores` -- scores of listed physical blocks, grid ``(B * H_kv, cdiv(n, 32))`` (the
-  kernel benchmark's scoring step, followed there by ``torch.topk``);
+  kernel benchmark's scoring step, followed there by a torch top-k, ``dispatch.top_k_blocks``);
 - :func:`block_select` -- block-route's fused step: score every block of each row *and* pick its
   top-k, writing the ascending read list and the tokens it covers. Grid ``(B * H_kv, tiles)``: each
   program scores a tile of blocks (sink and newest blocks forced to +inf, blocks past the row's end

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from kvlab.errors import KVLabError
-from kvlab.kernels import reference
+from kvlab.kernels import reference, selection
 
 Backend = Literal["auto", "triton", "torch"]
 
@@ -84,15 +84,16 @@ def block_scores(q: torch.Tensor, block_table: torch.Tensor, num_blocks: torch.T
 
 def top_k_blocks(scores: torch.Tensor, block_table: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` best-scoring entries of each row of ``block_table`` (``[R, n]``, any ids: physical or
-    logical), ascending and -1 padded, and how many were chosen per row (entries scored ``-inf`` never are)."""
+    logical), ascending and -1 padded, and how many were chosen per row (entries scored ``-inf`` never are;
+    ties: the lower column first, :func:`kvlab.kernels.selection.top_blocks`)."""
     rows, n = scores.shape
     k = max(1, min(k, n))
-    values, order = scores.topk(k, dim=-1)
-    chosen = block_table.long().gather(1, order)
-    keep = values > float("-inf")
-    big = torch.iinfo(torch.long).max
-    chosen = torch.where(keep, chosen, torch.full_like(chosen, big)).sort(-1).values
-    return torch.where(chosen == big, torch.full_like(chosen, -1), chosen), keep.sum(-1)
+    every = torch.full((rows,), n, dtype=torch.long, device=scores.device)
+    cols = selection.top_blocks(scores, every, torch.full_like(every, k), k)
+    picked = cols.clamp(min=0)
+    chosen = (cols >= 0) & (scores.gather(1, picked) > float("-inf"))
+    ids = torch.where(chosen, block_table.to(scores.device).long().gather(1, picked), -1)
+    return selection.ascending(ids), chosen.sum(-1)
 
 
 def select_blocks(q: torch.Tensor, block_table: torch.Tensor, num_blocks: torch.Tensor, k: int,
@@ -138,6 +139,3 @@ def lowrank_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_latent: t
     return reference.lowrank_decode_attention_ref(q, k_cache, v_latent, v_basis, block_table, seq_lens, block_size,
                                                   scale, k_basis, kv_positions, inv_freq, attention_scaling,
                                                   row_offsets)
-
-
-block_summaries = reference.block_summaries

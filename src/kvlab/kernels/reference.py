@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from kvlab.kernels.selection import forced_blocks, rowwise_mv, top_blocks
+
 
 def list_slots(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
                row_offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,16 +112,29 @@ def block_scores_ref(q: torch.Tensor, block_table: torch.Tensor, num_blocks: tor
     return scores.masked_fill(~valid, float("-inf"))
 
 
-def _rowwise_scores(summaries: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-    """``[rows, n, D] . [rows, D] -> [rows, n]`` in fp32: one matrix-vector product per row on the CPU
-    (``bmm`` with a single column is several times slower there), one ``bmm`` elsewhere."""
-    if summaries.device.type != "cpu":
-        return torch.bmm(summaries.float(), vec.float()[:, :, None])[:, :, 0]
-    out = torch.empty(summaries.shape[0], summaries.shape[1], dtype=torch.float32)
-    mat = summaries.float()
-    for r in range(mat.shape[0]):
-        torch.mv(mat[r], vec[r].float(), out=out[r])
-    return out
+def row_block_scores(q: torch.Tensor, lengths: torch.Tensor, block_size: int, centroids: torch.Tensor | None = None,
+                     kmin: torch.Tensor | None = None, kmax: torch.Tensor | None = None,
+                     unit: int | None = None) -> torch.Tensor:
+    """Scores ``[rows, blocks]`` of every block of each row, from per-row summaries ``[rows, units, D]`` of
+    ``unit``-token scoring units: a block scores the max over its units that hold a token of the group's
+    summed ``q . centroid`` or Quest bound; ``-inf`` past the row's end (``lengths``, ``[rows]``)."""
+    b, h, m, d = q.shape
+    rows = b * h
+    unit = unit or block_size
+    r = block_size // unit
+    qf = q.float().reshape(rows, m, d)
+    lengths = lengths.to(q.device).long()
+    if centroids is not None:
+        s = rowwise_mv(centroids, qf.sum(1))
+    else:
+        s = rowwise_mv(kmax, qf.clamp(min=0).sum(1)) + rowwise_mv(kmin, qf.clamp(max=0).sum(1))
+    n_units = s.shape[1]
+    filled = torch.arange(n_units, device=s.device)[None, :] * unit < lengths[:, None]
+    s = torch.where(filled, s.nan_to_num(nan=-torch.inf), -torch.inf)
+    n_cols = -(-n_units // r)
+    if r > 1:
+        s = torch.nn.functional.pad(s, (0, n_cols * r - n_units), value=-torch.inf).view(rows, n_cols, r).amax(-1)
+    return s
 
 
 def block_select_ref(q: torch.Tensor, lengths: torch.Tensor, k: torch.Tensor, width: int, block_size: int,
@@ -132,37 +147,13 @@ def block_select_ref(q: torch.Tensor, lengths: torch.Tensor, k: torch.Tensor, wi
     of the group's summed ``q . centroid`` or Quest bound; blocks past the row's end score ``-inf``,
     the first ``sink_blocks`` and the newest ``local_blocks`` ``+inf``. The ``k[row]`` best blocks
     (ties: the lowest block first) are returned ascending, ``[rows, width]`` -1 padded, with the
-    tokens they cover ``[rows]``.
+    tokens they cover ``[rows]``: :func:`row_block_scores`, then
+    :func:`~kvlab.kernels.selection.top_blocks` with the sink and newest blocks forced.
     """
-    b, h, m, d = q.shape
-    rows = b * h
-    unit = unit or block_size
-    r = block_size // unit
-    qf = q.float().reshape(rows, m, d)
     lengths = lengths.to(q.device).long()
-    if centroids is not None:
-        s = _rowwise_scores(centroids, qf.sum(1))
-    else:
-        s = _rowwise_scores(kmax, qf.clamp(min=0).sum(1)) + _rowwise_scores(kmin, qf.clamp(max=0).sum(1))
-    n_units = s.shape[1]
-    filled = torch.arange(n_units, device=s.device)[None, :] * unit < lengths[:, None]
-    s = torch.where(filled, s.nan_to_num(nan=-torch.inf), -torch.inf)
-    n_cols = -(-n_units // r)
-    if r > 1:
-        s = torch.nn.functional.pad(s, (0, n_cols * r - n_units), value=-torch.inf).view(rows, n_cols, r).amax(-1)
+    s = row_block_scores(q, lengths, block_size, centroids, kmin, kmax, unit)
     nb = torch.div(lengths + block_size - 1, block_size, rounding_mode="floor")
-    cols = torch.arange(n_cols, device=s.device)[None, :]
-    in_row = cols < nb[:, None]
-    forced = in_row & ((cols < sink_blocks) | (cols >= (nb - local_blocks)[:, None]))
-    s = torch.where(forced, torch.inf, torch.where(in_row, s, -torch.inf))
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :width]
-    if order.shape[1] < width:
-        order = torch.nn.functional.pad(order, (0, width - order.shape[1]), value=0)
-    take = torch.minimum(k.to(s.device).long(), nb).clamp(max=width)
-    keep = torch.arange(width, device=s.device)[None, :] < take[:, None]
-    big = torch.iinfo(torch.long).max
-    index = torch.where(keep, order, big).sort(1).values
-    index = torch.where(index == big, -1, index)
+    index = top_blocks(s, nb, k.long(), width, forced_blocks(nb, s.shape[1], sink_blocks, local_blocks))
     covered = (lengths[:, None] - index.clamp(min=0) * block_size).clamp(0, block_size)
     return index, torch.where(index >= 0, covered, 0).sum(1)
 
@@ -209,18 +200,25 @@ def lowrank_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_laten
     return (out_latent @ v_basis.float()[None]).to(q.dtype)
 
 
+def key_summaries(k: torch.Tensor, valid: torch.Tensor, centroid: bool = True, bounds: bool = True
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Centroid, channel-wise min and max (fp32) of groups of keys ``k`` ``[..., u, D]`` over the valid ones
+    (``valid`` ``[..., u, 1]``): ``[..., D]`` each, ``None`` where not asked for. A group with no valid key
+    has centroid 0, min +inf and max -inf."""
+    k = k.float()
+    c = torch.where(valid, k, 0.0).sum(-2) / valid.sum(-2).clamp(min=1) if centroid else None
+    lo = torch.where(valid, k, torch.inf).amin(-2) if bounds else None
+    hi = torch.where(valid, k, -torch.inf).amax(-2) if bounds else None
+    return c, lo, hi
+
+
 def block_summaries(keys: torch.Tensor, positions: torch.Tensor, block_size: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Centroid, channel-wise min and max ``[num_blocks, D]`` (fp32) of the keys of every block of a pool.
 
     Slots holding no token (position -1) are left out; a block with no token gets zeros.
     """
-    d = keys.shape[-1]
-    k = keys.float().view(-1, block_size, d)
     used = (positions.view(-1, block_size) >= 0)[..., None]
-    count = used.sum(1).clamp(min=1)
-    centroid = torch.where(used, k, torch.zeros_like(k)).sum(1) / count
-    kmin = torch.where(used, k, torch.full_like(k, float("inf"))).amin(1)
-    kmax = torch.where(used, k, torch.full_like(k, float("-inf"))).amax(1)
+    centroid, kmin, kmax = key_summaries(keys.view(-1, block_size, keys.shape[-1]), used)
     empty = ~used.any(1)
     return centroid, kmin.masked_fill(empty, 0.0), kmax.masked_fill(empty, 0.0)

@@ -2,12 +2,9 @@
 
 Everything works per layer on the paged store, one *row* per (sequence, KV head) (``row = b * H + h``):
 
-- :func:`padded_layer` -- the layer's keys ``[B, H, T, D]`` and positions ``[B, H, T]`` (-1 past a
-  row's length), views when the layout is uniform, one gather otherwise;
 - :func:`observed_queries` -- the last ``w`` prefill queries of a layer and their positions, with the
-  checks every observation-window method needs;
-- :func:`attention_probs` -- softmax attention of observed queries over the stored keys, GQA-grouped
-  (``[B, H, G, w, T]``, query head ``h * G + g`` serves KV head ``h``) so K/V are never repeated;
+  checks every observation-window method needs (their attention over the stored keys is
+  :func:`kvlab.attention.probs.attention_probs`, over :func:`~kvlab.attention.probs.padded_layer`);
 - :func:`snapkv_scores` -- SnapKV's pooled window attention (the exact kvpress convention);
 - :func:`keep_top` and :func:`evict` -- per-row scores to a keep mask, then a real repack that frees
   the evicted blocks (eviction at prefill end);
@@ -23,29 +20,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvlab.attention.probs import attention_probs, padded_layer
 from kvlab.cache.store import LayerStore
 from kvlab.errors import check
 from kvlab.methods.base import Method, PrefillContext
 
 COMPACT_EVERY = 32  # decode steps of marked evictions between in-place compactions (the default)
-
-
-def padded_layer(layer: LayerStore, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys ``[B, H, T, D]`` and positions ``[B, H, T]`` of a layer; ``T`` is ``width`` (default: the
-    longest row, from the host copy), -1 pads (and marks dead slots)."""
-    device = layer.device
-    t = layer.max_length if width is None else width
-    idx = torch.arange(t, device=device)
-    in_use = layer.in_use(t)  # [rows, T]
-    if layer.uniform and t <= layer.max_capacity_tokens:
-        k, _, pos = layer.dense_view(t)
-    else:
-        slots = layer._row_base[:, None] + idx[None, :]
-        slots = torch.where(in_use, slots, torch.zeros_like(slots))
-        k = layer.keys[slots].view(layer.batch, layer.kv_heads, t, layer.head_dim)
-        pos = layer.positions[slots].view(layer.batch, layer.kv_heads, t)
-    pos = torch.where(in_use.view_as(pos), pos, torch.full_like(pos, -1))
-    return k, pos
 
 
 def observed_queries(ctx: PrefillContext, layer_idx: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,27 +46,6 @@ def observed_queries(ctx: PrefillContext, layer_idx: int, window: int) -> tuple[
     device = queries.device
     q_pos = ctx.context_lengths.to(device)[:, None] - window + torch.arange(window, device=device)[None, :]
     return queries[:, :, -window:], q_pos
-
-
-def attention_probs(layer: LayerStore, queries: torch.Tensor, q_pos: torch.Tensor, scaling: float,
-                    keys: torch.Tensor | None = None, k_pos: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention probabilities ``[B, H, G, w, T]`` (float32) of ``queries`` ``[B, Hq, w, D]`` over the layer.
-
-    A query at position ``p`` sees stored keys at positions ``0 <= k <= p``; masked entries are 0.
-    """
-    if keys is None or k_pos is None:
-        keys, k_pos = padded_layer(layer)
-    q_pos = q_pos.to(k_pos.device)  # decode positions may come from the host
-    b, hq, w, d = queries.shape
-    h = layer.kv_heads
-    g = hq // h
-    q = queries.reshape(b, h, g * w, d).to(keys.dtype)
-    logits = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # [B, H, G*w, T]
-    logits = logits.view(b, h, g, w, -1)
-    visible = (k_pos[:, :, None, None, :] >= 0) & (k_pos[:, :, None, None, :] <= q_pos[:, None, None, :, None])
-    logits = logits.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.nan_to_num(probs, nan=0.0)  # a query that sees nothing contributes nothing
 
 
 def snapkv_scores(layer: LayerStore, ctx: PrefillContext, layer_idx: int, window: int,

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from kvlab.cache.store import KVStore
+from kvlab.cache.store import KVStore, LayerStore
 from kvlab.errors import check
 from kvlab.methods import _scoring as S
 from kvlab.methods.base import PrefillContext, register
@@ -36,21 +36,17 @@ class AdaSnapKV(SnapKV):
         super().__post_init__()
         check(0 <= self.safeguard <= 1, f"safeguard must be in [0, 1], got {self.safeguard}")
 
-    def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
-        if not S.compresses(self):
-            return
+    def prepare(self, store: KVStore, ctx: PrefillContext) -> None:
         S.check_window_fits(self.window, ctx.context_lengths)
-        n_keep = S.kept_per_sequence(self, ctx.context_lengths)
-        S.check_budget(n_keep, self.window, f"the observation window of {self.window}")
+        S.check_budget(S.kept_per_sequence(self, ctx.context_lengths), self.window,
+                       f"the observation window of {self.window}")
+
+    def keep(self, layer_idx: int, layer: LayerStore, scores: torch.Tensor, n_keep: torch.Tensor) -> torch.Tensor:
+        """Each head's safeguard share first (its top tokens, scored +inf), then one top-k across the heads."""
+        b, h, t = scores.shape
         n_safe = torch.tensor([int(int(n) * self.safeguard) for n in n_keep], dtype=torch.long)
         if self.safeguard > 0:
             n_safe = n_safe.clamp(min=1)
-        for i in store.compressible_layers():
-            layer = store.layers[i]
-            b, h = layer.batch, layer.kv_heads
-            scores = S.snapkv_scores(layer, ctx, i, self.window, self.kernel_size)  # [B, H, T]
-            t = scores.shape[-1]
-            safe = S.keep_top(scores.view(b * h, t), S.per_row(n_safe, h)).view(b, h, t)
-            scores = scores.masked_fill(safe, float("inf"))
-            keep = S.keep_top(scores.view(b, h * t), n_keep * h).view(b * h, t)
-            S.evict(layer, keep)
+        safe = S.keep_top(scores.view(b * h, t), S.per_row(n_safe, h)).view(b, h, t)
+        scores = scores.masked_fill(safe, float("inf"))
+        return S.keep_top(scores.view(b, h * t), n_keep * h).view(b * h, t)

@@ -63,6 +63,7 @@ class Method:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    family: ClassVar[str] = ""  # one of FAMILIES: what kind of method it is (tables group by it)
     compresses: ClassVar[bool] = True  # False for methods that never drop or skip anything ("full")
 
     budget: float | None = None
@@ -153,13 +154,24 @@ class Method:
 
 
 METHODS: dict[str, type[Method]] = {}
+# What a method does to the cache: the uncompressed reference; routing (keep everything, read part of it
+# at each decode step); eviction (drop tokens); smaller vectors (keep every token in fewer bytes);
+# architectural (change which layers cache what). Tables list the methods in this order.
+FAMILIES = ("reference", "routing", "eviction", "smaller vectors", "architectural")
 
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: add a method to the registry under ``cls.name``."""
     assert cls.name and cls.name not in METHODS, f"duplicate or empty method name {cls.name!r}"
+    assert cls.family in FAMILIES, f"method {cls.name!r} needs a family, one of {FAMILIES}, got {cls.family!r}"
     METHODS[cls.name] = cls
     return cls
+
+
+def by_family() -> list[type[Method]]:
+    """The registered methods grouped by family (in :data:`FAMILIES` order), each family in registration
+    order (the import order of :mod:`kvlab.methods`)."""
+    return sorted(METHODS.values(), key=lambda cls: FAMILIES.index(cls.family))
 
 
 def make_method(name: str, **params: Any) -> Method:

@@ -26,12 +26,14 @@ from typing import ClassVar
 
 import torch
 
+from kvlab.attention.gqa import query_rows
 from kvlab.attention.plans import ReadPlan
 from kvlab.attention.sparse import row_threads
 from kvlab.cache.store import KVStore, LayerStore, ceil_div_tensor
 from kvlab.errors import check
-from kvlab.methods._routing_common import RoutePlan, RoutingMethod, grouped_query, rowwise_mv
+from kvlab.kernels.selection import ascending, rowwise_mv
 from kvlab.methods.base import PrefillContext, register
+from kvlab.methods.routing import RoutePlan, RoutingMethod
 
 
 def cosine_kmeans(x: torch.Tensor, clusters: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,11 +147,10 @@ class ClusterRoute(RoutingMethod):
 
     # ------------------------------------------------------------ decode
     def _forced(self, lengths: torch.Tensor, width: int) -> torch.Tensor:
+        """``[rows, width]``: the tokens of the sink and local blocks (always read)."""
         slots = torch.arange(width, device=lengths.device)[None, :]
         nb = ceil_div_tensor(lengths, self.block_size)
-        local_start = (nb - self.local_blocks).clamp(min=0) * self.block_size
-        return ((slots < self.sink_blocks * self.block_size) | (slots >= local_start[:, None])) & (
-            slots < lengths[:, None])
+        return self.forced_blocks(nb, width, self.block_size) & (slots < lengths[:, None])
 
     def _assign_new(self, layer: LayerStore, state: _LayerClusters, todo: torch.Tensor) -> None:
         """Assign the slots in ``todo`` ``[rows, T]`` to their nearest centroid (cosine)."""
@@ -213,7 +214,7 @@ class ClusterRoute(RoutingMethod):
         budgets = self.row_budgets(lengths)
         dense = budgets >= lengths
         # score clusters, then take whole clusters best first while they fit the budget
-        q = grouped_query(query, layer.kv_heads).sum(1)  # [rows, D]
+        q = query_rows(query, layer.kv_heads).sum(1)  # [rows, D]
         scores = rowwise_mv(state.means, q)
         scores = torch.where(state.exists, scores, -torch.inf)
         c = scores.shape[1]
@@ -227,9 +228,7 @@ class ClusterRoute(RoutingMethod):
         chosen[:, :c].scatter_(1, order, fits & state.exists.gather(1, order))
         sel = forced | (chosen.gather(1, member) & (member < c))
         sel |= dense[:, None] & in_row
-        big = torch.iinfo(torch.long).max
-        idx = torch.where(sel, slots, big).sort(1).values[:, :plan.width]
-        index = torch.where(idx == big, -1, idx)
+        index = ascending(torch.where(sel, slots, -1))[:, :plan.width]
         return ReadPlan("tokens", index.view(layer.batch, layer.kv_heads, -1), ascending=True)
 
     def describe(self) -> dict:

@@ -4,13 +4,14 @@ Attention, Brandon et al., 2024, arXiv 2405.12981; trained in there, applied **p
 A sharing layer's store is replaced by :class:`SharedLayerStore`, a view of the layer below: it holds no
 K/V (0 bytes), drops what the model appends to it, and its queries attend over the lower layer's
 keys and values -- which, because layers run in order, already include the current token. Sharing
-layers are chosen as in the calculator (:func:`kvlab.experiments.memory_calc.sharing_layers`):
+layers are chosen by :func:`sharing_layers` (the memory calculator, ``kvlab memory``, uses it too):
 ``fraction`` of the layers, spread evenly, each reusing the nearest lower layer of the same kind; or
 the explicit ``layers`` list (comma-separated). Only compressible (global) layers share.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -19,6 +20,22 @@ import torch
 from kvlab.cache.store import KVStore, LayerStore
 from kvlab.errors import check
 from kvlab.methods.base import Method, PrefillContext, register
+
+
+def sharing_layers(windows: list[int | None] | int, fraction: float) -> list[int]:
+    """Which layers reuse the K/V of the nearest layer below of the same kind (same window, or both global).
+
+    Within each kind, ``fraction`` of its layers share, spread evenly; the lowest layer of a kind never
+    shares. ``windows`` is the per-layer window list (or a layer count: all global).
+    """
+    check(0 <= fraction < 1, f"share fraction must be in [0, 1), got {fraction}")
+    if isinstance(windows, int):
+        windows = [None] * windows
+    shared = []
+    for kind in dict.fromkeys(windows):
+        idx = [i for i, w in enumerate(windows) if w == kind]
+        shared += [i for j, i in enumerate(idx) if j > 0 and math.floor((j + 1) * fraction) > math.floor(j * fraction)]
+    return sorted(shared)
 
 
 class SharedLayerStore:
@@ -77,6 +94,7 @@ class CrossLayer(Method):
 
     name: ClassVar[str] = "cross-layer"
     summary: ClassVar[str] = "post hoc CLA: chosen layers reuse the K/V of the layer below (0 bytes for them)"
+    family: ClassVar[str] = "architectural"
 
     fraction: float = 0.5
     layers: str | None = None  # e.g. "1,3,5": explicit sharing layers
@@ -89,8 +107,6 @@ class CrossLayer(Method):
 
     def sharing(self, store: KVStore) -> dict[int, int]:
         """``{layer: source layer}``."""
-        from kvlab.experiments.memory_calc import sharing_layers
-
         compressible = store.compressible_layers()
         if self.layers is not None:
             try:

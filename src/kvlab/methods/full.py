@@ -15,6 +15,7 @@ class Full(Method):
 
     name: ClassVar[str] = "full"
     summary: ClassVar[str] = "uncompressed cache (reference)"
+    family: ClassVar[str] = "reference"
     compresses: ClassVar[bool] = False
 
     def __post_init__(self) -> None:

@@ -8,27 +8,22 @@ from typing import ClassVar
 
 import torch
 
-from kvlab.cache.store import KVStore
-from kvlab.methods import _scoring as S
-from kvlab.methods.base import Method, PrefillContext, register
+from kvlab.attention.probs import padded_layer
+from kvlab.cache.store import LayerStore
+from kvlab.methods.base import PrefillContext, register
+from kvlab.methods.scorer import ScorerMethod
 
 
 @register
 @dataclass
-class KNorm(Method):
-    """Score = minus the key norm (float32 at least); keep the top ``budget`` tokens per KV head."""
+class KNorm(ScorerMethod):
+    """Score = minus the key norm; keep the top ``budget`` tokens per KV head."""
 
     name: ClassVar[str] = "knorm"
     summary: ClassVar[str] = "K-norm: keep the keys of smallest L2 norm, per head"
 
-    def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
-        if not S.compresses(self):
-            return
-        n_keep = S.kept_per_sequence(self, ctx.context_lengths)
-        for i in store.compressible_layers():
-            layer = store.layers[i]
-            keys, pos = S.padded_layer(layer)
-            dtype = torch.promote_types(keys.dtype, torch.float32)
-            scores = -torch.linalg.vector_norm(keys, dim=-1, dtype=dtype)
-            scores = scores.masked_fill(pos < 0, float("-inf"))
-            S.evict(layer, S.keep_top(scores.view(layer.rows, -1), S.per_row(n_keep, layer.kv_heads)))
+    def score(self, layer_idx: int, layer: LayerStore, ctx: PrefillContext) -> torch.Tensor:
+        keys, pos = padded_layer(layer)
+        # in float32 at least: a bfloat16 norm ties the scores of distinct keys (kvpress does the same)
+        scores = -torch.linalg.vector_norm(keys, dim=-1, dtype=torch.promote_types(keys.dtype, torch.float32))
+        return scores.masked_fill(pos < 0, float("-inf"))

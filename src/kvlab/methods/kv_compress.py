@@ -29,6 +29,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from kvlab.attention.probs import attention_probs, padded_layer
 from kvlab.cache.store import KVStore, LayerStore, ceil_div
 from kvlab.errors import KVLabError, check
 from kvlab.methods import _scoring as S
@@ -42,6 +43,7 @@ class KVCompress(Method):
 
     name: ClassVar[str] = "kv-compress"
     summary: ClassVar[str] = "KV-Compress: global block eviction across layers and heads, variable head lengths"
+    family: ClassVar[str] = "eviction"
 
     window: int = 8
     aggregation: str = "l2"
@@ -104,7 +106,7 @@ class KVCompress(Method):
     # ---------------------------------------------------------- scoring
     def _observe(self, layer: LayerStore, queries: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
         """Metric ``[rows, T]`` from ``queries``: attention (squared for L2) summed over queries and group."""
-        probs = S.attention_probs(layer, queries, q_pos, self._scaling)  # [B, H, G, w, T]
+        probs = attention_probs(layer, queries, q_pos, self._scaling)  # [B, H, G, w, T]
         if self.aggregation == "l2":
             probs = probs.square()
         return probs.sum(dim=(2, 3)).reshape(layer.rows, -1)
@@ -118,7 +120,7 @@ class KVCompress(Method):
             m = F.max_pool1d(m[:, None, :], self.pool_kernel, stride=1, padding=self.pool_kernel // 2)[:, 0]
         protected = S.recent_mask(layer, self.protected, t)
         if self.n_sink:
-            _, pos = S.padded_layer(layer)
+            _, pos = padded_layer(layer)
             protected |= (pos.reshape(layer.rows, -1)[:, :t] < self.n_sink) & in_use
         evictable = in_use & ~protected
         m = m.masked_fill(~evictable, float("inf"))

@@ -28,6 +28,7 @@ class LocalGlobal(Method):
 
     name: ClassVar[str] = "local-global"
     summary: ClassVar[str] = "post hoc Gemma-3 pattern: window W on all but every 6th layer (5:1, W=512)"
+    family: ClassVar[str] = "architectural"
 
     locals_per_global: int = 5  # the 5 of Gemma 3's 5:1 (``ratio`` is the base class's fraction removed)
     window: int = 512

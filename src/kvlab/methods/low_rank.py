@@ -46,6 +46,7 @@ from kvlab.cache.store import KVStore, LayerStore
 from kvlab.errors import KVLabError, check
 from kvlab.methods._lowrank_store import CodedLayerStore, Rope
 from kvlab.methods.base import Method, PrefillContext, register
+from kvlab.models.profiles import calibration_path
 
 MODES = ("v-only", "kv")
 PROJECTIONS = ("orthogonal", "pca")
@@ -155,6 +156,7 @@ class LowRank(Method):
 
     name: ClassVar[str] = "low-rank"
     summary: ClassVar[str] = "Palu / Eigen Attention: rank-R K/V latents (orthogonal or PCA), pre- or post-RoPE keys"
+    family: ClassVar[str] = "smaller vectors"
 
     rank: int = 32
     mode: str = "v-only"
@@ -209,8 +211,6 @@ class LowRank(Method):
 
 def load_calibration(path: str | None, model: Any, rank: int) -> dict[str, Any]:
     """The PCA file for ``model`` and ``rank`` (or ``path``); a clear error naming the command that makes it."""
-    from kvlab.experiments.calibrate import calibration_path
-
     name = model_key(model)
     if path is None:
         check(name is not None, "pca needs a calibration file: pass calibration=PATH (from `kvlab calibrate`)")

@@ -19,9 +19,11 @@ from typing import ClassVar
 import torch
 
 from kvlab.attention.plans import ReadPlan
+from kvlab.attention.probs import attention_mass
 from kvlab.cache.store import LayerStore, ceil_div
-from kvlab.methods._routing_common import RoutePlan, RoutingMethod, attention_mass, top_blocks
+from kvlab.kernels.selection import top_blocks
 from kvlab.methods.base import register
+from kvlab.methods.routing import RoutePlan, RoutingMethod
 
 
 @dataclass

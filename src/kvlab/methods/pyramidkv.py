@@ -46,13 +46,10 @@ class PyramidKV(SnapKV):
         steps = (max_num - min_num) / (num_layers - 1) if num_layers > 1 else 0.0
         return round(max_num - layer_idx * steps)
 
-    def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
-        if not S.compresses(self):
-            return
+    def prepare(self, store: KVStore, ctx: PrefillContext) -> None:
         S.check_window_fits(self.window, ctx.context_lengths)
-        for i in store.compressible_layers():
-            layer = store.layers[i]
-            n_keep = torch.tensor([self.layer_budget(i, store.num_layers, int(n)) for n in ctx.context_lengths])
-            S.check_budget(n_keep, self.window, f"the observation window of {self.window}, layer {i}")
-            scores = S.snapkv_scores(layer, ctx, i, self.window, self.kernel_size)
-            S.evict(layer, S.keep_top(scores.view(layer.rows, -1), S.per_row(n_keep, layer.kv_heads)))
+
+    def kept(self, layer_idx: int, num_layers: int, ctx: PrefillContext) -> torch.Tensor:
+        n_keep = torch.tensor([self.layer_budget(layer_idx, num_layers, int(n)) for n in ctx.context_lengths])
+        S.check_budget(n_keep, self.window, f"the observation window of {self.window}, layer {layer_idx}")
+        return n_keep

@@ -151,6 +151,7 @@ class Quantize(Method):
 
     name: ClassVar[str] = "quantize"
     summary: ClassVar[str] = "KIVI int8/int4 K/V: per-channel key, per-token value scales; composable (inner=)"
+    family: ClassVar[str] = "smaller vectors"
 
     bits: int = 8
     group: int = 32

@@ -8,14 +8,15 @@ from typing import ClassVar
 
 import torch
 
-from kvlab.cache.store import KVStore
-from kvlab.methods import _scoring as S
-from kvlab.methods.base import Method, PrefillContext, register
+from kvlab.attention.probs import padded_layer
+from kvlab.cache.store import KVStore, LayerStore
+from kvlab.methods.base import PrefillContext, register
+from kvlab.methods.scorer import ScorerMethod
 
 
 @register
 @dataclass
-class RandomEvict(Method):
+class RandomEvict(ScorerMethod):
     """Random scores; keep the top ``budget`` tokens per KV head."""
 
     name: ClassVar[str] = "random"
@@ -23,14 +24,10 @@ class RandomEvict(Method):
 
     seed: int = 0
 
-    def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
-        if not S.compresses(self):
-            return
-        n_keep = S.kept_per_sequence(self, ctx.context_lengths)
-        generator = torch.Generator().manual_seed(self.seed)
-        for i in store.compressible_layers():
-            layer = store.layers[i]
-            _, pos = S.padded_layer(layer)
-            # drawn on the CPU (the generator's device), so every device draws the same numbers
-            scores = torch.rand(pos.shape, generator=generator).to(pos.device).masked_fill(pos < 0, float("-inf"))
-            S.evict(layer, S.keep_top(scores.view(layer.rows, -1), S.per_row(n_keep, layer.kv_heads)))
+    def prepare(self, store: KVStore, ctx: PrefillContext) -> None:
+        self._generator = torch.Generator().manual_seed(self.seed)  # one stream over the layers, in order
+
+    def score(self, layer_idx: int, layer: LayerStore, ctx: PrefillContext) -> torch.Tensor:
+        _, pos = padded_layer(layer)
+        # drawn on the CPU (the generator's device), so every device draws the same numbers
+        return torch.rand(pos.shape, generator=self._generator).to(pos.device).masked_fill(pos < 0, float("-inf"))

@@ -9,15 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvlab.cache.store import KVStore
+import torch
+
+from kvlab.cache.store import KVStore, LayerStore
 from kvlab.errors import check
 from kvlab.methods import _scoring as S
-from kvlab.methods.base import Method, PrefillContext, register
+from kvlab.methods.base import PrefillContext, register
+from kvlab.methods.scorer import ScorerMethod
 
 
 @register
 @dataclass
-class SnapKV(Method):
+class SnapKV(ScorerMethod):
     """Pooled window attention, top ``budget`` tokens per KV head; the observation window is always kept.
 
     Deliberate difference from kvpress: when the budget is smaller than the window, kvpress keeps an
@@ -38,13 +41,10 @@ class SnapKV(Method):
     def observation_window(self) -> int:
         return self.window
 
-    def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
-        if not S.compresses(self):
-            return
+    def prepare(self, store: KVStore, ctx: PrefillContext) -> None:
         n_keep = S.kept_per_sequence(self, ctx.context_lengths)
         S.check_window_fits(self.window, ctx.context_lengths)
         S.check_budget(n_keep, self.window, f"the observation window of {self.window}")
-        for i in store.compressible_layers():
-            layer = store.layers[i]
-            scores = S.snapkv_scores(layer, ctx, i, self.window, self.kernel_size)
-            S.evict(layer, S.keep_top(scores.view(layer.rows, -1), S.per_row(n_keep, layer.kv_heads)))
+
+    def score(self, layer_idx: int, layer: LayerStore, ctx: PrefillContext) -> torch.Tensor:
+        return S.snapkv_scores(layer, ctx, layer_idx, self.window, self.kernel_size)

@@ -35,6 +35,7 @@ class Streaming(Method):
 
     name: ClassVar[str] = "streaming"
     summary: ClassVar[str] = "StreamingLLM: n_sink first tokens + recent window"
+    family: ClassVar[str] = "eviction"
 
     n_sink: int = 4
     window: int | None = None

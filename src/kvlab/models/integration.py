@@ -137,6 +137,22 @@ def sliding_windows(config: Any) -> list[int | None]:
     return [None] * n
 
 
+def left_pad(ids: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids [B, L]`` left-padded and ``valid [B, L]``."""
+    length = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(ids), length, dtype=torch.bool)
+    for i, x in enumerate(ids):
+        input_ids[i, length - len(x):] = torch.tensor(x, dtype=torch.long)
+        valid[i, length - len(x):] = True
+    return input_ids, valid
+
+
+def positions_from_valid(valid: torch.Tensor) -> torch.Tensor:
+    """Positions 0, 1, ... over the valid tokens of each row (padding gets 0)."""
+    return (torch.cumsum(valid.long(), 1) - 1).clamp(min=0)
+
+
 def new_store(config: Any, batch: int, block_size: int, dtype: torch.dtype,
               device: torch.device | str = "cpu") -> KVStore:
     """An empty store shaped for ``config``."""

@@ -1,60 +1,28 @@
-"""Shared pieces of the decode-time routing methods (block-route, cluster-route, the oracles).
+"""The routing base: what every decode-time router shares (block-route, cluster-route, the oracles).
 
-- :class:`RoutingMethod`: the parameters every router shares (block size, sink and local blocks,
-  dense layers, the recall diagnostic), the budget arithmetic, and the plan/run split: a
-  :class:`RoutePlan` per layout on the host once per step (:meth:`RoutingMethod.plan_step`), then a
-  fixed-width selection per layer on the device (:meth:`RoutingMethod.select`).
-- :class:`BlockMeta`: per-block key metadata (centroid, element-wise min and max) of one layer, kept
-  up to date as decode appends tokens: a decode step recomputes each row's newest block, on the
-  device, with fixed shapes. The store has no metadata hook, so the method keeps it, keyed on the
-  store's layout (a repack or a new snapshot rebuilds it).
-- :func:`attention_mass` and :func:`mass_recall`: the true attention of a decode query (the oracles
-  and the per-step recall diagnostic; it costs a full attention pass).
-- :func:`entropy_profile_path` / :func:`load_dense_layers`: where ``dense_layers=auto`` finds the
-  entropy profile that ``kvlab profile entropy`` writes.
+:class:`RoutingMethod` holds the parameters every router takes (block size, sink and local blocks, dense
+layers, the recall diagnostic), the budget arithmetic, and the plan/run split: a :class:`RoutePlan` per
+layout on the host once per step (:meth:`RoutingMethod.plan_step`), then a fixed-width selection per
+layer on the device (:meth:`RoutingMethod.select`, the one thing a router implements).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from kvlab.attention.plans import ReadPlan
+from kvlab.attention.probs import mass_recall
 from kvlab.cache.store import KVStore, LayerStore, ceil_div, ceil_div_tensor
 from kvlab.errors import KVLabError, check
+from kvlab.kernels import selection
 from kvlab.methods.base import Method, PrefillContext
+from kvlab.models.profiles import load_dense_layers
 
 MAX_BLOCK_SIZE = 256
-
-
-# ---------------------------------------------------------------- entropy profile (dense_layers=auto)
-def entropy_profile_path(model: str) -> Path:
-    """``$KVLAB_CACHE/profiles/<model>-entropy.json``: ``{"model": ..., "dense_layers": [0, 1, ...]}``."""
-    from kvlab.models.builtin import cache_root
-
-    safe = model.replace("/", "--").replace(":", "-")
-    return cache_root() / "profiles" / f"{safe}-entropy.json"
-
-
-def load_dense_layers(profile: str) -> list[int]:
-    """Dense layers from an entropy profile given as a JSON path or a model name."""
-    path = Path(profile).expanduser()
-    if not (path.suffix == ".json" or path.is_file()):
-        path = entropy_profile_path(profile)
-    if not path.is_file():
-        raise KVLabError(f"no entropy profile at {path}; create it with `kvlab profile entropy --model {profile}` "
-                         f"(or pass dense_layers_profile=<path to a JSON file with \"dense_layers\">)")
-    try:
-        data = json.loads(path.read_text())
-        layers = [int(x) for x in data["dense_layers"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise KVLabError(f"entropy profile {path} has no valid \"dense_layers\" list of ints ({exc})") from None
-    return layers
 
 
 # ---------------------------------------------------------------- the host plan of a routed layer
@@ -97,6 +65,8 @@ class RoutingMethod(Method):
     :meth:`select` for a routed layer (dense layers and layers whose rows are all within budget read
     everything). Called without :meth:`plan_step` (benchmarks, tests), it plans the layer on the spot.
     """
+
+    family: ClassVar[str] = "routing"
 
     block_size: int = 16
     sink_blocks: int = 1
@@ -294,11 +264,10 @@ class RoutingMethod(Method):
               f"{self.sink_blocks} + {self.local_blocks} blocks of {self.block_size} = {need} tokens; "
               f"allowed: a budget of at least {need} tokens (or fewer/smaller blocks)")
 
-    def forced_blocks(self, nb: torch.Tensor, width: int) -> torch.Tensor:
-        """``[rows, width]`` bool: the sink blocks and the newest ``local_blocks`` blocks of each row
-        (on ``nb``'s device)."""
-        cols = torch.arange(width, device=nb.device)[None, :]
-        return ((cols < self.sink_blocks) | (cols >= (nb - self.local_blocks)[:, None])) & (cols < nb[:, None])
+    def forced_blocks(self, nb: torch.Tensor, width: int, block_size: int = 1) -> torch.Tensor:
+        """``[rows, width]`` bool: the sink blocks and the newest ``local_blocks`` blocks of each row of ``nb``
+        blocks (per token of them with ``block_size``; on ``nb``'s device)."""
+        return selection.forced_blocks(nb, width, self.sink_blocks, self.local_blocks, block_size)
 
     # ------------------------------------------------------------ diagnostic
     def record(self, layer_idx: int, step: int, layer: LayerStore, query: torch.Tensor, scaling: float | None,
@@ -309,181 +278,3 @@ class RoutingMethod(Method):
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         recall = mass_recall(layer, query, scaling, plan)
         self.recall_log.append({"layer": layer_idx, "step": step, "recall": recall})
-
-
-# ---------------------------------------------------------------- selection
-def top_blocks(scores: torch.Tensor, nb: torch.Tensor, k: torch.Tensor, width: int,
-               forced: torch.Tensor | None = None) -> torch.Tensor:
-    """Per row the ``k`` best of its ``nb`` blocks by ``scores`` ``[rows, n]`` (forced ones first; ties:
-    the lowest block first), ascending, ``[rows, width]`` -1 padded, on the device of ``scores``.
-
-    ``width`` (host) bounds every ``k``, so the result has one shape whatever the lengths: no read-back.
-    """
-    rows, n = scores.shape
-    device = scores.device
-    nb, k = nb.to(device), k.to(device)
-    s = scores.float()
-    cols = torch.arange(n, device=device)[None, :]
-    if forced is not None:
-        s = torch.where(forced.to(device), torch.inf, s)
-    s = torch.where(cols < nb[:, None], s.nan_to_num(nan=-torch.inf), -torch.inf)
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :width]
-    if order.shape[1] < width:
-        order = torch.nn.functional.pad(order, (0, width - order.shape[1]))
-    keep = torch.arange(width, device=device)[None, :] < torch.minimum(k, nb)[:, None]
-    return ascending(torch.where(keep, order, -1))
-
-
-def ascending(index: torch.Tensor) -> torch.Tensor:
-    """Each row's valid (``>= 0``) entries ascending, the -1 padding last (same shape)."""
-    big = torch.iinfo(torch.long).max
-    index = torch.where(index >= 0, index.long(), big).sort(1).values
-    return torch.where(index == big, -1, index)
-
-
-def grouped_query(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """``[B, Hq, L, D]`` -> ``[rows, G * L, D]`` float32 (query head ``h * G + g`` serves KV head ``h``)."""
-    b, hq, length, d = query.shape
-    return query.reshape(b * kv_heads, (hq // kv_heads) * length, d).float()
-
-
-def rowwise_mv(mat: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-    """``[rows, n, D] @ [rows, D] -> [rows, n]`` as one matrix-vector product per row.
-
-    On the CPU ``torch.bmm`` with a single column is several times slower than ``torch.mv``; on a GPU
-    one ``bmm`` launch is what is fast.
-    """
-    if mat.device.type != "cpu":
-        return torch.bmm(mat.float(), vec.float()[:, :, None])[:, :, 0]
-    out = torch.empty(mat.shape[0], mat.shape[1], dtype=torch.float32)
-    for r in range(mat.shape[0]):
-        torch.mv(mat[r].float(), vec[r].float(), out=out[r])
-    return out
-
-
-# ---------------------------------------------------------------- block metadata
-class BlockMeta:
-    """Centroid, min and max of the keys in every ``unit``-token block of each row of one layer.
-
-    ``centroid``/``kmin``/``kmax``: ``[rows, units, D]`` in the keys' dtype (computed in fp32), sized to
-    the layer's capacity, so decode never regrows them (a partial last block covers the tokens it has;
-    an empty block has centroid 0, min +inf and max -inf). Two updates:
-
-    - :meth:`update` (host-driven): rebuild after the layer's layout changed or a row shrank, else
-      recompute only the blocks that gained tokens since the previous update;
-    - :meth:`update_newest` (device only, fixed shape): after a decode append, recompute each row's
-      newest block -- what a decode step changes, and what a CUDA graph can replay.
-    """
-
-    CHUNK_TOKENS = 4096
-
-    def __init__(self, unit: int, need_bounds: bool = True, need_centroid: bool = True) -> None:
-        self.unit = unit
-        self.need_bounds = need_bounds
-        self.need_centroid = need_centroid
-        self.lengths: list[int] | None = None  # host lengths at the last update
-        self.version = -1
-        self.centroid = self.kmin = self.kmax = torch.empty(0)
-        self.capacity = 0  # blocks per row held
-        self.blocks_recomputed = 0  # how many (row, block) entries the last update recomputed
-
-    def update(self, layer: LayerStore) -> None:
-        u = self.unit
-        lengths = list(layer.lengths_host)
-        nb = ceil_div(max(lengths, default=0), u)
-        rebuild = (self.version != layer.layout_version or self.lengths is None
-                   or any(n < m for n, m in zip(lengths, self.lengths, strict=True))
-                   or ceil_div(layer.max_capacity_tokens, u) > self.capacity)
-        if rebuild:
-            self._allocate(layer)
-            b0 = 0
-        else:
-            changed = [m for n, m in zip(lengths, self.lengths, strict=True) if n != m]
-            if not changed:
-                self.blocks_recomputed = 0
-                return
-            b0 = min(changed) // u
-        self._compute(layer, b0, nb)
-        self.blocks_recomputed = (nb - b0) * layer.rows
-        self.lengths = lengths
-        self.version = layer.layout_version
-
-    def update_newest(self, layer: LayerStore) -> None:
-        """Recompute each row's block holding its newest token, from the pool (device work only)."""
-        u, device = self.unit, layer.device
-        lengths = layer.lengths
-        block = ((lengths - 1).clamp(min=0) // u)  # [rows]
-        slots = block[:, None] * u + torch.arange(u, device=device)[None, :]  # [rows, u]
-        valid = (slots < lengths[:, None])[..., None]
-        phys = layer._row_base[:, None] + torch.minimum(slots, (lengths - 1).clamp(min=0)[:, None])
-        k = layer.keys[phys].float()  # [rows, u, D]
-        rows = torch.arange(layer.rows, device=device)
-        self._store(rows, block, k, valid)
-        self.lengths = None  # the host record no longer says what was last computed
-
-    def _allocate(self, layer: LayerStore) -> None:
-        self.capacity = max(ceil_div(layer.max_capacity_tokens, self.unit), 1)
-        shape = (layer.rows, self.capacity, layer.head_dim)
-        dev, dtype = layer.device, layer.dtype
-        empty = torch.empty(0, device=dev, dtype=dtype)
-        self.centroid = torch.zeros(shape, device=dev, dtype=dtype) if self.need_centroid else empty
-        self.kmin = torch.full(shape, torch.inf, device=dev, dtype=dtype) if self.need_bounds else empty
-        self.kmax = torch.full(shape, -torch.inf, device=dev, dtype=dtype) if self.need_bounds else empty
-
-    def _store(self, rows: torch.Tensor, blocks: torch.Tensor, k: torch.Tensor, valid: torch.Tensor) -> None:
-        """Summaries of key groups ``k`` ``[..., u, D]`` (``valid`` ``[..., u, 1]``) into ``[rows, blocks]``."""
-        if self.need_centroid:
-            cnt = valid.sum(-2).clamp(min=1)
-            self.centroid[rows, blocks] = (torch.where(valid, k, 0.0).sum(-2) / cnt).to(self.centroid.dtype)
-        if self.need_bounds:
-            self.kmin[rows, blocks] = torch.where(valid, k, torch.inf).amin(-2).to(self.kmin.dtype)
-            self.kmax[rows, blocks] = torch.where(valid, k, -torch.inf).amax(-2).to(self.kmax.dtype)
-
-    def _compute(self, layer: LayerStore, b0: int, b1: int) -> None:
-        u, dev = self.unit, layer.device
-        lengths = layer.lengths
-        base = layer._row_base
-        last = (lengths - 1).clamp(min=0)
-        step = max(1, self.CHUNK_TOKENS // u)
-        rows = torch.arange(layer.rows, device=dev)[:, None]
-        for c0 in range(b0, b1, step):
-            c1 = min(b1, c0 + step)
-            slots = torch.arange(c0 * u, c1 * u, device=dev)[None, :]
-            valid = (slots < lengths[:, None]).view(layer.rows, c1 - c0, u, 1)
-            phys = base[:, None] + torch.minimum(slots, last[:, None])
-            k = layer.keys[phys].float().view(layer.rows, c1 - c0, u, -1)
-            self._store(rows, torch.arange(c0, c1, device=dev)[None, :], k, valid)
-
-
-# ---------------------------------------------------------------- true attention
-def attention_mass(layer: LayerStore, query: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Softmax attention of each query head over each row's logical slots: ``[B, H_kv, G, T]``.
-
-    ``T`` is the longest row (0 past a row's length); with several queries per row their mean.
-    Every stored token is taken as visible (a decode step on a global layer).
-    """
-    b, hq, length, d = query.shape
-    h = layer.kv_heads
-    g = hq // h
-    t = layer.max_length
-    out = torch.zeros(b, h, g, t, device=layer.keys.device)
-    q = grouped_query(query, h)
-    for row in range(layer.rows):
-        bi, hi = divmod(row, h)
-        k, _, _ = layer.row_view(row)
-        p = torch.softmax((q[row] @ k.float().T) * scaling, dim=-1)  # [G * L, T_row]
-        out[bi, hi, :, : k.shape[0]] = p.view(g, length, -1).mean(1)
-    return out
-
-
-def mass_recall(layer: LayerStore, query: torch.Tensor, scaling: float, plan: ReadPlan | None) -> torch.Tensor:
-    """Share of each query head's true attention mass that ``plan`` reads: ``[B, Hq]`` (1 for ``None``)."""
-    b, hq = query.shape[:2]
-    if plan is None:
-        return torch.ones(b, hq)
-    mass = attention_mass(layer, query, scaling)  # [B, H, G, T]
-    slots = plan.token_slots(layer.lengths.to(plan.index.device), layer.block_size)  # [B, H, n]
-    slots = torch.where(slots < mass.shape[-1], slots, -1)
-    idx = slots.clamp(min=0)[:, :, None, :].expand(*mass.shape[:3], slots.shape[-1])
-    picked = mass.gather(-1, idx) * (slots >= 0)[:, :, None, :]
-    return picked.sum(-1).reshape(b, hq)
