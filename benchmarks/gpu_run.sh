@@ -2,13 +2,14 @@
 # Everything kvlab measures on a CUDA GPU, in one command (the device machine of this workplace has
 # python3 with CUDA torch and Triton, but a newer transformers: the pinned one travels as a wheel in .whl/,
 # made here by `bash benchmarks/gpu_wheels.sh`).
-#   bash benchmarks/gpu_run.sh [smoke|bench|full|e2e]   -> logs and JSON under $OUT (default ./out/gpu)
+#   bash benchmarks/gpu_run.sh [smoke|bench|full|e2e|rows]   -> logs and JSON under $OUT (default ./out/gpu)
 # smoke: quick sizes; bench: the benchmarks and model checks; full: also the kernel tests on the GPU;
 # e2e (issue 13, at most 7.5 minutes): the fused kernel's tests on the GPU, CUDA graphs vs eager and Triton vs
 # torch on a tiny model, then the decode-attention table at 128K x 1 and x 4 (the fused scoring + top-k among it)
 # and decode end to end of random-weight llama-3.1-8b in bf16 through kvlab's decode with CUDA graphs (full and
 # block-route 1/8 at 32K x 1, 128K x 1 and 128K x 4 -- x 2 where 4 does not fit), beside the roofline and
 # transformers' StaticCache + SDPA under a CUDA graph.
+# rows (issue 14, 3-5 minutes): H2 at smaller rows, benchmarks/gpu_access_rows.sh (head_dim 16..256, bf16).
 # Each step has its own time limit, so a slow or broken step still leaves the others' results.
 set -uo pipefail
 mode=${1:-full}
@@ -32,6 +33,8 @@ kernel_tests() {
   tail -5 "$OUT/kernel-tests.txt"
 }
 case "$mode" in
+rows)
+  timeout 420 bash benchmarks/gpu_access_rows.sh ;;
 e2e)
   kernel_tests 60 -k "block_select or attend_triton or block_route_decodes"
   echo "== CUDA graphs vs eager, Triton vs torch (tiny-llama)"
