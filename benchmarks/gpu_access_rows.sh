@@ -28,7 +28,7 @@ python3 - "$OUT" <<'EOF' | tee "$OUT/access-rows.txt"
 import json, sys
 from pathlib import Path
 
-from kvlab.experiments.access import summarize
+from kvlab.experiments.access import summarize_bench
 
 out = Path(sys.argv[1])
 paying = []
@@ -40,7 +40,7 @@ for path in sorted(out.glob("access-rows-*.json")):
     except (json.JSONDecodeError, OSError):
         print(f"{path.stem}: no result (see {path.with_suffix('.log').name})")
 for path, res in sorted(results, key=lambda x: (x[1]["head_dim"], x[1]["kv_heads"])):
-    s = summarize(res)
+    s = summarize_bench(res)
     row = res["head_dim"] * (2 if "16" in res.get("dtype", "bfloat16") else 4)  # bytes of one K or V row
     gaps = ", ".join(f"{g['context'] // 1024}K {g['gap']:.2f}×" for g in s["gaps"])
     print(f"{path.stem.removeprefix('access-rows-'):>8} {row:>9} {res['kv_heads']:>4}×{res['q_heads']:<5}  {gaps}")

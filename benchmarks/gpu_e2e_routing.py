@@ -16,8 +16,8 @@ import time
 import torch
 
 import kvlab
+from kvlab.experiments.access import E2E_METHODS
 from kvlab.experiments.runner import resolve, run_method
-from kvlab.experiments.validate import E2E_METHODS
 from kvlab.generation import prefill
 
 

@@ -202,9 +202,9 @@ def test_locality_and_entropy_end_to_end(tiny, tmp_path, monkeypatch):
                 assert s + lo + e == pytest.approx(1.0, abs=1e-4)
             assert sum(layer["buckets"]) == pytest.approx(1.0, abs=1e-4)
             assert all(0 <= x <= 1 + 1e-6 for x in layer["entropy"])
-    s = locality.summarize(cells)
+    s = locality.summarize_cells(cells)
     assert s["verdict"] in ("supported", "not supported", "inconclusive") and len(s["rows"]) == 2
-    e = entropy.summarize(cells, "random:tiny-llama")
+    e = entropy.summarize_cells(cells, "random:tiny-llama")
     path = entropy.save_profile(e)
     assert path.is_file() and entropy.load_profile("random:tiny-llama")["dense_layers"] == e["dense_layers"]
     assert entropy.verdict([e])["verdict"] in ("supported", "not supported", "inconclusive")
@@ -219,7 +219,7 @@ def test_access_bench_small():
     assert tokens == {256}  # equal budget for every block size
     with pytest.raises(kvlab.KVLabError, match="smaller than one block"):
         access.bench_access([512], reps=1)
-    assert access.summarize(res)["verdict"] in ("supported", "not supported", "inconclusive")
+    assert access.summarize_bench(res)["verdict"] in ("supported", "not supported", "inconclusive")
     assert res["copy_gbps"] > 0
 
 
@@ -228,7 +228,8 @@ def test_niah_ppl_synthetic_end_to_end_with_plots(tiny, tmp_path):
     notes: list[str] = []
     specs = resolve(METHODS, notes)
     cells = Cells(tmp_path / "cells")
-    nd = niah.run(model, tok, "tiny", specs, [400], [0.0, 1.0], [0.25], ["passkey"], cells, notes, max_new_tokens=4)
+    nd = niah.run_cells(model, tok, "tiny", specs, [400], [0.0, 1.0], [0.25], ["passkey"], cells, notes,
+                        max_new_tokens=4)
     assert {c["mode"] for c in nd} >= {"aware"}
     for c in nd:
         assert len(c["rows"]) == 2 and all(isinstance(r["correct"], bool) for r in c["rows"])
@@ -236,10 +237,10 @@ def test_niah_ppl_synthetic_end_to_end_with_plots(tiny, tmp_path):
     full = [c for c in nd if c["method"] == "full"][0]
     assert all(g == 0 for r in full["rows"] for g in r["ger_per_layer"])  # the full cache evicts nothing
     pool = locality.TextPool(model, tok, ["prose", "code"], [256], extra=16)
-    pd = ppl.run(pool, "tiny", specs, [0.25], [256], 6, cells, notes)
+    pd = ppl.run_cells(pool, "tiny", specs, [0.25], [256], 6, cells, notes)
     assert all(c["tokens"] == 5 and all(math.isfinite(v) for v in c["ppl"].values()) for c in pd)
-    sd = synthetic.run(model, tok, "tiny", specs, [0.5, 0.9], 1200, cells, notes, max_new_tokens=3)
-    ss = synthetic.summarize(sd)
+    sd = synthetic.run_cells(model, tok, "tiny", specs, [0.5, 0.9], 1200, cells, notes, max_new_tokens=3)
+    ss = synthetic.summarize_cells(sd)
     assert {r["method"] for r in ss["rows"]} == {s.label for s in specs}
     for r in ss["rows"]:
         assert 0 <= r["f1"] <= 1 and 0 <= r["hallucination"] <= 1 and 0 <= r["ger"] <= 1
@@ -251,8 +252,8 @@ def test_niah_ppl_synthetic_end_to_end_with_plots(tiny, tmp_path):
     from kvlab.experiments import validate
 
     results = {"model": "tiny", "mode": "quick", "machine": access.machine(), "experiments": {
-        "niah": validate.section_niah(nd, validate.QUICK), "ppl": validate.section_ppl(pd, validate.QUICK),
-        "synthetic": validate.section_synthetic(sd, validate.QUICK)}, "notes": notes, "conclusion": ["x"]}
+        "niah": niah.summarize({"cells": nd}, validate.QUICK), "ppl": ppl.summarize({"cells": pd}, validate.QUICK),
+        "synthetic": synthetic.summarize({"cells": sd}, validate.QUICK)}, "notes": notes, "conclusion": ["x"]}
     path = report.write_report(results, tmp_path / "out")
     html = path.read_text()
     pngs = list((tmp_path / "out").glob("*.png"))

@@ -69,7 +69,7 @@ def test_summarize_conditional_accuracy_cliff_and_correlation():
     ratios = [0.1, 0.5, 0.8, 0.9, 0.95]
     cells = _cells(dict(zip(ratios, [1.0, 0.9, 0.8, 0.3, 0.1], strict=True)),
                    dict(zip(ratios, [0.0, 0.05, 0.1, 0.6, 0.8], strict=True)))
-    s = synthetic.summarize(cells)
+    s = synthetic.summarize_cells(cells)
     assert s["solved"] == 30
     by = {(r["method"], r["ratio"]): r for r in s["rows"]}
     assert by[("full", 0.0)]["cond_accuracy"] == 1.0 and by[("full", 0.0)]["accuracy"] == 0.75
@@ -79,14 +79,14 @@ def test_summarize_conditional_accuracy_cliff_and_correlation():
     assert c["ratios"] == [0.0] + ratios  # ratio 0 is the full cache
     assert c["cliff"] == 0.9 and c["ger_spike"] == 0.9
     assert c["correlation"] < -0.9
-    assert validate.cliff_tracks_ger(c)
+    assert synthetic.cliff_tracks_ger(c)
     assert s["families"]["instance/s2a"] == {"n": 40, "solved": 30, "accuracy": 0.75} and s["cannot"] == []
 
 
 def test_families_the_model_cannot_do_are_named():
     cells = _cells({0.5: 1.0}, {0.5: 0.0}, n=8)
     cells[0]["rows"] += [_row(f"h{i}", False, 0.0, task="multihop") for i in range(5)]
-    s = synthetic.summarize(cells)
+    s = synthetic.summarize_cells(cells)
     assert s["families"]["multihop/s2a"]["solved"] == 0
     assert s["cannot"] == ["multihop/s2a"]
 
@@ -96,14 +96,14 @@ def test_synthetic_verdict_rule():
     ratios = cfg.synthetic_ratios
     near = _cells(dict(zip(ratios, [1.0, 0.95, 0.8, 0.3, 0.1], strict=True)),
                   dict(zip(ratios, [0.0, 0.05, 0.1, 0.6, 0.8], strict=True)))
-    assert validate.section_synthetic(near, cfg)["verdict"] == "supported"
+    assert synthetic.summarize({"cells": near}, cfg)["verdict"] == "supported"
     early = _cells(dict(zip(ratios, [1.0, 0.2, 0.1, 0.1, 0.0], strict=True)),
                    dict(zip(ratios, [0.0, 0.05, 0.1, 0.6, 0.8], strict=True)))
-    sec = validate.section_synthetic(early, cfg)
+    sec = synthetic.summarize({"cells": early}, cfg)
     assert sec["verdict"] == "not supported" and sec["near_90"] == []
     few = _cells(dict(zip(ratios, [1.0, 0.95, 0.8, 0.3, 0.1], strict=True)),
                  dict(zip(ratios, [0.0, 0.05, 0.1, 0.6, 0.8], strict=True)), n=20)  # 15 solved
-    sec = validate.section_synthetic(few, cfg)
+    sec = synthetic.summarize({"cells": few}, cfg)
     assert sec["verdict"] == "inconclusive" and "fewer than the 30" in sec["text"]
 
 
@@ -146,7 +146,7 @@ def _profile(kind: str, length: int, eps: list[float], entropy_: list[float] | N
 
 def test_locality_reports_each_text_kind():
     cells = [_profile("code", 4096, [0.01, 0.02, 0.03, 0.2]), _profile("prose", 4096, [0.3, 0.4, 0.5, 0.6])]
-    s = locality.summarize(cells)
+    s = locality.summarize_cells(cells)
     assert s["by_kind"]["code"]["verdict"] == "supported"  # 3 of 4 layers below 0.05
     assert s["by_kind"]["prose"]["verdict"] == "not supported"
     assert s["by_kind"]["code"]["rows"][0]["mean_eps"] == pytest.approx(0.065)
@@ -174,7 +174,7 @@ def test_consensus_shape_and_comparison():
     small = [{"method": "m", "ratio": 0.9, "rows": [_row("q1", True, 0.5, cons=(0.9, 0.5, 0.2))]}]
     large = [{"method": "m", "ratio": 0.9, "rows": [_row("q1", True, 0.5, cons=(0.2, 0.5, 0.9)),
                                                    _row("q2", True, 0.5, cons=(0.0, 0.0, 0.0))]}]
-    res = validate.consensus_compare({"small": small, "large": large}, ["m"], [0.9])
+    res = synthetic.consensus_compare({"small": small, "large": large}, ["m"], [0.9])
     assert res["questions"] == 1  # only the question both models were asked
     assert res["models"]["small"]["m@0.9"]["shape"] == "early consensus"
     assert res["models"]["large"]["m@0.9"]["shape"] == "funnel"

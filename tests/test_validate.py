@@ -3,13 +3,14 @@ interrupted run resumes from its cached cells without prefilling again; bad inpu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 from typer.testing import CliRunner
 
 import kvlab
-from kvlab.experiments import locality, niah, synthetic, validate
+from kvlab.experiments import access, locality, niah, synthetic, validate
 from kvlab.experiments.validate import Config, run_validate
 
 TINY = Config(
@@ -144,17 +145,18 @@ def test_h2_gpu_result_decides_the_verdict_and_bad_files_are_refused(tmp_path):
 
     path = tmp_path / "gpu.json"
     path.write_text(json.dumps(bench("cuda", 0.102)))
-    gpu = validate.load_access_result(path)
+    gpu = access.load_access_result(path)
     e2e = {"rows": [], "context": 4096, "batch": 2, "budget": 0.125}
-    assert validate.section_h2([bench("cpu", 0.2)], e2e)["verdict"] == "supported"  # 2× slower scattered
-    both = validate.section_h2([bench("cpu", 0.2), gpu], e2e)
+    cpu = access.summarize({"bench": [bench("cpu", 0.2)], "e2e": e2e}, validate.QUICK)
+    assert cpu["verdict"] == "supported"  # 2× slower scattered
+    both = access.summarize({"bench": [bench("cpu", 0.2), gpu], "e2e": e2e}, validate.QUICK)
     assert both["verdict"] == "not supported"  # the GPU's 1.02× decides
     assert "CPU: supported" in both["text"] and "CUDA: not supported" in both["text"]
     with pytest.raises(kvlab.KVLabError, match="no such file"):
-        validate.load_access_result(tmp_path / "missing.json")
+        access.load_access_result(tmp_path / "missing.json")
     (tmp_path / "rows.json").write_text(json.dumps(bench("cuda", 0.1)["rows"]))
     with pytest.raises(kvlab.KVLabError, match="not a `kvlab bench access --json` result"):
-        validate.load_access_result(tmp_path / "rows.json")
+        access.load_access_result(tmp_path / "rows.json")
 
 
 def test_a_model_sized_run_in_parts_with_a_second_model_resumes(tiny, tmp_path, monkeypatch):
@@ -196,3 +198,46 @@ def test_a_model_sized_run_in_parts_with_a_second_model_resumes(tiny, tmp_path, 
         monkeypatch.setattr(module, "prefill_points", boom)
     again = run_validate("random:tiny-llama", out, "full", only=only, config=cfg, model=model, tokenizer=tok)
     assert again["experiments"]["synthetic"]["summary"]["rows"] == sy["summary"]["rows"]
+
+
+def test_the_table_claims_every_config_field():
+    """Every field of Config is read by every experiment (SHARED) or named by the one experiment that reads it."""
+    claimed = [f for e in validate.EXPERIMENTS.values() for f in e.config] + list(validate.SHARED)
+    assert sorted(claimed) == sorted(f.name for f in dataclasses.fields(Config))
+    for name, experiment in validate.EXPERIMENTS.items():
+        module = experiment.run.__module__
+        assert experiment.summarize.__module__ == module and module.startswith("kvlab.experiments."), name
+
+
+def test_no_cuda_graphs_reaches_decode(tiny, tmp_path, monkeypatch):
+    """``--no-cuda-graphs`` on the commands that decode is decode's ``cuda_graphs=False`` (on the CPU nothing
+    else changes); validate passes it to every experiment through the study."""
+    from kvlab.cli import app
+    from kvlab.experiments import runner
+
+    seen: list[bool] = []
+    real = runner.decode
+    monkeypatch.setattr(runner, "decode", lambda *a, **k: seen.append(k["cuda_graphs"]) or real(*a, **k))
+    cli = CliRunner()
+    commands = [["eval", "synthetic", "--method", "full", "--length", "1200", "--ratio", "0.5"],
+                ["niah", "--method", "full", "--length", "400", "--depth", "0.5"],
+                ["eval", "ppl", "--method", "full", "--length", "128", "--tokens", "4"]]
+    for args in commands:
+        for flag, expected in (([], True), (["--no-cuda-graphs"], False)):
+            seen.clear()
+            r = cli.invoke(app, [*args, "--model", "random:tiny-llama", "--json", *flag])
+            assert r.exit_code == 0, r.output
+            assert seen and all(x is expected for x in seen), (args, flag, seen)
+    passed = {}
+    monkeypatch.setattr(validate, "run_validate", lambda *a, **k: passed.update(k) or {"timings": {}, "experiments": {},
+                                                                                      "seconds": 0, "notes": []})
+    assert cli.invoke(app, ["validate", "--model", "random:tiny-llama", "--no-cuda-graphs", "--out",
+                            str(tmp_path / "v")]).exit_code == 0
+    assert passed["cuda_graphs"] is False
+    monkeypatch.undo()
+    monkeypatch.setattr(runner, "decode", lambda *a, **k: seen.append(k["cuda_graphs"]) or real(*a, **k))
+    seen.clear()
+    model, tok = tiny
+    run_validate("random:tiny-llama", tmp_path / "w", "quick", only=["ppl", "niah"], config=TINY, model=model,
+                 tokenizer=tok, cuda_graphs=False)
+    assert seen and not any(seen)

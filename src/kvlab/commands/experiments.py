@@ -9,11 +9,10 @@ from typing import Annotated
 
 import typer
 
+from kvlab.commands.core import CudaGraphsOpt, JsonOpt, ModelOpt
 from kvlab.commands.output import print_table
 from kvlab.errors import check
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="built-in name, random:<shape>, directory or HF id")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 LengthsOpt = Annotated[list[int] | None, typer.Option("--length", "-l", help="context length in tokens (repeat)")]
 MethodsOpt = Annotated[list[str] | None, typer.Option("--method", help="method label (repeat; default: all)")]
 BudgetsOpt = Annotated[list[float] | None, typer.Option("--budget", help="fraction read or kept (repeat)")]
@@ -62,12 +61,14 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         access_result: Annotated[list[Path] | None, typer.Option(
             "--access-result", help="H2: a `kvlab bench access --json` result from another machine, e.g. a GPU "
                                     "(repeat)")] = None,
+        cuda_graphs: CudaGraphsOpt = True,
     ) -> None:
         """Run the validation experiments and write DIR/report.html, DIR/results.json and the plots."""
         from kvlab.experiments.validate import run_validate
 
         check(not (quick and full), "give --quick or --full, not both")
-        res = run_validate(model, out, "full" if full else "quick", only=only, access_results=access_result)
+        res = run_validate(model, out, "full" if full else "quick", only=only, access_results=access_result,
+                           cuda_graphs=cuda_graphs)
         rows = [{"experiment": k, "verdict": v.get("verdict", "-"), "seconds": res["timings"].get(k)}
                 for k, v in res["experiments"].items()]
         print_table(rows, title=f"kvlab validate · {model} · {res['seconds']:.0f} s")
@@ -86,7 +87,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         m, tok = _load(model)
         _check_lengths(m, model, lengths)
         pool = locality.TextPool(m, tok, ["prose", "code"], lengths)
-        s = locality.summarize(locality.profile_cells(pool, _cells(out, model), model, sink, local))
+        s = locality.summarize_cells(locality.profile_cells(pool, _cells(out, model), model, sink, local))
         rows = [{"length": r["length"], "layers ε<0.05": f"{r['layers_eps_below']}/{r['n_layers']}",
                  "mean ε": r["mean_eps"], "heads ε<0.05": r["heads_eps_below_fraction"]} for r in s["rows"]]
         print_table(s["rows"] if as_json else rows, title=f"H1 locality · {model} · {s['verdict']}", as_json=as_json)
@@ -102,7 +103,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         m, tok = _load(model)
         _check_lengths(m, model, lengths)
         pool = locality.TextPool(m, tok, ["prose", "code"], lengths)
-        s = entropy.summarize(locality.profile_cells(pool, _cells(out, model), model), model)
+        s = entropy.summarize_cells(locality.profile_cells(pool, _cells(out, model), model), model)
         rows = [{"layer": i, "entropy": e, "dense": i in s["dense_layers"]}
                 for i, e in enumerate(s["entropy_per_layer"])]
         print_table(rows, title=f"H3 entropy · {model} · boundary {s['boundary']} · stable {s['stable']}",
@@ -132,7 +133,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
               f"--q-heads must be a multiple of --kv-heads, got {q_heads} and {kv_heads}")
         res = access.bench_access(sorted(context or [4096, 16384, 65536]), budget, kv_heads=kv_heads,
                                   q_heads=q_heads, head_dim=head_dim, reps=reps, device=device)
-        s = access.summarize(res)
+        s = access.summarize_bench(res)
         rows = [{"context": r["context"], "block": r["block"], "ms": 1e3 * r["seconds"], "GB/s": r["gbps"],
                  "× full": r["vs_full"], "path": r["path"]} for r in res["rows"]]
         if as_json:  # the whole result: `kvlab validate --access-result` reads it back
@@ -146,7 +147,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                  budget: BudgetsOpt = None,
                  depth: Annotated[list[float] | None, typer.Option(help="needle depth in [0, 1] (repeat)")] = None,
                  kind: Annotated[list[str] | None, typer.Option(help="passkey or sentence (repeat)")] = None,
-                 out: OutOpt = None, as_json: JsonOpt = False) -> None:
+                 out: OutOpt = None, as_json: JsonOpt = False, cuda_graphs: CudaGraphsOpt = True) -> None:
         """Needle in a haystack: accuracy per method, budget, depth and length."""
         from kvlab.experiments import niah
         from kvlab.experiments.runner import resolve
@@ -162,15 +163,16 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         lengths = sorted(length or [1024, 2048])
         m, tok = _load(model)
         _check_lengths(m, model, lengths, len(depths))
-        data = niah.run(m, tok, model, specs, lengths, depths, budgets, kinds, _cells(out, model), notes)
-        s = niah.summarize(data)
+        data = niah.run_cells(m, tok, model, specs, lengths, depths, budgets, kinds, _cells(out, model), notes,
+                              cuda_graphs=cuda_graphs)
+        s = niah.summarize_cells(data)
         print_table(s["rows"], title=f"NIAH · {model}", as_json=as_json)
         _print_notes(notes)
 
     @eval_app.command("ppl")
     def eval_ppl(model: ModelOpt = "qwen2.5-coder-0.5b", length: LengthsOpt = None, method: MethodsOpt = None,
                  budget: BudgetsOpt = None, tokens: Annotated[int, typer.Option(help="forced tokens scored")] = 32,
-                 out: OutOpt = None, as_json: JsonOpt = False) -> None:
+                 out: OutOpt = None, as_json: JsonOpt = False, cuda_graphs: CudaGraphsOpt = True) -> None:
         """Teacher-forced perplexity vs compression, every step through the method."""
         from kvlab.experiments import locality, ppl
         from kvlab.experiments.runner import resolve
@@ -182,8 +184,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         m, tok = _load(model)
         _check_lengths(m, model, [x + tokens for x in lengths], 2)
         pool = locality.TextPool(m, tok, ["prose", "code"], lengths, extra=tokens + 8)
-        data = ppl.run(pool, model, specs, budget or [0.25, 0.125], lengths, tokens, _cells(out, model), notes)
-        print_table(ppl.summarize(data)["rows"], title=f"perplexity · {model}", as_json=as_json)
+        data = ppl.run_cells(pool, model, specs, budget or [0.25, 0.125], lengths, tokens, _cells(out, model), notes,
+                             cuda_graphs=cuda_graphs)
+        print_table(ppl.summarize_cells(data)["rows"], title=f"perplexity · {model}", as_json=as_json)
         _print_notes(notes)
 
     @eval_app.command("synthetic")
@@ -192,7 +195,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                        length: Annotated[int, typer.Option(help="context tokens per task")] = 512,
                        per_task: Annotated[int, typer.Option(help="instances per task")] = 1,
                        seed: Annotated[int, typer.Option(help="task seed")] = 0,
-                       out: OutOpt = None, as_json: JsonOpt = False) -> None:
+                       out: OutOpt = None, as_json: JsonOpt = False, cuda_graphs: CudaGraphsOpt = True) -> None:
         """Routing physics: F1, hallucination rate, GER and head consensus per method and ratio."""
         from kvlab.experiments import synthetic
         from kvlab.experiments.runner import resolve
@@ -203,8 +206,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         specs = resolve(method, notes)
         m, tok = _load(model)
         _check_lengths(m, model, [length])
-        data = synthetic.run(m, tok, model, specs, ratios, length, _cells(out, model), notes, seed, per_task)
-        s = synthetic.summarize(data)
+        data = synthetic.run_cells(m, tok, model, specs, ratios, length, _cells(out, model), notes, seed, per_task,
+                                   cuda_graphs=cuda_graphs)
+        s = synthetic.summarize_cells(data)
         cols = ["method", "ratio", "f1", "hallucination", "ger", "consensus"]
         print_table([{c: r[c] for c in cols} for r in s["rows"]] if not as_json else s["rows"],
                     title=f"synthetic · {model} · {s['summary'][:120]}", as_json=as_json)

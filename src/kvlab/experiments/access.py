@@ -17,12 +17,17 @@ also timed through torch SDPA.
 
 Part 2 (end to end): decode tokens/s on the real model at equal budget: ``full``, ``block-route``,
 ``cluster-route`` and ``cluster-route --relayout``, all from the same prefilled snapshot.
+
+``kvlab bench access`` prints :func:`bench_access` and :func:`summarize_bench`; ``kvlab validate`` runs
+:func:`run` (both parts) and reports :func:`summarize`.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,10 +35,17 @@ from kvlab.attention import attend
 from kvlab.attention.plans import ReadPlan
 from kvlab.attention.torch_attention import attend_plan
 from kvlab.cache.store import KVStore, LayerStore
-from kvlab.errors import check
+from kvlab.errors import KVLabError, check
+from kvlab.experiments.runner import Cells, resolve, run_method
 from kvlab.machine import cores, cpu_name
 
+if TYPE_CHECKING:
+    from kvlab.experiments.locality import TextPool
+    from kvlab.experiments.study import Study
+    from kvlab.experiments.validate import Config
+
 BLOCK_SIZES = (1, 4, 16, 64, 256)
+E2E_METHODS = ["full", "block-route", "cluster-route", "cluster-route+relayout"]
 
 
 def machine() -> str:
@@ -201,7 +213,7 @@ def bench_access(contexts: list[int], budget: float = 0.125, kv_heads: int = 8, 
             "copy_gbps": bw, "rows": rows}
 
 
-def summarize(result: dict[str, Any]) -> dict[str, Any]:
+def summarize_bench(result: dict[str, Any]) -> dict[str, Any]:
     """Verdict: scattered (block 1) vs contiguous (best of ≥ 16) time, and whether the gap widens with length."""
     rows = result["rows"]
     contexts = sorted({r["context"] for r in rows})
@@ -228,3 +240,95 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
 def _duration(seconds: float) -> str:
     return f"{1e6 * seconds:.1f} µs" if seconds < 1e-4 else f"{1e3 * seconds:.2f} ms"
+
+
+def load_access_result(path: Path) -> dict[str, Any]:
+    """A ``kvlab bench access --json`` result measured elsewhere (a GPU machine), for H2."""
+    path = Path(path)
+    check(path.is_file(), f"--access-result {path}: no such file")
+    try:
+        res = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise KVLabError(f"--access-result {path}: not JSON ({exc})") from None
+    need = ("device", "budget", "kv_heads", "q_heads", "head_dim", "copy_gbps", "rows")
+    missing = [k for k in need if not isinstance(res, dict) or k not in res]
+    check(not missing, f"--access-result {path}: not a `kvlab bench access --json` result (missing "
+                       f"{', '.join(missing)})")
+    blocks = {r.get("block") for r in res["rows"]}
+    check({"full", 1, 16}.issubset(blocks), f"--access-result {path}: needs rows for full attention and blocks "
+                                           "of 1 and 16 tokens")
+    return {**res, "source": f"from {path.name}"}
+
+
+def run_e2e(pool: TextPool, cells: Cells, model_name: str, budget: float, steps: int, notes: list[str],
+            cuda_graphs: bool = True) -> dict[str, Any]:
+    """Part 2: decode tokens/s of :data:`E2E_METHODS` at ``budget`` from the pool's longest snapshot."""
+    length = pool.lengths[-1]
+    specs = resolve(E2E_METHODS, notes, budget)
+    rows = []
+    for s in specs:
+        key = {"model": model_name, "method": s.label, "budget": budget, "steps": steps, "length": length}
+        cell = cells.get("e2e", key)
+        if cell is None:
+            snap, _ = pool.at(length)
+            try:
+                res = run_method(pool.model, snap, s.make(budget), None, steps + 1, label=f"e2e {s.label}",
+                                 cuda_graphs=cuda_graphs)
+            except Exception as exc:
+                notes.append(f"e2e: {s.label} failed: {exc}")
+                continue
+            batch = snap.context_lengths.shape[0]
+            cell = cells.put("e2e", key, {"method": s.label, "seconds": res.seconds, "steps": res.steps,
+                                          "compress_seconds": res.compress_seconds,
+                                          "tokens_per_second": res.steps * batch / res.seconds})
+        rows.append(cell)
+    return {"rows": rows, "budget": budget, "context": length, "batch": len(pool.kinds)}
+
+
+# ----------------------------------------------------------------------------- kvlab validate
+def run(study: Study) -> dict[str, Any]:
+    """H2's measurements: the access benchmark on the CPU (and on CUDA when there is one and
+    ``device_bench``), the ones given with ``--access-result``, and the end-to-end decode on the first
+    profile pool."""
+    cfg = study.cfg
+    benches = []
+    devices = ["cpu"] + (["cuda"] if study.device_bench and torch.cuda.is_available() else [])
+    for dev in devices:
+        key = {"contexts": cfg.access_contexts, "reps": cfg.access_reps, "device": dev, "machine": machine()}
+        cell = study.cells.get("access", key)
+        if cell is None:
+            cell = study.cells.put("access", key, bench_access(cfg.access_contexts, reps=cfg.access_reps, device=dev,
+                                                               seed=cfg.seed))
+        benches.append(cell)
+    benches.extend(study.extra_benches)
+    e2e = run_e2e(study.pools[0], study.cells, study.model_name, cfg.e2e_budget, cfg.e2e_steps, study.notes,
+                  study.cuda_graphs)
+    return {"bench": benches, "e2e": e2e}
+
+
+def summarize(data: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """H2's section from the access benchmarks (the CPU's first; GPU ones measured here or given with
+    ``--access-result``) and the end-to-end decode. The claim is about GPUs: a GPU bench, when there is
+    one, gives the verdict, and the CPU's is reported beside it."""
+    benches, e2e = data["bench"], data["e2e"]
+    sums = [summarize_bench(b) for b in benches]
+    gpu = [s for b, s in zip(benches, sums, strict=True) if b["device"].startswith("cuda")]
+    verdict = (gpu or sums)[0]["verdict"]
+    tps = {r["method"]: r["tokens_per_second"] for r in e2e.get("rows", [])}
+    e2e_text = ", ".join(f"{m} {v:.2f} tok/s" for m, v in tps.items())
+    text = "; ".join(f"[{b.get('machine', b['device'])}: {s['verdict']}] {s['summary']}"
+                     for b, s in zip(benches, sums, strict=True))
+    text += (f"; end to end on the CPU ({e2e.get('context')} tokens × {e2e.get('batch')}, "
+             f"budget {e2e.get('budget')}): {e2e_text or 'not run'}")
+    kinds = "; ".join(f"{b.get('machine', b['device'])}: {b.get('dtype', 'float32')}, "
+                      f"{b.get('timing', 'best of runs')}, copy bandwidth {b['copy_gbps']:.1f} GB/s"
+                      + (f", {b['source']}" if b.get("source") else "") for b in benches)
+    return {"verdict": verdict, "bench": benches, "bench_summary": sums, "e2e": e2e,
+            "measurement": f"One decode query ({benches[0]['q_heads']} query heads, {benches[0]['kv_heads']} KV heads, "
+                           f"head_dim {benches[0]['head_dim']}) over random K/V at budget "
+                           f"{benches[0]['budget']:g}: random blocks of 1 (scattered gather), 4, 16, 64, 256 tokens "
+                           f"vs full attention ({kinds}). Supported when scattered is > 1.5× slower than "
+                           "the best contiguous read (blocks ≥ 16) at every length and the gap does not shrink with "
+                           "length; a GPU measurement decides, since the claim is about GPUs. End to end: decode "
+                           "tokens/s on the real model from one snapshot.",
+            "text": text}

@@ -148,6 +148,11 @@ def first_answer(text: str) -> str:
     return ""
 
 
+def mean(xs: Sequence[float]) -> float:
+    """The arithmetic mean; 0 for no values."""
+    return sum(xs) / len(xs) if xs else 0.0
+
+
 def boundary_layer(values: Sequence[float]) -> tuple[int, float]:
     """Change point of a per-layer series: the ``b`` (1 ≤ b < n) maximizing mean(values[:b]) -
     mean(values[b:]), and that drop. Layers ``0..b-1`` are the high side."""

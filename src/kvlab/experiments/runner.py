@@ -121,9 +121,6 @@ def hook_kind(method: Method) -> str:
     return "none" if not cls.compresses else "other"
 
 
-family = hook_kind  # the name experiments/niah.py imports (renamed there with the validate restructure)
-
-
 # ----------------------------------------------------------------------------- cell cache
 class Cells:
     """One JSON file per finished cell under ``root/<experiment>/``, so an interrupted run resumes."""
@@ -274,14 +271,15 @@ def _reads(info: StepInfo) -> dict[int, list[list[set[int]]]]:
 @torch.inference_mode()
 def run_method(model: Any, snapshot: Snapshot, method: Method, forced: list[list[int]] | None = None,
                max_new_tokens: int = 0, eos: Collection[int] | None = None, record_reads: bool = False,
-               compress: bool = True, label: str | None = None) -> RunResult:
+               compress: bool = True, label: str | None = None, cuda_graphs: bool = True) -> RunResult:
     """Decode from a copy of ``snapshot`` with ``method``: teacher-force ``forced`` (``[B, n]``, every
     step through the method), then generate ``max_new_tokens`` greedily (at least one token; after
     every sequence has ended, its tokens are 0).
 
     ``record_reads``: the token positions each (layer, sequence, KV head) read at the step whose logits
     give the first generated token -- the selection after eviction and routing, for GER and consensus.
-    Runs :func:`kvlab.generation.decode` (forced tokens and a per-step callback).
+    Runs :func:`kvlab.generation.decode` (forced tokens and a per-step callback; ``cuda_graphs`` is its
+    argument: on CUDA, steps replayed from CUDA graphs where the method allows).
     """
     store = snapshot.store.clone()
     batch = snapshot.context_lengths.shape[0]
@@ -304,7 +302,7 @@ def run_method(model: Any, snapshot: Snapshot, method: Method, forced: list[list
     compressed = dataclasses.replace(snapshot, store=store)
     result = decode(model, compressed, method, max(1, max_new_tokens), eos_token_id=sorted(set(eos or ())),
                     forced=forced or None, on_step=record if record_reads and n_forced else None, compress=False,
-                    copy_store=False, label=label or f"decode ({method.name})")
+                    copy_store=False, label=label or f"decode ({method.name})", cuda_graphs=cuda_graphs)
     generated = result.tokens.cpu()
     if eos:  # after a sequence's end of sequence its tokens are 0
         ended = torch.isin(generated, torch.tensor(sorted(set(eos)), dtype=torch.long))

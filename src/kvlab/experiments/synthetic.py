@@ -14,12 +14,15 @@ Every task is asked in both directions (subject→attribute ``s2a`` and attribut
 Per method and compression ratio: token F1, the hallucination rate (a confident -- not abstaining --
 wrong answer where the gold is "I don't know" or the fact was evicted), GER per layer and head
 consensus per layer, and where each method's cliff is.
+
+``kvlab eval synthetic`` prints :func:`summarize_cells` of :func:`run_cells`; ``kvlab validate`` runs
+:func:`run` (and the consensus model on the same questions) and reports :func:`summarize`.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvlab.errors import KVLabError, check
 from kvlab.experiments import metrics
@@ -27,11 +30,16 @@ from kvlab.experiments.runner import (
     Cells,
     MethodSpec,
     prefill_points,
+    resolve,
     run_method,
 )
 from kvlab.experiments.texts import Prompt, build_prompt, encode, text_tokens
 from kvlab.generation import decode_texts, eos_ids
 from kvlab.progress import track
+
+if TYPE_CHECKING:
+    from kvlab.experiments.study import Study
+    from kvlab.experiments.validate import Config
 
 TASKS = ("tracking", "instance", "coref", "multihop")
 INSTRUCTION = ('Answer the question using only the text above. Reply with just the answer (one word or name). '
@@ -185,9 +193,10 @@ def context_text(tokenizer: Any, prompt: Prompt) -> str:
     return tokenizer.decode(prompt.ids[:prompt.context_end], skip_special_tokens=True)
 
 
-def run(model: Any, tokenizer: Any, model_name: str, specs: list[MethodSpec], ratios: list[float],
-        length: int, cells: Cells, notes: list[str], seed: int = 0, n_per_task: int = 1,
-        max_new_tokens: int = 8, focus: dict[str, int] | None = None, batch_size: int = 0) -> list[dict[str, Any]]:
+def run_cells(model: Any, tokenizer: Any, model_name: str, specs: list[MethodSpec], ratios: list[float],
+              length: int, cells: Cells, notes: list[str], seed: int = 0, n_per_task: int = 1,
+              max_new_tokens: int = 8, focus: dict[str, int] | None = None, batch_size: int = 0,
+              cuda_graphs: bool = True) -> list[dict[str, Any]]:
     """Every (method, ratio) cell over all generated prompts.
 
     The prompts are split into parts of at most ``batch_size`` (0: one part); each part is prefilled once
@@ -216,7 +225,7 @@ def run(model: Any, tokenizer: Any, model_name: str, specs: list[MethodSpec], ra
                 snap_part = i
             try:
                 res = run_method(model, snap, s.make(1.0 - ratio), [p.ids[-1:] for p in batch], max_new_tokens, eos,
-                                 record_reads=True, label=f"synthetic {s.label} r={ratio:g}")
+                                 record_reads=True, label=f"synthetic {s.label} r={ratio:g}", cuda_graphs=cuda_graphs)
             except Exception as exc:
                 notes.append(f"synthetic: {s.label} at ratio {ratio:g} failed: {exc}")
                 continue
@@ -261,7 +270,7 @@ def correct(row: dict[str, Any]) -> bool:
     return row["f1"] >= metrics.CORRECT_F1
 
 
-def summarize(cells: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_cells(cells: list[dict[str, Any]]) -> dict[str, Any]:
     """Per (method, ratio): F1, accuracy conditional on the questions the full cache answers, hallucination
     rate, mean and worst-layer GER, GER and head consensus per layer. Per swept method: the cliff (the first
     ratio where conditional accuracy falls below half of the full cache's), the GER spike (the ratio where
@@ -341,3 +350,128 @@ def consensus_shape(per_layer: list[float], margin: float = 0.05) -> dict[str, A
     early, late = sum(per_layer[:k]) / k, sum(per_layer[-k:]) / k
     shape = "early consensus" if early > late + margin else ("funnel" if late > early + margin else "flat")
     return {"early": early, "late": late, "shape": shape}
+
+
+def consensus_compare(models: dict[str, list[dict[str, Any]]], methods: list[str],
+                      ratios: list[float]) -> dict[str, Any]:
+    """Head consensus by layer per model on the same questions (the ids every model answered), per
+    (method, ratio), and each profile's shape: "early consensus" or "funnel" (late convergence)."""
+    qids = None
+    for cells in models.values():
+        ids = {r["qid"] for c in cells for r in c["rows"]}
+        qids = ids if qids is None else qids & ids
+    out: dict[str, Any] = {"models": {}, "questions": len(qids or ())}
+    parts = []
+    for name, cells in models.items():
+        prof = {}
+        for c in cells:
+            if c["method"] in methods and c["ratio"] in ratios:
+                rs = [r for r in c["rows"] if r["qid"] in (qids or ())]
+                if rs:
+                    n_layers = len(rs[0]["consensus_per_layer"])
+                    per_layer = [sum(r["consensus_per_layer"][i] for r in rs) / len(rs) for i in range(n_layers)]
+                    shape = consensus_shape(per_layer)
+                    prof[f"{c['method']}@{c['ratio']:g}"] = {"per_layer": per_layer, **shape}
+        out["models"][name] = prof
+        shapes = [f"{k} {v['shape']} ({v['early']:.2f} → {v['late']:.2f})" for k, v in prof.items()]
+        parts.append(f"{name}: " + ", ".join(shapes))
+    out["summary"] = f"on {out['questions']} shared questions, first → last third of layers: " + "; ".join(parts)
+    return out
+
+
+# ----------------------------------------------------------------------------- kvlab validate
+MIN_SOLVED = 30  # questions the full cache must answer before a cliff in conditional accuracy means anything
+NEAR_90 = (0.85, 0.95)  # "a cliff near 90% compression" (arXiv 2603.01426)
+
+
+def run(study: Study) -> dict[str, Any]:
+    """The synthetic set of the config (in parts of ``synthetic_batch``, with the focused families) through
+    ``synthetic_methods`` at every ratio; then, with a ``consensus_model``, that model on the base set (a model
+    that cannot run here is noted and skipped)."""
+    cfg = study.cfg
+    cells = run_cells(study.model, study.tokenizer, study.model_name, study.methods(cfg.synthetic_methods),
+                      cfg.synthetic_ratios, cfg.synthetic_length, study.cells, study.notes, cfg.seed,
+                      cfg.synthetic_per_task, cfg.synthetic_new_tokens, cfg.synthetic_focus, cfg.synthetic_batch,
+                      study.cuda_graphs)
+    compare = None
+    if cfg.consensus_model and cfg.consensus_methods:
+        try:
+            compare = consensus_run(study, cells)
+        except KVLabError as exc:
+            study.notes.append(f"consensus on {cfg.consensus_model} skipped: {exc}")
+    return {"cells": cells, "consensus_compare": compare}
+
+
+def consensus_run(study: Study, cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """The consensus model on the base synthetic set (the same questions: a shared tokenizer gives identical
+    prompts) at ``consensus_ratios``, against the main model's cells on the same question ids."""
+    import kvlab
+
+    cfg, other = study.cfg, study.cfg.consensus_model
+    assert other is not None
+    m2, t2 = kvlab.load(other)
+    specs2 = [s for s in resolve(cfg.consensus_methods, study.notes) if not s.budgetless]
+    cells2 = run_cells(m2, t2, other, specs2, cfg.consensus_ratios, cfg.synthetic_length, study.cells, study.notes,
+                       cfg.seed, cfg.synthetic_per_task, cfg.synthetic_new_tokens, None, cfg.synthetic_batch,
+                       study.cuda_graphs)
+    del m2
+    return consensus_compare({study.model_name: cells, other: cells2}, cfg.consensus_methods, cfg.consensus_ratios)
+
+
+def cliff_tracks_ger(curve: dict[str, Any]) -> bool:
+    """A cliff tracks GER when GER and conditional accuracy correlate below -0.5 over the ratios and the
+    GER spike is within one step of the swept grid of the cliff."""
+    c, spike, x = curve["cliff"], curve["ger_spike"], curve["ratios"]
+    if c is None or spike is None or curve["correlation"] is None:
+        return False
+    return curve["correlation"] < -0.5 and abs(x.index(spike) - x.index(c)) <= 1
+
+
+def summarize(data: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """The routing-physics section: per method and ratio the table of :func:`summarize_cells`, where each
+    swept method's cliff lies and whether it tracks a GER spike, and the verdict (judged only when the full
+    cache answers :data:`MIN_SOLVED` questions)."""
+    cells, consensus = data["cells"], data.get("consensus_compare")
+    s = summarize_cells(cells)
+    rows = [r for r in s["rows"] if r["method"] != "full"]
+    corr = metrics.pearson([r["ger"] for r in rows], [r["f1"] for r in rows])
+    top, low = max(cfg.synthetic_ratios), min(cfg.synthetic_ratios)
+    h_top = metrics.mean([r["hallucination"] for r in rows if r["ratio"] == top])
+    h_low = metrics.mean([r["hallucination"] for r in rows if r["ratio"] == low])
+    curves = s["curves"]
+    near = [m for m, c in curves.items() if c["cliff"] is not None and NEAR_90[0] <= c["cliff"] <= NEAR_90[1]]
+    tracks = [m for m, c in curves.items() if cliff_tracks_ger(c)]
+    n = max(1, len(curves))
+    if s["solved"] < MIN_SOLVED or not curves:
+        v = "inconclusive"  # too few questions the model can answer even with the full cache
+        why = f"the full cache answers {s['solved']} questions, fewer than the {MIN_SOLVED} a cliff needs"
+    elif len(near) >= 2 * n / 3 and len(tracks) >= 2 * n / 3:
+        v, why = "supported", "most swept methods have their cliff near 90% and it tracks a GER spike"
+    elif len(near) <= n / 3 or len(tracks) <= n / 3:
+        v = "not supported"
+        why = (f"the cliff sits near 90% for {len(near)}/{len(curves)} methods and tracks a GER spike for "
+               f"{len(tracks)}/{len(curves)}")
+    else:
+        v, why = "inconclusive", "the methods disagree"
+    text = (f"{why}; near 90%: {', '.join(near) or 'none'}; tracking GER: {', '.join(tracks) or 'none'}; "
+            f"hallucination rate {h_low:.2f} at ratio {low:g} → {h_top:.2f} at {top:g}; correlation of mean GER with "
+            f"F1 across all (method, ratio) cells {'n/a' if corr is None else f'{corr:.2f}'}; "
+            + (f"families the model cannot do (full cache < {CAN_DO:.0%}): {', '.join(s['cannot'])}; "
+               if s["cannot"] else "") + s["summary"])
+    if consensus:
+        text += "; head consensus by layer: " + consensus["summary"]
+    return {"verdict": v, "summary": s, "cells": cells, "near_90": near, "tracks_ger": tracks,
+            "consensus_compare": consensus, "measurement": _measurement(cfg), "text": text}
+
+
+def _measurement(cfg: Config) -> str:
+    focus = ", ".join(cfg.synthetic_focus) or "no family"
+    return (f"Template tasks from a seed (tracking, instance disambiguation, coreference with unanswerable questions, "
+            f"2–4-hop chains; both directions; {cfg.synthetic_per_task} instances per task plus more of {focus}) in "
+            f"{cfg.synthetic_length}-token contexts of Gutenberg filler, ratios {cfg.synthetic_ratios}. Correct = "
+            "token F1 ≥ 0.5; conditional accuracy = accuracy on the questions the full cache answers; the cliff = "
+            "the first ratio where it falls below half of the full cache's. GER and head consensus are measured on "
+            "what each (layer, KV head) reads at the step that produces the first answer token. Supported when, for "
+            f"at least 2/3 of the swept methods, the cliff lies in {NEAR_90[0]:.0%}–{NEAR_90[1]:.0%} and tracks GER "
+            "(correlation < -0.5 over the ratios, GER spike within one grid step); judged only when the full cache "
+            f"answers at least {MIN_SOLVED} questions.")

@@ -1,5 +1,11 @@
 """``kvlab validate``: run every experiment on a model and write the report.
 
+This module is the configuration (:class:`Config`: what a run measures; :data:`QUICK`, :data:`FULL` and a
+model's own sizing in :data:`MODEL_CONFIGS`) and the table of experiments (:data:`EXPERIMENTS`: each an
+experiment module's ``run`` and ``summarize``, and the config fields it reads), with the loop that runs
+them in the config's order. What the experiments share -- the model, the cell cache, the notes, the
+texts prefilled once -- is a :class:`~kvlab.experiments.study.Study`.
+
 Each experiment's cells are cached as JSON under ``OUT/cells/``, so an interrupted run resumes where it
 stopped; ``OUT/meta.json`` names the model, and an output directory holding another model's results is
 refused. Before a context is prefilled its memory is estimated, and a context beyond the model's limit
@@ -18,8 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,15 +34,43 @@ import torch
 
 from kvlab.errors import KVLabError, check
 from kvlab.experiments import access, entropy, locality, niah, ppl, report, synthetic
-from kvlab.experiments.runner import Cells, MethodSpec, resolve, run_method
+from kvlab.experiments.runner import Cells, MethodSpec
+from kvlab.experiments.study import Study
 from kvlab.io import write_atomic
 
-MIN_PPL_TOKENS = 200  # fewer scored tokens per method than this: perplexity differences are noise
-EXPERIMENTS = ("h1", "h3", "h2", "niah", "ppl", "synthetic")
 QUICK_METHODS = ["full", "block-route", "cluster-route", "oracle-tokens", "streaming", "snapkv", "kv-compress", "h2o"]
-E2E_METHODS = ["full", "block-route", "cluster-route", "cluster-route+relayout"]
 
 
+# ----------------------------------------------------------------------------- the experiments
+@dataclass(frozen=True)
+class Experiment:
+    """One row of the table. ``run(study)`` measures (every cell cached, so a second run resumes) and returns
+    its data; ``summarize(data, cfg)`` makes the report's section from that data and the config alone (the
+    verdict, the numbers, how it was measured): a section holds its data, so a results.json can be
+    summarised again. ``config``: the fields of :class:`Config` it reads, besides :data:`SHARED`."""
+
+    run: Callable[[Study], dict[str, Any]]
+    summarize: Callable[[dict[str, Any], Config], dict[str, Any]]
+    config: tuple[str, ...]
+
+
+# What every experiment reads: the methods, the seed, and the texts the profiles and perplexity share.
+SHARED = ("methods", "exclude", "seed", "order", "kinds", "profile_lengths", "profile_stages", "pool_per_kind")
+EXPERIMENTS: dict[str, Experiment] = {
+    "h1": Experiment(locality.run, locality.summarize, ()),
+    "h3": Experiment(entropy.run, entropy.summarize, ("other_model_lengths", "h3_models")),
+    "h2": Experiment(access.run, access.summarize, ("access_contexts", "access_reps", "e2e_budget", "e2e_steps")),
+    "niah": Experiment(niah.run, niah.summarize, ("niah_lengths", "niah_depths", "niah_kinds", "niah_budgets",
+                                                  "niah_methods", "niah_new_tokens", "fixed_in_niah")),
+    "ppl": Experiment(ppl.run, ppl.summarize, ("ppl_lengths", "ppl_tokens", "ppl_budgets", "ppl_methods",
+                                               "ppl_from_profile")),
+    "synthetic": Experiment(synthetic.run, synthetic.summarize, (
+        "synthetic_length", "synthetic_ratios", "synthetic_per_task", "synthetic_new_tokens", "synthetic_focus",
+        "synthetic_batch", "synthetic_methods", "consensus_model", "consensus_methods", "consensus_ratios")),
+}
+
+
+# ----------------------------------------------------------------------------- the configuration
 @dataclass
 class Config:
     """What one validation run measures."""
@@ -189,282 +223,61 @@ def claim_out_dir(out: Path, model_name: str, mode: str) -> None:
     write_atomic(meta, json.dumps({"model": model_name, "mode": mode}))
 
 
-# ----------------------------------------------------------------------------- sections
-def profile_all(pools: list[locality.TextPool], cells: Cells, model_name: str) -> list[dict[str, Any]]:
-    """Profile cells of every pool; each pool is profiled (and its cells cached) before the next is prefilled."""
-    return [c for p in pools for c in locality.profile_cells(p, cells, model_name)]
+def check_contexts(model: Any, model_name: str, cfg: Config, only: list[str]) -> None:
+    """Refuse, before anything is prefilled, a profile, perplexity or needle context the model or the
+    machine cannot hold."""
+    for length in sorted(set(cfg.profile_lengths + cfg.ppl_lengths)):
+        # a profile length nothing decodes from holds the snapshot and one truncated copy, not three stores
+        profile_only = cfg.pool_per_kind and length not in cfg.ppl_lengths and "h2" not in only
+        check_context(model, model_name, length + (cfg.ppl_tokens if length in cfg.ppl_lengths else 0),
+                      1 if cfg.pool_per_kind else len(cfg.kinds), copies=2 if profile_only else 3)
+    for length in cfg.niah_lengths:
+        check_context(model, model_name, length, len(cfg.niah_depths))
 
 
-def section_h1(pools: list[locality.TextPool], cells: Cells, model_name: str) -> dict[str, Any]:
-    data = profile_all(pools, cells, model_name)
-    pool = pools[0]
-    kinds = [k for p in pools for k in p.kinds]
-    s = locality.summarize(data)
-    longest = max(c["length"] for c in data)
-    grid, labels = locality.heatmap(data, longest)
-    return {"verdict": s["verdict"], "summary": s, "cells": data,
-            "heatmap": {"grid": grid, "labels": labels, "length": longest},
-            "measurement": f"Exact softmax attention of the last 64 prefill queries over the stored keys, per layer "
-                           f"and query head, for {', '.join(kinds)} at {', '.join(map(str, pool.lengths))} "
-                           f"tokens; sink = first {s.get('sink_tokens')} tokens, local = the last "
-                           f"{s.get('local_tokens')} tokens before each query. Supported when ε < 0.05 in at least "
-                           f"75% of layers, not supported below 50%.",
-            "text": s["summary"] + f"; overall {100 * s.get('fraction_layers_below', 0):.0f}% of layers"}
+# ----------------------------------------------------------------------------- the run
+def run_validate(model_name: str, out: Path, mode: str = "quick", only: list[str] | None = None,
+                 config: Config | None = None, model: Any = None, tokenizer: Any = None,
+                 other_model: str | None = "auto", device_bench: bool = True,
+                 access_results: list[Path] | None = None, cuda_graphs: bool = True) -> dict[str, Any]:
+    """Run the experiments (``only`` a subset) and write the report into ``out``; returns the results.
 
+    ``access_results``: H2 access benchmarks measured on other machines (``kvlab bench access --json``,
+    e.g. on a GPU), added to this run's. ``other_model``: the models H3 also profiles ("auto": the config's
+    ``h3_models``, by default every other built-in model; None: none). ``cuda_graphs``: decode's argument
+    (on CUDA, decode steps replayed from CUDA graphs; nothing changes on the CPU).
+    """
+    check(mode in CONFIGS, f"unknown mode {mode!r}; allowed: {', '.join(CONFIGS)}")
+    bad = [e for e in only or [] if e not in EXPERIMENTS]
+    check(not bad, f"unknown experiment {', '.join(bad)}; allowed: {', '.join(EXPERIMENTS)}")
+    cfg = config or config_for(model_name, mode)
+    only = list(only or cfg.order)
+    extra_benches = [access.load_access_result(p) for p in access_results or []]
+    out = Path(out)
+    claim_out_dir(out, model_name, mode)
+    if model is None:
+        import kvlab
 
-def section_h3(summaries: list[dict[str, Any]], paths: list[str], main_all: dict[str, Any] | None = None
-               ) -> dict[str, Any]:
-    """H3 from one summary per model on the same prompts and lengths (the main model's first); ``main_all``:
-    the main model's profile over all its lengths, when those are more than the shared ones."""
-    v = entropy.verdict(summaries)
-    text = v["summary"] + "; dense layers: " + "; ".join(f"{s['model']} {s['dense_layers']}" for s in summaries)
-    sizes = entropy.compare(summaries)
-    if sizes:
-        text += "; profiles over relative depth: " + sizes["summary"]
-    if main_all is not None:
-        text += (f"; {main_all['model']} over all its lengths: boundary after layer "
-                 f"{main_all['boundary'] - 1 if main_all['boundary'] else '-'} (drop {main_all['drop']:.3f}, "
-                 f"{100 * main_all['agreement']:.0f}% of prompts within ±1 layer)")
-    return {"verdict": v["verdict"], "models": summaries, "profiles": paths, "main_all_lengths": main_all,
-            "compare": sizes,
-            "measurement": "Normalized entropy H(p)/log(n) of the last 64 prefill queries per layer and head over "
-                           "real code and prose (the same texts for every model; the two Qwen sizes share a tokenizer, "
-                           "so their prompts are identical); boundary = change point of the per-layer mean (a drop of "
-                           f"at least {entropy.MIN_DROP}); stable when ≥ 75% of prompts put it within ±1 layer. "
-                           f"Profiles written for block-route dense_layers=auto: {', '.join(paths)}.",
-            "text": text}
-
-
-def run_e2e(pool: locality.TextPool, cells: Cells, model_name: str, budget: float, steps: int,
-            notes: list[str]) -> dict[str, Any]:
-    length = pool.lengths[-1]
-    specs = resolve(E2E_METHODS, notes, budget)
-    rows = []
-    for s in specs:
-        key = {"model": model_name, "method": s.label, "budget": budget, "steps": steps, "length": length}
-        cell = cells.get("e2e", key)
-        if cell is None:
-            snap, _ = pool.at(length)
-            try:
-                res = run_method(pool.model, snap, s.make(budget), None, steps + 1, label=f"e2e {s.label}")
-            except Exception as exc:
-                notes.append(f"e2e: {s.label} failed: {exc}")
-                continue
-            batch = snap.context_lengths.shape[0]
-            cell = cells.put("e2e", key, {"method": s.label, "seconds": res.seconds, "steps": res.steps,
-                                          "compress_seconds": res.compress_seconds,
-                                          "tokens_per_second": res.steps * batch / res.seconds})
-        rows.append(cell)
-    return {"rows": rows, "budget": budget, "context": length, "batch": len(pool.kinds)}
-
-
-def section_h2(benches: list[dict[str, Any]], e2e: dict[str, Any]) -> dict[str, Any]:
-    """H2 from the access benchmarks (the CPU's first; GPU ones measured here or given with
-    ``--access-result``) and the end-to-end decode. The claim is about GPUs: a GPU bench, when there is
-    one, gives the verdict, and the CPU's is reported beside it."""
-    sums = [access.summarize(b) for b in benches]
-    gpu = [s for b, s in zip(benches, sums, strict=True) if b["device"].startswith("cuda")]
-    verdict = (gpu or sums)[0]["verdict"]
-    tps = {r["method"]: r["tokens_per_second"] for r in e2e.get("rows", [])}
-    e2e_text = ", ".join(f"{m} {v:.2f} tok/s" for m, v in tps.items())
-    text = "; ".join(f"[{b.get('machine', b['device'])}: {s['verdict']}] {s['summary']}"
-                     for b, s in zip(benches, sums, strict=True))
-    text += (f"; end to end on the CPU ({e2e.get('context')} tokens × {e2e.get('batch')}, "
-             f"budget {e2e.get('budget')}): {e2e_text or 'not run'}")
-    kinds = "; ".join(f"{b.get('machine', b['device'])}: {b.get('dtype', 'float32')}, "
-                      f"{b.get('timing', 'best of runs')}, copy bandwidth {b['copy_gbps']:.1f} GB/s"
-                      + (f", {b['source']}" if b.get("source") else "") for b in benches)
-    return {"verdict": verdict, "bench": benches, "bench_summary": sums, "e2e": e2e,
-            "measurement": f"One decode query ({benches[0]['q_heads']} query heads, {benches[0]['kv_heads']} KV heads, "
-                           f"head_dim {benches[0]['head_dim']}) over random K/V at budget "
-                           f"{benches[0]['budget']:g}: random blocks of 1 (scattered gather), 4, 16, 64, 256 tokens "
-                           f"vs full attention ({kinds}). Supported when scattered is > 1.5× slower than "
-                           "the best contiguous read (blocks ≥ 16) at every length and the gap does not shrink with "
-                           "length; a GPU measurement decides, since the claim is about GPUs. End to end: decode "
-                           "tokens/s on the real model from one snapshot.",
-            "text": text}
-
-
-def load_access_result(path: Path) -> dict[str, Any]:
-    """A ``kvlab bench access --json`` result measured elsewhere (a GPU machine), for H2."""
-    path = Path(path)
-    check(path.is_file(), f"--access-result {path}: no such file")
-    try:
-        res = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise KVLabError(f"--access-result {path}: not JSON ({exc})") from None
-    need = ("device", "budget", "kv_heads", "q_heads", "head_dim", "copy_gbps", "rows")
-    missing = [k for k in need if not isinstance(res, dict) or k not in res]
-    check(not missing, f"--access-result {path}: not a `kvlab bench access --json` result (missing "
-                       f"{', '.join(missing)})")
-    blocks = {r.get("block") for r in res["rows"]}
-    check({"full", 1, 16}.issubset(blocks), f"--access-result {path}: needs rows for full attention and blocks "
-                                           "of 1 and 16 tokens")
-    return {**res, "source": f"from {path.name}"}
-
-
-def section_niah(data: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
-    s = niah.summarize(data)
-    acc = {(r["method"], r["mode"], r["budget"]): r["accuracy"] for r in s["rows"]}
-    heatmaps = []
-    for b in sorted({c["budget"] for c in data if c["method"] != "full"}, reverse=True):
-        panels = []
-        for m, mode in dict.fromkeys((c["method"], c["mode"]) for c in data):
-            if (m == "full") or any(c["budget"] == b and c["method"] == m and c["mode"] == mode for c in data):
-                bb = 1.0 if m == "full" else b
-                d, lens, grid = niah.heat(data, m, mode, bb)
-                if grid:
-                    panels.append({"title": f"{m}{'' if mode == 'aware' else ' (agnostic)'}", "depths": d,
-                                   "lengths": lens, "grid": grid})
-        heatmaps.append({"budget": b, "panels": panels})
-    parts, verdicts = [], []
-    for b in sorted({r["budget"] for r in s["rows"] if r["method"] != "full"}, reverse=True):
-        br, cr = acc.get(("block-route", "aware", b)), acc.get(("cluster-route", "aware", b))
-        if br is not None and cr is not None:
-            parts.append(f"budget {b:g}: block-route {100 * br:.0f}% vs cluster-route {100 * cr:.0f}%")
-            verdicts.append(br - cr)
-    if not verdicts or (s["full_accuracy"] or 0) < 0.5:
-        v = "inconclusive"  # no comparison, or a task the model fails even with the full cache
-        parts.append(f"full-cache accuracy {100 * (s['full_accuracy'] or 0):.0f}%: too low to judge" if verdicts else
-                     "block-route and cluster-route not both run")
-    elif all(d >= -0.1 for d in verdicts):
-        v = "supported"
-    elif all(d < -0.1 for d in verdicts):
-        v = "not supported"
-    else:
-        v = "inconclusive"
-    return {"verdict": v, "summary": s, "heatmaps": heatmaps, "cells": data,
-            "measurement": f"Needles ({', '.join(cfg.niah_kinds)}) at depths {cfg.niah_depths} of Gutenberg prose, "
-                           f"contexts {cfg.niah_lengths}, budgets {cfg.niah_budgets}; an answer is correct when it "
-                           "contains the needle's key. Tested claim: position-aware block-route keeps up with "
-                           "similarity-aware cluster-route on retrieval (supported when within 10 points at every "
-                           "budget).",
-            "text": "; ".join(parts) + ("; " if parts else "") + s["summary"]}
-
-
-def section_ppl(data: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
-    s = ppl.summarize(data)
-    by = {(r["method"], r["budget"]): r["ppl"] for r in s["rows"]}
-    cmp_ = [(b, by[("block-route", b)], by[("cluster-route", b)]) for b in cfg.ppl_budgets
-            if ("block-route", b) in by and ("cluster-route", b) in by]
-    scored = sum(c["tokens"] * len(c["nll"]) for c in data if c["method"] == "full")
-    if not cmp_ or scored < MIN_PPL_TOKENS:
-        v = "inconclusive"  # no comparison, or too few scored tokens to separate methods
-    else:
-        v = "supported" if all(br <= 1.05 * cr for _, br, cr in cmp_) else "not supported"
-    text = "; ".join(f"budget {b:g}: block-route {br:.2f} vs cluster-route {cr:.2f}" for b, br, cr in cmp_)
-    text = f"{scored} scored tokens per method{' (too few to judge)' if scored < MIN_PPL_TOKENS else ''}; " + text
-    return {"verdict": v, "summary": s, "cells": data,
-            "measurement": f"Teacher-forced perplexity of the next {cfg.ppl_tokens - 1} tokens after "
-                           f"{cfg.ppl_lengths} tokens of {', '.join(cfg.kinds)}, every step through the method "
-                           "(the first forced token, scored by the prefill logits, is left out). Tested claim: "
-                           "block-route's perplexity is within 5% of cluster-route's at equal budget (judged only "
-                           f"with at least {MIN_PPL_TOKENS} scored tokens per method).",
-            "text": (text + "; " if text else "") + s["summary"]}
-
-
-MIN_SOLVED = 30  # questions the full cache must answer before a cliff in conditional accuracy means anything
-NEAR_90 = (0.85, 0.95)  # "a cliff near 90% compression" (arXiv 2603.01426)
-
-
-def cliff_tracks_ger(curve: dict[str, Any]) -> bool:
-    """A cliff tracks GER when GER and conditional accuracy correlate below -0.5 over the ratios and the
-    GER spike is within one step of the swept grid of the cliff."""
-    c, spike, x = curve["cliff"], curve["ger_spike"], curve["ratios"]
-    if c is None or spike is None or curve["correlation"] is None:
-        return False
-    return curve["correlation"] < -0.5 and abs(x.index(spike) - x.index(c)) <= 1
-
-
-def section_synthetic(data: list[dict[str, Any]], cfg: Config,
-                      consensus: dict[str, Any] | None = None) -> dict[str, Any]:
-    s = synthetic.summarize(data)
-    rows = [r for r in s["rows"] if r["method"] != "full"]
-    corr = _pearson([r["ger"] for r in rows], [r["f1"] for r in rows])
-    top, low = max(cfg.synthetic_ratios), min(cfg.synthetic_ratios)
-    h_top = _mean([r["hallucination"] for r in rows if r["ratio"] == top])
-    h_low = _mean([r["hallucination"] for r in rows if r["ratio"] == low])
-    curves = s["curves"]
-    near = [m for m, c in curves.items() if c["cliff"] is not None and NEAR_90[0] <= c["cliff"] <= NEAR_90[1]]
-    tracks = [m for m, c in curves.items() if cliff_tracks_ger(c)]
-    n = max(1, len(curves))
-    if s["solved"] < MIN_SOLVED or not curves:
-        v = "inconclusive"  # too few questions the model can answer even with the full cache
-        why = f"the full cache answers {s['solved']} questions, fewer than the {MIN_SOLVED} a cliff needs"
-    elif len(near) >= 2 * n / 3 and len(tracks) >= 2 * n / 3:
-        v, why = "supported", "most swept methods have their cliff near 90% and it tracks a GER spike"
-    elif len(near) <= n / 3 or len(tracks) <= n / 3:
-        v = "not supported"
-        why = (f"the cliff sits near 90% for {len(near)}/{len(curves)} methods and tracks a GER spike for "
-               f"{len(tracks)}/{len(curves)}")
-    else:
-        v, why = "inconclusive", "the methods disagree"
-    text = (f"{why}; near 90%: {', '.join(near) or 'none'}; tracking GER: {', '.join(tracks) or 'none'}; "
-            f"hallucination rate {h_low:.2f} at ratio {low:g} → {h_top:.2f} at {top:g}; correlation of mean GER with "
-            f"F1 across all (method, ratio) cells {'n/a' if corr is None else f'{corr:.2f}'}; "
-            + (f"families the model cannot do (full cache < {synthetic.CAN_DO:.0%}): {', '.join(s['cannot'])}; "
-               if s["cannot"] else "") + s["summary"])
-    if consensus:
-        text += "; head consensus by layer: " + consensus["summary"]
-    return {"verdict": v, "summary": s, "cells": data, "near_90": near, "tracks_ger": tracks,
-            "consensus_compare": consensus,
-            "measurement": _synthetic_measurement(cfg),
-            "text": text}
-
-
-def _synthetic_measurement(cfg: Config) -> str:
-    focus = ", ".join(cfg.synthetic_focus) or "no family"
-    return (f"Template tasks from a seed (tracking, instance disambiguation, coreference with unanswerable questions, "
-            f"2–4-hop chains; both directions; {cfg.synthetic_per_task} instances per task plus more of {focus}) in "
-            f"{cfg.synthetic_length}-token contexts of Gutenberg filler, ratios {cfg.synthetic_ratios}. Correct = "
-            "token F1 ≥ 0.5; conditional accuracy = accuracy on the questions the full cache answers; the cliff = "
-            "the first ratio where it falls below half of the full cache's. GER and head consensus are measured on "
-            "what each (layer, KV head) reads at the step that produces the first answer token. Supported when, for "
-            f"at least 2/3 of the swept methods, the cliff lies in {NEAR_90[0]:.0%}–{NEAR_90[1]:.0%} and tracks GER "
-            "(correlation < -0.5 over the ratios, GER spike within one grid step); judged only when the full cache "
-            f"answers at least {MIN_SOLVED} questions.")
-
-
-def consensus_compare(models: dict[str, list[dict[str, Any]]], methods: list[str],
-                      ratios: list[float]) -> dict[str, Any]:
-    """Head consensus by layer per model on the same questions (the ids every model answered), per
-    (method, ratio), and each profile's shape: "early consensus" or "funnel" (late convergence)."""
-    qids = None
-    for cells in models.values():
-        ids = {r["qid"] for c in cells for r in c["rows"]}
-        qids = ids if qids is None else qids & ids
-    out: dict[str, Any] = {"models": {}, "questions": len(qids or ())}
-    parts = []
-    for name, cells in models.items():
-        prof = {}
-        for c in cells:
-            if c["method"] in methods and c["ratio"] in ratios:
-                rs = [r for r in c["rows"] if r["qid"] in (qids or ())]
-                if rs:
-                    n_layers = len(rs[0]["consensus_per_layer"])
-                    per_layer = [sum(r["consensus_per_layer"][i] for r in rs) / len(rs) for i in range(n_layers)]
-                    shape = synthetic.consensus_shape(per_layer)
-                    prof[f"{c['method']}@{c['ratio']:g}"] = {"per_layer": per_layer, **shape}
-        out["models"][name] = prof
-        shapes = [f"{k} {v['shape']} ({v['early']:.2f} → {v['late']:.2f})" for k, v in prof.items()]
-        parts.append(f"{name}: " + ", ".join(shapes))
-    out["summary"] = f"on {out['questions']} shared questions, first → last third of layers: " + "; ".join(parts)
-    return out
-
-
-def _pearson(x: list[float], y: list[float]) -> float | None:
-    if len(x) < 3:
-        return None
-    mx, my = _mean(x), _mean(y)
-    sx = math.sqrt(sum((a - mx) ** 2 for a in x))
-    sy = math.sqrt(sum((b - my) ** 2 for b in y))
-    if sx == 0 or sy == 0:
-        return None
-    return sum((a - mx) * (b - my) for a, b in zip(x, y, strict=False)) / (sx * sy)
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else 0.0
+        model, tokenizer = kvlab.load(model_name)
+    check_contexts(model, model_name, cfg, only)
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    timings: dict[str, float] = {}
+    cpu_timings: dict[str, float] = {}
+    ex: dict[str, Any] = {}
+    study = Study(model, tokenizer, model_name, cfg, Cells(out / "cells"), other_model=other_model,
+                  device_bench=device_bench, extra_benches=extra_benches, cuda_graphs=cuda_graphs)
+    for name in [e for e in cfg.order if e in only] + [e for e in only if e not in cfg.order]:
+        t, c = time.perf_counter(), time.process_time()
+        experiment = EXPERIMENTS[name]
+        ex[name] = experiment.summarize(experiment.run(study), cfg)
+        timings[name], cpu_timings[name] = time.perf_counter() - t, time.process_time() - c
+        _progress(out, model_name, mode, started, t0, cpu0, timings, cpu_timings, ex)
+    results = _results(model_name, mode, started, t0, cpu0, timings, cpu_timings, ex, cfg, study.specs, study.notes)
+    results["prefill_seconds"] = {"profile": [p.prefill_seconds for p in study.pools],
+                                  "ppl": [p.prefill_seconds for p in study.ppl_pools]}
+    report.write_report(results, out)
+    return results
 
 
 def conclusion(ex: dict[str, Any]) -> list[str]:
@@ -485,154 +298,6 @@ def conclusion(ex: dict[str, Any]) -> list[str]:
                + ". It fails or is not shown where: " + (", ".join(fails) if fails else "no test clearly refuted it")
                + "; inconclusive results are listed above with their numbers.")
     return out
-
-
-# ----------------------------------------------------------------------------- orchestration
-def run_validate(model_name: str, out: Path, mode: str = "quick", only: list[str] | None = None,
-                 config: Config | None = None, model: Any = None, tokenizer: Any = None,
-                 other_model: str | None = "auto", device_bench: bool = True,
-                 access_results: list[Path] | None = None) -> dict[str, Any]:
-    """Run the experiments (``only`` a subset) and write the report into ``out``; returns the results.
-
-    ``access_results``: H2 access benchmarks measured on other machines (``kvlab bench access --json``,
-    e.g. on a GPU), added to this run's. ``other_model``: the models H3 also profiles ("auto": the config's
-    ``h3_models``, by default every other built-in model; None: none).
-    """
-    check(mode in CONFIGS, f"unknown mode {mode!r}; allowed: {', '.join(CONFIGS)}")
-    bad = [e for e in only or [] if e not in EXPERIMENTS]
-    check(not bad, f"unknown experiment {', '.join(bad)}; allowed: {', '.join(EXPERIMENTS)}")
-    cfg = config or config_for(model_name, mode)
-    only = list(only or cfg.order)
-    extra_benches = [load_access_result(p) for p in access_results or []]
-    out = Path(out)
-    claim_out_dir(out, model_name, mode)
-    if model is None:
-        import kvlab
-
-        model, tokenizer = kvlab.load(model_name)
-    for length in sorted(set(cfg.profile_lengths + cfg.ppl_lengths)):
-        # a profile length nothing decodes from holds the snapshot and one truncated copy, not three stores
-        profile_only = cfg.pool_per_kind and length not in cfg.ppl_lengths and "h2" not in (only or [])
-        check_context(model, model_name, length + (cfg.ppl_tokens if length in cfg.ppl_lengths else 0),
-                      1 if cfg.pool_per_kind else len(cfg.kinds), copies=2 if profile_only else 3)
-    for length in cfg.niah_lengths:
-        check_context(model, model_name, length, len(cfg.niah_depths))
-    cells = Cells(out / "cells")
-    notes: list[str] = []
-    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    timings: dict[str, float] = {}
-    cpu_timings: dict[str, float] = {}
-    ex: dict[str, Any] = {}
-    specs = [s for s in resolve(cfg.methods, notes) if s.label not in cfg.exclude]
-
-    def subset(labels: list[str] | None) -> list[MethodSpec]:
-        return specs if labels is None else [s for s in resolve(labels, notes) if s.label not in cfg.exclude]
-
-    # The seeded texts, prefilled once and only when one of their cells is missing. Perplexity continues the
-    # profile texts when its lengths are among theirs (one prefill for H1, H3 and perplexity).
-    # ``pool_per_kind``: one prefill per text (batch 1), each profiled before the next is prefilled.
-    # ``profile_stages``: the lengths in stages, each its own prefill of the same texts (the short points are
-    # decided before the long prefill starts); a pool nothing else uses frees its prefill once profiled.
-    stages = cfg.profile_stages or [cfg.profile_lengths]
-    shared_ppl = cfg.ppl_from_profile and any(set(cfg.ppl_lengths) <= set(st) for st in stages)
-    ppl_stage = next((i for i, st in enumerate(stages) if set(cfg.ppl_lengths) <= set(st)), None) if shared_ppl \
-        else None
-    total = max(cfg.profile_lengths) + (cfg.ppl_tokens + 8 if shared_ppl else 32)
-    groups = [[k] for k in cfg.kinds] if cfg.pool_per_kind else [list(cfg.kinds)]
-    staged = [[locality.TextPool(model, tokenizer, g, st, cfg.seed, total=total, first_index=cfg.kinds.index(g[0]),
-                                 keep=None if not cfg.pool_per_kind and len(stages) == 1
-                                 else (max(cfg.ppl_lengths) if i == ppl_stage else 0))
-               for g in groups] for i, st in enumerate(stages)]
-    pools = [p for st in staged for p in st]
-    pool = pools[0]
-    ppl_pools = staged[ppl_stage] if ppl_stage is not None else [
-        locality.TextPool(model, tokenizer, cfg.kinds, cfg.ppl_lengths, cfg.seed, extra=cfg.ppl_tokens + 8)]
-
-    def step(name: str, fn):
-        t, c = time.perf_counter(), time.process_time()
-        ex[name] = fn()
-        timings[name], cpu_timings[name] = time.perf_counter() - t, time.process_time() - c
-        _progress(out, model_name, mode, started, t0, cpu0, timings, cpu_timings, ex)
-
-    def h1() -> dict[str, Any]:
-        return section_h1(pools, cells, model_name)
-
-    def h3() -> dict[str, Any]:
-        data = profile_all(staged[0], cells, model_name)  # the first stage: H3 does not wait for the long prefill
-        main_all = entropy.summarize(data, model_name)
-        paths = [str(entropy.save_profile(main_all))]  # block-route dense_layers=auto: every length
-        others = _h3_models(model_name, cfg) if other_model == "auto" else ([other_model] if other_model else [])
-        lengths = [x for x in cfg.other_model_lengths if x in stages[0]] if others else []
-        shared = [c for c in data if c["length"] in lengths]
-        summaries = [entropy.summarize(shared, model_name) if shared else main_all]
-        for other in others if cfg.other_model_lengths else []:
-            try:
-                import kvlab
-
-                m2, t2 = kvlab.load(other)
-                for length in cfg.other_model_lengths:
-                    check_context(m2, other, length, len(cfg.kinds))
-                # the same number of tokens drawn per text: the same texts (identical ids for a shared tokenizer)
-                pool2 = locality.TextPool(m2, t2, cfg.kinds, cfg.other_model_lengths, cfg.seed, total=pool.total)
-                data2 = locality.profile_cells(pool2, cells, other)
-                summaries.append(entropy.summarize(data2, other))
-                paths.append(str(entropy.save_profile(summaries[-1])))
-                del m2, pool2
-            except KVLabError as exc:
-                notes.append(f"H3 on {other} skipped: {exc}")
-        return section_h3(summaries, paths, main_all if shared and len(shared) < len(data) else None)
-
-    def h2() -> dict[str, Any]:
-        benches = []
-        devices = ["cpu"] + (["cuda"] if device_bench and torch.cuda.is_available() else [])
-        for dev in devices:
-            key = {"contexts": cfg.access_contexts, "reps": cfg.access_reps, "device": dev,
-                   "machine": access.machine()}
-            cell = cells.get("access", key)
-            if cell is None:
-                cell = cells.put("access", key, access.bench_access(cfg.access_contexts, reps=cfg.access_reps,
-                                                                    device=dev, seed=cfg.seed))
-            benches.append(cell)
-        benches.extend(extra_benches)
-        e2e = run_e2e(pool, cells, model_name, cfg.e2e_budget, cfg.e2e_steps, notes)
-        return section_h2(benches, e2e)
-
-    def niah_() -> dict[str, Any]:
-        pool_specs = subset(cfg.niah_methods)
-        niah_specs = [s for s in pool_specs if cfg.fixed_in_niah or not s.fixed]
-        if len(niah_specs) < len(pool_specs):
-            notes.append("niah: the fixed-setting methods (" + ", ".join(s.label for s in pool_specs if s.fixed)
-                         + ") are not in this needle sweep (fixed_in_niah=False)")
-        return section_niah(niah.run(model, tokenizer, model_name, niah_specs, cfg.niah_lengths, cfg.niah_depths,
-                                     cfg.niah_budgets, cfg.niah_kinds, cells, notes, cfg.seed, cfg.niah_new_tokens),
-                            cfg)
-
-    def ppl_() -> dict[str, Any]:
-        return section_ppl([c for p in ppl_pools for c in ppl.run(p, model_name, subset(cfg.ppl_methods),
-                                                                  cfg.ppl_budgets, cfg.ppl_lengths, cfg.ppl_tokens,
-                                                                  cells, notes)], cfg)
-
-    def synthetic_() -> dict[str, Any]:
-        data = synthetic.run(model, tokenizer, model_name, subset(cfg.synthetic_methods), cfg.synthetic_ratios,
-                             cfg.synthetic_length, cells, notes, cfg.seed, cfg.synthetic_per_task,
-                             cfg.synthetic_new_tokens, cfg.synthetic_focus, cfg.synthetic_batch)
-        compare = None
-        if cfg.consensus_model and cfg.consensus_methods:
-            try:
-                compare = _consensus_run(cfg, data, model_name, cells, notes)
-            except KVLabError as exc:
-                notes.append(f"consensus on {cfg.consensus_model} skipped: {exc}")
-        return section_synthetic(data, cfg, compare)
-
-    sections = {"h1": h1, "h3": h3, "h2": h2, "niah": niah_, "ppl": ppl_, "synthetic": synthetic_}
-    for name in [e for e in cfg.order if e in only] + [e for e in only if e not in cfg.order]:
-        step(name, sections[name])
-    results = _results(model_name, mode, started, t0, cpu0, timings, cpu_timings, ex, cfg, specs, notes)
-    results["prefill_seconds"] = {"profile": [p.prefill_seconds for p in pools],
-                                  "ppl": [p.prefill_seconds for p in ppl_pools]}
-    report.write_report(results, out)
-    return results
 
 
 def _results(model_name: str, mode: str, started: str, t0: float, cpu0: float, timings: dict[str, float],
@@ -656,33 +321,6 @@ def _progress(out: Path, model_name: str, mode: str, started: str, t0: float, cp
         "model": model_name, "mode": mode, "started": started, "seconds": time.perf_counter() - t0,
         "cpu_seconds": time.process_time() - cpu0, "timings": timings, "cpu_timings": cpu_timings,
         "done": done}, indent=2, default=str))
-
-
-def _consensus_run(cfg: Config, data: list[dict[str, Any]], model_name: str, cells: Cells,
-                   notes: list[str]) -> dict[str, Any]:
-    """The consensus model on the base synthetic set (the same questions: a shared tokenizer gives identical
-    prompts) at ``consensus_ratios``, against the main model's cells on the same question ids."""
-    import kvlab
-
-    other = cfg.consensus_model
-    assert other is not None
-    m2, t2 = kvlab.load(other)
-    specs2 = [s for s in resolve(cfg.consensus_methods, notes) if not s.budgetless]
-    data2 = synthetic.run(m2, t2, other, specs2, cfg.consensus_ratios, cfg.synthetic_length, cells, notes, cfg.seed,
-                          cfg.synthetic_per_task, cfg.synthetic_new_tokens, None, cfg.synthetic_batch)
-    del m2
-    return consensus_compare({model_name: data, other: data2}, cfg.consensus_methods, cfg.consensus_ratios)
-
-
-def _h3_models(model_name: str, cfg: Config) -> list[str]:
-    """The other models H3 profiles: the config's list, or every other built-in model."""
-    from kvlab.models.builtin import BUILTIN_MODELS
-
-    if isinstance(cfg.h3_models, list):
-        return [m for m in cfg.h3_models if m != model_name]
-    if model_name not in BUILTIN_MODELS:
-        return []
-    return [m for m in BUILTIN_MODELS if m != model_name]
 
 
 def _dedupe(notes: list[str]) -> list[str]:
