@@ -9,17 +9,22 @@ import kvlab
 from kvlab.generation import encode_prompts
 
 
+def full_text_matching_generate(model, tok, prompt: str = "Write a Python function that returns the sum of a list.",
+                                new_tokens: int = 16) -> str:
+    """kvlab ``full``'s greedy answer, after asserting its tokens equal transformers' own ``generate``."""
+    ids = encode_prompts(tok, [prompt])
+    result = kvlab.generate(model, tok, prompt, method="full", max_new_tokens=new_tokens)
+    inp = torch.tensor(ids)
+    with torch.no_grad():
+        ref = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=new_tokens, do_sample=False)
+    assert result.result.tokens[0].tolist() == ref[0, inp.shape[1]:].tolist()
+    return result.texts[0]
+
+
 @pytest.mark.slow
 def test_qwen_full_greedy_matches_transformers():
     model, tok = kvlab.load("qwen2.5-coder-0.5b")
-    prompt = "Write a Python function that returns the sum of a list."
-    ids = encode_prompts(tok, [prompt])
-    result = kvlab.generate(model, tok, prompt, method="full", max_new_tokens=16)
-    inp = torch.tensor(ids)
-    with torch.no_grad():
-        ref = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=16, do_sample=False)
-    assert result.result.tokens[0].tolist() == ref[0, inp.shape[1]:].tolist()
-    assert "python function" in result.texts[0].lower()
+    assert "python function" in full_text_matching_generate(model, tok).lower()
 
 
 @pytest.mark.slow
@@ -73,11 +78,5 @@ def test_qwen_1_5b_from_its_packages_hash_checked_and_full_matches_transformers(
     model, tok = kvlab.load("qwen2.5-coder-1.5b")
     assert (model.config.num_hidden_layers, model.config.num_key_value_heads) == (28, 2)
     assert model.config.hidden_size // model.config.num_attention_heads == 128
-    prompt = "Write a Python function that returns the sum of a list."
-    ids = encode_prompts(tok, [prompt])
-    result = kvlab.generate(model, tok, prompt, method="full", max_new_tokens=16)
-    inp = torch.tensor(ids)
-    with torch.no_grad():
-        ref = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=16, do_sample=False)
-    assert result.result.tokens[0].tolist() == ref[0, inp.shape[1]:].tolist()
-    assert "def" in result.texts[0] or "python" in result.texts[0].lower()
+    text = full_text_matching_generate(model, tok)
+    assert "def" in text or "python" in text.lower()
