@@ -19,6 +19,13 @@ Compression Rates per Attention Head", arXiv 2410.00161).
 - The evicted blocks are freed: survivors are compacted into a freshly sized pool (``LayerStore.repack``).
 - ``interval=None`` compresses once after prefill; ``interval=n`` compresses again every ``n`` decode
   steps, back to the budget of the grown context, with metrics accumulated from the decode queries.
+- ``rates``: ``"head"`` (the paper: every layer and KV head its own length, as above), or the two
+  variants a paged serving engine can free (vLLM keeps one block table per request and KV-cache group,
+  and a page holds every KV head of a layer, docs/vllm.md): ``"layer"`` (one length per layer, from one
+  sort over layers at page granularity) and ``"uniform"`` (one length per sequence). In both each KV head
+  still keeps its own best tokens, the prompt's partial last page (``block_size`` tokens per page) stays
+  as it is, and the kept count is whole pages (:func:`kept_full_pages`, :func:`pages_per_layer`), so
+  ``kvlab.vllm`` and this method keep the same tokens. Once after prefill (no ``interval``).
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ class KVCompress(Method):
     n_sink: int = 0
     interval: int | None = None
     max_cache_tokens: int | None = None
+    rates: str = "head"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,6 +72,10 @@ class KVCompress(Method):
         check(self.interval is None or self.interval >= 1, f"interval must be >= 1 step, got {self.interval}")
         check(self.max_cache_tokens is None or self.max_cache_tokens > 0,
               f"max_cache_tokens must be positive, got {self.max_cache_tokens}")
+        check(self.rates in RATES, f"rates must be one of {', '.join(RATES)}, got {self.rates!r}")
+        check(self.rates == "head" or (self.interval is None and self.max_cache_tokens is None),
+              f"rates={self.rates!r} compresses once after prefill to a fraction or token budget: "
+              "no interval, no max_cache_tokens")
         givens = sum(x is not None for x in (self.budget_tokens, self.max_cache_tokens))
         check(givens <= 1 and not (givens and (self.budget is not None or self.ratio is not None)),
               "give the budget one way: ratio, budget, budget_tokens or max_cache_tokens")
@@ -92,6 +104,9 @@ class KVCompress(Method):
         for i in store.compressible_layers():
             queries, q_pos = S.observed_queries(ctx, i, self.window)
             self._metric[i] = self._observe(store.layers[i], queries, q_pos)
+        if self.rates != "head":
+            self._compress_paged(store)
+            return
         self.compress(store, self._context)
 
     def step_end(self, store: KVStore, ctx: StepContext) -> None:
@@ -107,17 +122,13 @@ class KVCompress(Method):
     def _observe(self, layer: LayerStore, queries: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
         """Metric ``[rows, T]`` from ``queries``: attention (squared for L2) summed over queries and group."""
         probs = attention_probs(layer, queries, q_pos, self._scaling)  # [B, H, G, w, T]
-        if self.aggregation == "l2":
-            probs = probs.square()
-        return probs.sum(dim=(2, 3)).reshape(layer.rows, -1)
+        return window_metric(probs, self.aggregation).reshape(layer.rows, -1)
 
     def _eviction_order(self, layer: LayerStore, metric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's slots sorted by pooled metric, protected and unused slots last; and the evictable count."""
         t = metric.shape[1]
         in_use = layer.in_use(t)
-        m = metric.masked_fill(~in_use, float("-inf"))
-        if self.pool_kernel > 1:
-            m = F.max_pool1d(m[:, None, :], self.pool_kernel, stride=1, padding=self.pool_kernel // 2)[:, 0]
+        m = pool_metric(metric.masked_fill(~in_use, float("-inf")), self.pool_kernel)
         protected = S.recent_mask(layer, self.protected, t)
         if self.n_sink:
             _, pos = padded_layer(layer)
@@ -189,6 +200,104 @@ class KVCompress(Method):
             keep &= layer.in_use(t)
             S.evict(layer, keep)
             self._metric[i] = S.compact(self._metric[i], keep)
+
+
+    # ------------------------------------------- paged rates (vLLM's constraint)
+    def _compress_paged(self, store: KVStore) -> None:
+        """``rates="layer"``/``"uniform"``: whole pages per layer (or sequence), each head its own tokens."""
+        layers = store.compressible_layers()
+        page = store.block_size
+        keeps = {i: torch.ones(store.layers[i].rows, store.layers[i].max_length, dtype=torch.bool) for i in layers}
+        h = store.kv_heads
+        for b, n in enumerate(int(x) for x in self._context.tolist()):
+            uniform = kept_full_pages(n, self.tokens_kept(n), page, self.protected, self.n_sink)
+            if uniform >= n // page:
+                continue  # the budget keeps every full page
+            scores = {}
+            for i in layers:
+                layer = store.layers[i]
+                _, pos = padded_layer(layer)
+                pos = pos.reshape(layer.rows, -1)[b * h:(b + 1) * h]
+                metric = self._metric[i][b * h:(b + 1) * h]
+                metric = pool_metric(metric.masked_fill(pos < 0, float("-inf")), self.pool_kernel)
+                # slot t holds position t after prefill; score the full pages, protected tokens forced
+                scores[i] = paged_scores(metric[:, : n // page * page].cpu(), n, self.protected, self.n_sink)
+            counts = {i: uniform for i in layers}
+            if self.rates == "layer":
+                floor = kept_full_pages(n, 1, page, self.protected, self.n_sink)
+                counts = dict(zip(layers, pages_per_layer([scores[i] for i in layers], uniform, floor, page),
+                                  strict=True))
+            for i in layers:
+                keep = keeps[i][b * h:(b + 1) * h]
+                keep[:, : n // page * page] = False
+                keep.scatter_(1, keep_per_head(scores[i], counts[i], page), True)
+        for i in layers:
+            S.evict(store.layers[i], keeps[i].to(store.layers[i].device) & store.layers[i].in_use(keeps[i].shape[1]))
+
+
+RATES = ("head", "layer", "uniform")
+
+
+def window_metric(probs: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """KV-Compress's metric from attention probabilities ``[..., G, w, T]``: the attention each key received
+    (squared for ``"l2"``), summed over the observed queries and the query heads of its GQA group: ``[..., T]``."""
+    if aggregation == "l2":
+        probs = probs.square()
+    return probs.sum(dim=(-3, -2))
+
+
+def pool_metric(metric: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Max-pool a metric ``[rows, T]`` along the sequence (``kernel`` odd; 1: unchanged; ``-inf`` pads)."""
+    if kernel <= 1:
+        return metric
+    return F.max_pool1d(metric[:, None, :], kernel, stride=1, padding=kernel // 2)[:, 0]
+
+
+def kept_full_pages(n: int, kept_tokens: int, page: int, protected: int, n_sink: int) -> int:
+    """Pages of a prompt of ``n`` tokens that each KV head fills with its kept tokens (paged rates).
+
+    The prompt's partial last page ``[F, n)`` (``F = n // page * page``) stays in place, so of the
+    ``kept_tokens`` budget ``kept_tokens - (n - F)`` come from the full pages, rounded down to whole pages,
+    raised to hold the protected tokens (the last ``protected`` and the first ``n_sink``) that lie in the
+    full pages, at most every full page (then nothing is evicted).
+    """
+    full = n // page
+    tail = n - full * page
+    in_full = min(full * page, max(0, min(protected, n) - tail) + min(n_sink, full * page))
+    m = max(kept_tokens - tail, 0) // page
+    return min(max(m, -(-in_full // page)), full)
+
+
+def paged_scores(metric: torch.Tensor, n: int, protected: int, n_sink: int) -> torch.Tensor:
+    """A pooled metric ``[H, F]`` over the full pages of a prompt of ``n`` tokens, ``+inf`` on protected tokens."""
+    pos = torch.arange(metric.shape[1], device=metric.device)
+    forced = (pos >= n - protected) | (pos < n_sink)
+    return metric.masked_fill(forced[None, :], float("inf"))
+
+
+def pages_per_layer(scores: list[torch.Tensor], uniform: int, floor: int, page: int) -> list[int]:
+    """Full pages each layer keeps (``rates="layer"``): one sort over layers, KV-Compress's global sort at
+    page granularity with one count per layer, the same total as ``uniform`` pages in every layer.
+
+    ``scores[l]``: :func:`paged_scores` ``[H, F]`` of layer ``l``. Every layer starts at ``floor`` pages (its
+    protected tokens); the other ``L * (uniform - floor)`` pages go to the highest candidates, where a
+    layer's ``k``-th page scores the metric of the best token it would add (the ``k * page``-th best of
+    its heads, max over heads, so a layer's candidates only fall); ties go to the earlier layer and page.
+    """
+    if not scores:
+        return []
+    full = scores[0].shape[1] // page
+    if uniform >= full:
+        return [full] * len(scores)
+    ranks = torch.arange(floor, full) * page
+    cand = torch.stack([s.sort(dim=1, descending=True).values[:, ranks].amax(0) for s in scores])  # [L, full - floor]
+    order = torch.sort(-cand.flatten(), stable=True).indices[: len(scores) * (uniform - floor)]
+    return (floor + torch.bincount(order // (full - floor), minlength=len(scores))).tolist()
+
+
+def keep_per_head(scores: torch.Tensor, pages: int, page: int) -> torch.Tensor:
+    """``[H, pages * page]`` positions each KV head keeps from :func:`paged_scores` ``[H, F]``, in order."""
+    return torch.topk(scores, pages * page, dim=1).indices.sort(dim=1).values
 
 
 @register

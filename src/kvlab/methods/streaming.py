@@ -54,12 +54,9 @@ class Streaming(Method):
         if self.window is None and self.budget_tokens is None and self.keep_fraction == 1.0:
             return  # full budget: keep everything, during decode too
         lengths = [int(n) for n in ctx.context_lengths.tolist()]
-        if self.window is not None:
-            keep = [self.n_sink + self.window] * len(lengths)
-        else:
-            keep = [self.tokens_kept(n) for n in lengths]
-            check(all(k > self.n_sink for k in keep),
-                  f"budget leaves no room for a window after {self.n_sink} sink tokens; raise the budget")
+        keep = [self.kept_tokens(n) for n in lengths]
+        check(all(k > self.n_sink for k in keep),
+              f"budget leaves no room for a window after {self.n_sink} sink tokens; raise the budget")
         self._caps = S.rows_of(keep, store.kv_heads)
         self._capacity = torch.tensor(self._caps, dtype=torch.long, device=store.layers[0].device)
         for i in store.compressible_layers():
@@ -69,6 +66,13 @@ class Streaming(Method):
             idx = torch.arange(layer.max_length, device=layer.device)[None, :]
             keep_mask = (idx < self.n_sink) | (idx >= (layer.lengths - (self._capacity - self.n_sink))[:, None])
             layer.repack(keep=keep_mask, reserve_tokens=layer.block_size)
+
+    def kept_tokens(self, context_length: int) -> int:
+        """Tokens a sequence of ``context_length`` keeps after prefill: the ``n_sink`` sinks and the window
+        (a decode query at position ``p`` then sees ``k < n_sink`` or ``k >= p - (kept - n_sink)``)."""
+        if self.window is not None:
+            return self.n_sink + self.window
+        return self.tokens_kept(context_length)
 
     def decode_reserve(self, tokens: int) -> int:
         return tokens if self._capacity is None else min(tokens, self.compact_every + 1)
