@@ -6,8 +6,17 @@ A vLLM engine takes 20-40 s to start on 2 cores, so each test module shares its 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,11 +53,98 @@ def start_llm(model: Path, kvlab: dict | None, **kw):
     from vllm import LLM
 
     extra = {"kvlab": kvlab} if kvlab is not None else {}
+    kw = {"block_size": 128, "max_num_seqs": 8, **kw}
     return LLM(model=str(model), skip_tokenizer_init=True, dtype="float32", max_model_len=4096, enforce_eager=True,
-               block_size=128, max_num_seqs=8, seed=0, additional_config=extra, **kw)
+               seed=0, additional_config=extra, **kw)
+
+
+LENGTHS = (1500, 700, 2100, 300)  # a mixed batch: different lengths, prefills beside decodes
+NEW_TOKENS = 24
+
+
+def prompts(lengths, seed):
+    from vllm.inputs import TokensPrompt
+
+    rng = random.Random(seed)
+    return [TokensPrompt(prompt_token_ids=[rng.randrange(TINY_VOCAB) for _ in range(n)]) for n in lengths]
+
+
+def greedy(llm, batch, max_tokens=NEW_TOKENS):
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, detokenize=False)
+    return [list(o.outputs[0].token_ids) for o in llm.generate(batch, params, use_tqdm=False)]
+
+
+@pytest.fixture(scope="session")
+def vanilla_tokens(tiny_model):
+    """Greedy tokens of vLLM with the kvlab entry saying ``full`` (vLLM's own attention classes) on
+    :data:`LENGTHS` prompts (seed 0), and the attention classes that ran."""
+    from kvlab.vllm.backend import reset_records
+
+    llm = start_llm(tiny_model, {"method": "full"})
+    try:
+        classes = llm.apply_model(reset_records)[0]
+        tokens = greedy(llm, prompts(LENGTHS, seed=0))
+    finally:
+        stop_llm(llm)
+    return classes, tokens
 
 
 def stop_llm(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
+
+
+# ---------------------------------------------------------------- a real `kvlab serve` on 127.0.0.1
+SERVER_START_TIMEOUT_S = 420
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def kvlab_server(log_dir: Path, *args: str, kv_gib: int = 2) -> Iterator[dict]:
+    """``kvlab serve *args`` on a free port of 127.0.0.1 with a ``kv_gib`` GiB KV pool, once ``/health``
+    answers: ``{"url", "proc", "log"}``. Its process group is killed on the way out."""
+    port = free_port()
+    log_path = log_dir / "serve.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "kvlab", "serve", *args, "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"kvlab serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, (f"no /health after {SERVER_START_TIMEOUT_S} s:\n"
+                                                 f"{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        yield {"url": url, "proc": proc, "log": log_path}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def metrics(url: str) -> dict[str, float]:
+    """vLLM's ``/metrics`` gauges and counters by name (labels dropped; the one engine's values)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name.split("{", 1)[0]] = float(value)
+    return out

@@ -2,43 +2,13 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
-from conftest import TINY_VOCAB, start_llm, stop_llm
+from conftest import LENGTHS, NEW_TOKENS, greedy, prompts, start_llm, stop_llm
 from kvlab.vllm.backend import recorded_selections, reset_records, summary_snapshot
 
 PAGE = 128
-LENGTHS = (1500, 700, 2100, 300)  # a mixed batch: different lengths, prefills beside decodes
-NEW_TOKENS = 24
-
-
-def prompts(lengths, seed):
-    from vllm.inputs import TokensPrompt
-
-    rng = random.Random(seed)
-    return [TokensPrompt(prompt_token_ids=[rng.randrange(TINY_VOCAB) for _ in range(n)]) for n in lengths]
-
-
-def greedy(llm, batch, max_tokens=NEW_TOKENS):
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, detokenize=False)
-    return [list(o.outputs[0].token_ids) for o in llm.generate(batch, params, use_tqdm=False)]
-
-
-@pytest.fixture(scope="module")
-def vanilla_tokens(tiny_model):
-    """Greedy tokens of vLLM with the kvlab entry saying ``full``: vLLM's own attention classes."""
-    llm = start_llm(tiny_model, {"method": "full"})
-    try:
-        classes = llm.apply_model(reset_records)[0]
-        tokens = greedy(llm, prompts(LENGTHS, seed=0))
-    finally:
-        stop_llm(llm)
-    return classes, tokens
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +96,12 @@ def test_page_summaries_equal_a_recomputation_from_the_cache(routed, max_tokens)
                 assert int(s["count"][p, j // sb]) == chunk.shape[1]
                 assert torch.equal(s["kmin"][p, j // sb], chunk.amin(1))  # score=bound, vLLM's default
                 assert torch.equal(s["kmax"][p, j // sb], chunk.amax(1))
+
+
+def test_small_budget_selection_is_batch_invariant(routed):
+    """Pages are chosen per request, so a request's greedy tokens in a mixed batch equal its tokens alone."""
+    routed.apply_model(reset_records)
+    batch = prompts(LENGTHS, seed=11)  # fresh tokens: no prefix-cache hit on pages whose summaries were reset
+    together = greedy(routed, batch)
+    alone = [greedy(routed, [p])[0] for p in batch]
+    assert together == alone

@@ -21,9 +21,15 @@ def serve(*args: str):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--method", "nope"], ["unknown method 'nope'", "vLLM runs: full, block-route"]),
+    (["--method", "nope"], ["unknown method 'nope'", "vLLM runs: full, block-route, streaming, kv-compress"]),
     (["--method", "cluster-route", "--budget", "0.1"], ["cannot run inside vLLM", "full, block-route"]),
-    (["--method", "kv-compress", "--budget", "0.1"], ["cannot run inside vLLM", "full, block-route"]),
+    (["--method", "h2o", "--budget", "0.1"], ["cannot run inside vLLM", "streaming, kv-compress"]),
+    (["--method", "kv-compress"], ["kv-compress needs a budget"]),
+    (["--method", "streaming"], ["streaming needs a budget", "(or window)"]),
+    (["--method", "kv-compress", "--budget", "0.25", "-p", "rates=head"], ["rates='head' cannot run inside vLLM",
+                                                                          "uniform, layer"]),
+    (["--method", "kv-compress", "--budget", "0.25", "-p", "interval=16"], ["interval=16 is not supported"]),
+    (["--method", "streaming", "--budget", "0.25", "-p", "block_size=64"], ["has no parameter 'block_size'"]),
     (["--method", "oracle-blocks", "--budget", "0.1"], ["cannot run inside vLLM"]),
     (["--method", "block-route", "--budget", "1.5"], ["budget must be in (0, 1]"]),
     (["--method", "block-route", "--ratio", "1.0"], ["ratio must be in [0, 1)"]),
@@ -42,6 +48,28 @@ def test_bad_method_configuration(args, words):
     message = serve(*args)
     for w in words:
         assert w in message
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--enable-prefix-caching"], ["drop --enable-prefix-caching"]),
+    (["--tensor-parallel-size", "2"], ["runs on one worker", "tensor parallel size must be 1, got 2"]),
+    (["-pp=2"], ["pipeline parallel size must be 1, got 2"]),
+    (["--worker-cls", "my.Worker"], ["runs with kvlab's own --worker-cls"]),
+    (["--kv-cache-dtype", "fp8"], ["--kv-cache-dtype must be auto, got fp8"]),
+])
+def test_vllm_options_eviction_does_not_run_with(tiny_model, extra, words):
+    message = serve("--model", str(tiny_model), "--method", "kv-compress", "--budget", "0.25", "--", *extra)
+    for w in words:
+        assert w in message
+
+
+def test_eviction_on_a_model_with_sliding_window_layers(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3_text", "num_hidden_layers": 6,
+                                                      "sliding_window": 512, "max_position_embeddings": 8192}))
+    message = serve("--model", str(tmp_path), "--method", "streaming", "--budget", "0.25")
+    assert "streaming inside vLLM runs on full-attention models only" in message
 
 
 def test_model_that_is_neither_builtin_nor_a_directory_with_a_config(tmp_path):

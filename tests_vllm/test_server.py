@@ -7,50 +7,20 @@ completions, one streamed completion, then a clean shutdown. Every request is bo
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
+from conftest import kvlab_server
+
 MODEL = "qwen2.5-coder-0.5b"
-START_TIMEOUT_S = 420
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "kvlab", "serve", "--model", MODEL, "--method", "block-route",
-                                 "--budget", "0.125", "--port", str(port), "--max-model-len", "8192"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        assert proc.poll() is None, f"kvlab serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, f"no /health after {START_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}"
-        time.sleep(1)
-    yield {"url": url, "proc": proc, "log": log_path}
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+    with kvlab_server(tmp_path_factory.mktemp("serve"), "--model", MODEL, "--method", "block-route", "--budget",
+                      "0.125", "--max-model-len", "8192", kv_gib=2) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

