@@ -69,3 +69,16 @@ def test_piped_tables_print_every_name_whole():
         assert not missing, f"`kvlab {command}` piped lost {missing}:\n{out}"
         widths = {len(line) for line in out.splitlines() if "│" in line}
         assert len(widths) == 1, "every table row has the same width (nothing wrapped onto extra lines)"
+
+
+def test_a_benchmarks_result_is_written_whole_then_printed_as_json_or_a_table(tmp_path, capsys):
+    from kvlab.commands.output import emit_result
+
+    result = {"machine": "here", "rows": [{"method": "full", "tok/s": 3.3}]}
+    out = tmp_path / "r.json"
+    emit_result(result, result["rows"], "bench", out, as_json=True)
+    assert json.loads(out.read_text()) == result and json.loads(capsys.readouterr().out) == result
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left
+    emit_result(result, result["rows"], "bench")
+    printed = capsys.readouterr().out
+    assert "bench" in printed and "full" in printed and "3.3" in printed

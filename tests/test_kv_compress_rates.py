@@ -15,8 +15,8 @@ BS = 16
 
 
 @pytest.fixture(scope="module")
-def model():
-    return kvlab.load("random:tiny-llama")[0]
+def model(tiny_models):
+    return tiny_models["tiny-llama"][0]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -27,6 +28,20 @@ def print_table(rows: Sequence[dict[str, Any]], title: str | None = None, column
         return
     console = Console() if sys.stdout.isatty() else Console(width=PIPE_WIDTH, soft_wrap=False)
     console.print(build_table(rows, title, columns))
+
+
+def emit_result(result: dict[str, Any], rows: Sequence[dict[str, Any]], title: str, out: Path | None = None,
+                as_json: bool = False) -> None:
+    """A benchmark's end: the whole ``result`` written to ``out`` (atomically, when given), then printed as
+    JSON with ``as_json``, else its ``rows`` as a table."""
+    if out is not None:
+        from kvlab.io import write_atomic
+
+        write_atomic(out, json.dumps(result, indent=2))
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(rows, title=title)
 
 
 def build_table(rows: Sequence[dict[str, Any]], title: str | None = None,

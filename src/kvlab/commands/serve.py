@@ -254,7 +254,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     ) -> None:
         """Decode tokens/s of vanilla vLLM vs vLLM + block-route, and the needle, per context and batch
         (--throughput: requests served at once and output tok/s on a fixed KV pool, vanilla vs eviction)."""
-        from kvlab.commands.output import print_table
+        from kvlab.commands.output import emit_result
         from kvlab.experiments import bench_vllm as bench
 
         if throughput:
@@ -284,14 +284,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             log_dir = None if out is None else out.parent / f"{out.stem}-logs"
             result = tp.run(directory, model, served, ctx_tokens, requests, tokens, budget, blocks, length, gib,
                             dtype=dtype, log_dir=log_dir)
-            if out is not None:
-                from kvlab.io import write_atomic
-
-                write_atomic(out, json.dumps(result, indent=2))
-            if as_json:
-                print(json.dumps(result, indent=2))
-                return
-            print_table(tp.table_rows(result), title=tp.title(result))
+            emit_result(result, tp.table_rows(result), tp.title(result), out, as_json)
             return
         new_tokens = 32 if new_tokens is None else new_tokens
         kv_cache_gib = 4 if kv_cache_gib is None else kv_cache_gib
@@ -303,11 +296,4 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         check(new_tokens >= 2, f"--new-tokens must be >= 2 (decode speed needs two tokens), got {new_tokens}")
         result = bench.run(directory, served, section, cases, new_tokens=new_tokens, dtype=dtype,
                            kv_cache_gib=kv_cache_gib)
-        if out is not None:
-            from kvlab.io import write_atomic
-
-            write_atomic(out, json.dumps(result, indent=2))
-        if as_json:
-            print(json.dumps(result, indent=2))
-            return
-        print_table(bench.table_rows(result), title=bench.title(result))
+        emit_result(result, bench.table_rows(result), bench.title(result), out, as_json)
