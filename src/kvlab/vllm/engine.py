@@ -120,7 +120,7 @@ register_spec()  # in the engine core this runs when the worker's pickled specs 
 def eviction_config(vllm_config: Any) -> kvconfig.ServeConfig:
     cfg = kvconfig.from_vllm_config(vllm_config)
     check(cfg is not None and cfg.evicts, f"{WORKER_CLS} and {SCHEDULER_CLS} serve kvlab's eviction methods "
-                                          f"({', '.join(eviction.EVICTION_METHODS)}); the kvlab entry names none")
+                                          f"({', '.join(kvconfig.EVICTION_METHODS)}); the kvlab entry names none")
     refuse_unsupported(vllm_config, cfg)
     return cfg
 

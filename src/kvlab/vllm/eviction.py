@@ -43,7 +43,6 @@ from kvlab.methods.streaming import Streaming
 from kvlab.vllm import page_layout
 
 logger = logging.getLogger("vllm.kvlab")
-EVICTION_METHODS = ("streaming", "kv-compress")
 RECORD_ENV = "KVLAB_VLLM_RECORD"
 
 
