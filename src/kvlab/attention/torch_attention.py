@@ -23,7 +23,15 @@ from functools import reduce
 
 import torch
 
-from kvlab.attention.gqa import attend_rows, expand_groups, group_queries, ungroup_output, visibility
+from kvlab.attention.gqa import (
+    attend_causal_chunk,
+    attend_rows,
+    can_attend_causal_chunk,
+    expand_groups,
+    group_queries,
+    ungroup_output,
+    visibility,
+)
 from kvlab.attention.plans import ReadPlan
 from kvlab.cache.store import LayerStore
 
@@ -106,6 +114,9 @@ def attend_dense(layer: LayerStore, query: torch.Tensor, q_positions: torch.Tens
     full_rows = all(n == k.shape[2] for n in layer.lengths_host)
     if length == 1 and layer.sliding_window is None and full_rows and not layer.holes:
         mask = None  # one new token, every row full: it sees everything (the common decode step)
+    elif layer.sliding_window is None and full_rows and not layer.holes and can_attend_causal_chunk(
+            query, kpos, q_positions):  # a prefill chunk on the CPU: no [G * L, T] mask
+        return ungroup_output(attend_causal_chunk(q, k, v, hq // h, scaling), hq, length).to(query.dtype)
     else:
         mask = expand_groups(visibility(kpos, q_positions.to(kpos.device)[:, None, :], layer.sliding_window), hq // h)
     return ungroup_output(attend_rows(q, k, v, mask, scaling), hq, length).to(query.dtype)

@@ -144,7 +144,7 @@ FULL_1_5B = Config(
     # one prefill per text to 32K (batch 1), capturing 4K/8K/16K/32K on the way: H3 and H1 read the same pools
     profile_lengths=[4096, 8192, 16384, 32768], kinds=["prose", "code"], pool_per_kind=True,
     access_contexts=[4096, 16384, 65536], access_reps=5, e2e_budget=0.125, e2e_steps=8,
-    niah_lengths=[8192], niah_new_tokens=7, niah_depths=[0.25, 0.75], niah_kinds=["passkey"],
+    niah_lengths=[8192, 16384], niah_new_tokens=7, niah_depths=[0.25, 0.75], niah_kinds=["passkey"],
     niah_budgets=[0.125, 0.03125], niah_methods=["full", "block-route", "cluster-route", "kv-compress", "snapkv"],
     ppl_lengths=[4096], ppl_tokens=65, ppl_budgets=[0.25], ppl_methods=["full", "block-route", "cluster-route"],
     ppl_from_profile=True,
