@@ -40,6 +40,8 @@ def test_pearson_and_spike_hand_cases():
     assert metrics.spike([0.0, 0.5, 0.8, 0.9], [0.0, 0.1, 0.2, 0.8]) == 0.9
     assert metrics.spike([0.9, 0.0, 0.5], [0.8, 0.0, 0.6]) == 0.5  # sorted by ratio first
     assert metrics.spike([0.5], [0.3]) is None
+    # an uneven grid: the wide step 0.5 -> 0.8 rises most (0.32) but least steeply; 0.9 -> 0.95 is steepest
+    assert metrics.spike([0.0, 0.5, 0.8, 0.85, 0.9, 0.95], [0.0, 0.10, 0.42, 0.53, 0.69, 0.93]) == 0.95
 
 
 # ----------------------------------------------------------------------------- summaries on hand-made rows

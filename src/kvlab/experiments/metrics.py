@@ -205,9 +205,11 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
 
 
 def spike(ratios: Sequence[float], values: Sequence[float]) -> float | None:
-    """The ratio whose value rose most over the previous ratio's (ascending ratios): where a GER curve
+    """The ratio at the end of the steepest rise over the previous ratio (ascending ratios; rise per unit of
+    ratio, so that an uneven grid such as 0.5, 0.8, 0.85 does not favour its wide step): where a GER curve
     jumps. None with fewer than 2 points."""
     pts = sorted(zip(ratios, values, strict=True))
     if len(pts) < 2:
         return None
-    return max(zip(pts[1:], pts[:-1], strict=True), key=lambda p: p[0][1] - p[1][1])[0][0]
+    return max(zip(pts[1:], pts[:-1], strict=True),
+               key=lambda p: (p[0][1] - p[1][1]) / max(p[0][0] - p[1][0], 1e-9))[0][0]

@@ -274,8 +274,9 @@ def summarize_cells(cells: list[dict[str, Any]]) -> dict[str, Any]:
     """Per (method, ratio): F1, accuracy conditional on the questions the full cache answers, hallucination
     rate, mean and worst-layer GER, GER and head consensus per layer. Per swept method: the cliff (the first
     ratio where conditional accuracy falls below half of the full cache's), the GER spike (the ratio where
-    mean GER rises most) and the correlation of GER with conditional accuracy over its ratios (ratio 0 is
-    the full cache). Per task family: the full cache's accuracy, and which families it cannot do."""
+    mean GER rises most steeply, per unit of ratio) and the correlation of GER with conditional accuracy over
+    its ratios (ratio 0 is the full cache). Per task family: the full cache's accuracy, and which families
+    it cannot do."""
     full_cell = next((c for c in cells if c["method"] == "full"), None)
     solved = {r["qid"] for r in full_cell["rows"] if correct(r)} if full_cell else set()
     rows = []
