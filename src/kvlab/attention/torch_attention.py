@@ -111,11 +111,11 @@ def attend_dense(layer: LayerStore, query: torch.Tensor, q_positions: torch.Tens
     h = layer.kv_heads
     k, v, kpos = layer.dense_view()
     q = group_queries(query, h).to(k.dtype)
-    full_rows = all(n == k.shape[2] for n in layer.lengths_host)
-    if length == 1 and layer.sliding_window is None and full_rows and not layer.holes:
+    # every row full, no dead slot, no window (host copies only)
+    plain = layer.sliding_window is None and not layer.holes and all(n == k.shape[2] for n in layer.lengths_host)
+    if length == 1 and plain:
         mask = None  # one new token, every row full: it sees everything (the common decode step)
-    elif layer.sliding_window is None and full_rows and not layer.holes and can_attend_causal_chunk(
-            query, kpos, q_positions):  # a prefill chunk on the CPU: no [G * L, T] mask
+    elif plain and can_attend_causal_chunk(query, kpos, q_positions):  # a CPU prefill chunk: no [G * L, T] mask
         return ungroup_output(attend_causal_chunk(q, k, v, hq // h, scaling), hq, length).to(query.dtype)
     else:
         mask = expand_groups(visibility(kpos, q_positions.to(kpos.device)[:, None, :], layer.sliding_window), hq // h)
