@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("attention", ("kvlab.attention",)),
     ("kernels", ("kvlab.kernels",)),
     ("cache", ("kvlab.cache",)),
-    ("utilities", ("kvlab.errors", "kvlab.io", "kvlab.progress", "kvlab.machine")),
+    ("utilities", ("kvlab.errors", "kvlab.io", "kvlab.progress", "kvlab.machine", "kvlab.files")),
 ]
 PLUGIN = "kvlab.vllm"
 PLUGIN_IMPORTERS = ("kvlab.vllm", "kvlab.commands.serve")  # nothing else starts the plugin

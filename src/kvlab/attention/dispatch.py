@@ -31,7 +31,7 @@ def attend(layer: LayerStore, query: torch.Tensor, q_positions: torch.Tensor, sc
     selects (``None``: everything); returns ``[B, L, Hq, D]``. ``backend``: ``auto``, ``triton``, ``torch``."""
     override = getattr(layer, "attend_override", None)
     if override is not None:
-        return override(query, q_positions, scaling, plan)
+        return override(query, q_positions, scaling, plan, backend)
     b, hq, length, d = query.shape
     if length > MAX_DECODE_QUERIES or type(layer) is not LayerStore or not use_triton(layer.keys.device, backend):
         return attend_torch(layer, query, q_positions, scaling, plan)

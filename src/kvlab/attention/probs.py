@@ -32,7 +32,7 @@ def padded_layer(layer: LayerStore, width: int | None = None) -> tuple[torch.Ten
     if layer.uniform and t <= layer.max_capacity_tokens:
         k, _, pos = layer.dense_view(t)
     else:
-        slots = layer._row_base[:, None] + idx[None, :]
+        slots = layer.row_base[:, None] + idx[None, :]
         slots = torch.where(in_use, slots, torch.zeros_like(slots))
         k = layer.keys[slots].view(layer.batch, layer.kv_heads, t, layer.head_dim)
         pos = layer.positions[slots].view(layer.batch, layer.kv_heads, t)

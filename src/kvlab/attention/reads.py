@@ -38,7 +38,7 @@ def full_lists(layer: LayerStore) -> ReadLists:
         return cached[1]
     width = max(max(layer.capacity_host, default=0), 1)
     table = torch.arange(width, dtype=torch.int32, device=layer.device)[None, :].expand(layer.rows, width)
-    lists = ReadLists(table, layer.lengths, layer.block_size, layer._row_base, layer.max_capacity_tokens)
+    lists = ReadLists(table, layer.lengths, layer.block_size, layer.row_base, layer.max_capacity_tokens)
     layer._full_lists = (layer.layout_version, lists)
     return lists
 
@@ -61,7 +61,7 @@ def read_lists(layer: LayerStore, plan: ReadPlan | None = None) -> ReadLists:
         covered = (lengths[:, None] - index.clamp(min=0) * bs).clamp(0, bs)
         seq_lens = torch.where(index >= 0, covered, 0).sum(-1)
     max_tokens = min(layer.max_capacity_tokens, index.shape[1] * bs)
-    return ReadLists(index.int(), seq_lens, bs, layer._row_base, max(max_tokens, 1))
+    return ReadLists(index.int(), seq_lens, bs, layer.row_base, max(max_tokens, 1))
 
 
 def full_width_blocks(layer: LayerStore, block_size: int) -> int:

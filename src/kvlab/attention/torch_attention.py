@@ -181,7 +181,7 @@ def _attend_plan(layer: LayerStore, query: torch.Tensor, q_positions: torch.Tens
         bs = plan.block_size or layer.block_size
         unit = copy_unit(layer, bs)
         r = bs // unit
-        ids = (layer._row_base // unit)[:, None] + (index.clamp(min=0)[:, :, None] * r
+        ids = (layer.row_base // unit)[:, None] + (index.clamp(min=0)[:, :, None] * r
                                                     + torch.arange(r, device=device)).flatten(1)  # [rows, n*r]
         slots = (index[:, :, None] * bs + torch.arange(bs, device=device)).flatten(1)  # logical slot of each token
         valid = (index[:, :, None] >= 0).expand(rows, index.shape[1], bs).flatten(1) & (slots < lengths[:, None])
@@ -189,7 +189,7 @@ def _attend_plan(layer: LayerStore, query: torch.Tensor, q_positions: torch.Tens
         ppool = layer.positions.view(-1, unit)
     else:  # single slots
         valid = (index >= 0) & (index < lengths[:, None])
-        ids = layer._row_base[:, None] + index.clamp(min=0)
+        ids = layer.row_base[:, None] + index.clamp(min=0)
         kpool, vpool, ppool = layer.keys, layer.values, layer.positions
     n = valid.shape[1]
     q = group_queries(query, h).to(layer.dtype).reshape(rows, g * length, d)

@@ -33,6 +33,7 @@ import torch
 from kvlab.errors import check
 
 _LAYOUTS = itertools.count(1)  # every pool allocation gets a new layout version (CUDA graphs key on it)
+WINDOW_SLACK = 64  # tokens a sliding-window layer may hold behind its window before it trims (trims are batched)
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -98,6 +99,11 @@ class LayerStore:
         self._start = value
         self.start_host = _host_list(value, value.numel())
         self._row_base = value * self.block_size  # first slot of each row
+
+    @property
+    def row_base(self) -> torch.Tensor:
+        """``[rows]`` on the device: the pool slot of each row's logical slot 0 (``start * block_size``)."""
+        return self._row_base
 
     @property
     def capacity(self) -> torch.Tensor:
@@ -205,7 +211,7 @@ class LayerStore:
             need = [max(need)] * self.rows
         self.repack(keep=None, capacity_blocks=[max(n, c) for n, c in zip(need, self.capacity_host, strict=True)])
 
-    def ensure_room(self, tokens: int = 1, window_slack: int | None = 64) -> None:
+    def ensure_room(self, tokens: int = 1, window_slack: int | None = WINDOW_SLACK) -> None:
         """Before a decode step (host decisions, device work only when needed): room for ``tokens`` more
         per row, growing by a quarter when full; a sliding-window layer first drops, in place, what has
         fallen ``window_slack`` tokens behind its window (``None``: no trim)."""
@@ -413,7 +419,7 @@ class KVStore:
         """``[layers, batch, kv_heads]`` tokens held."""
         return torch.stack([layer.lengths.view(self.batch, self.kv_heads) for layer in self.layers])
 
-    def ensure_room(self, tokens: int = 1, window_slack: int | None = 64) -> None:
+    def ensure_room(self, tokens: int = 1, window_slack: int | None = WINDOW_SLACK) -> None:
         """:meth:`LayerStore.ensure_room` on every layer (host decisions; device work only to grow or trim)."""
         for layer in self.layers:
             layer.ensure_room(tokens, window_slack)

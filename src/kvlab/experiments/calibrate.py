@@ -6,7 +6,7 @@ values, post-RoPE keys and pre-RoPE keys (recovered by un-rotating, see
 ``X^T X`` (uncentred, so ``x ~ P P^T x`` with no mean term), sorted by eigenvalue. The share of
 ``||X||^2`` the top ``R`` directions keep is the *energy* reported. One file per rank:
 ``$KVLAB_CACHE/calibration/<model>-rank<R>.pt`` holding ``k_pre``, ``k_post``, ``v`` as
-``[layers, kv_heads, D, R]`` (:func:`kvlab.models.profiles.calibration_path`, where ``low-rank`` finds
+``[layers, kv_heads, D, R]`` (:func:`kvlab.files.calibration_path`, where ``low-rank`` finds
 it). Calibration text: Python standard-library modules (every other long
 module, so evaluation can use the rest).
 """
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from kvlab.errors import check
-from kvlab.models.profiles import calibration_path
+from kvlab.files import calibration_path
 
 
 def stdlib_files(part: int) -> list[Path]:

@@ -9,7 +9,7 @@ mean (:func:`kvlab.experiments.metrics.boundary_layer`), computed per prompt to 
 
 The profile written here, ``$KVLAB_CACHE/profiles/<model>-entropy.json``, is what
 ``block-route --dense-layers auto`` reads: ``{"model", "dense_layers": [...], "boundary", ...}``
-(its name and its reader live in :mod:`kvlab.models.profiles`, where the routers can reach them).
+(its name and its reader live in :mod:`kvlab.files`, where the routers can reach them).
 
 ``kvlab profile entropy`` prints :func:`summarize_cells` of one model's profile cells; ``kvlab validate``
 runs :func:`run` (this model and the others on the same texts) and reports :func:`summarize`.
@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 from kvlab.errors import KVLabError
 from kvlab.experiments.locality import TextPool, profile_cells, profile_pools
 from kvlab.experiments.metrics import boundary_layer, mean
+from kvlab.files import entropy_profile_path
 from kvlab.io import write_atomic
-from kvlab.models.profiles import entropy_profile_path
 
 if TYPE_CHECKING:
     from kvlab.experiments.study import Study
@@ -37,7 +37,7 @@ MIN_DROP = 0.05  # a boundary needs the mean entropy to drop by at least this mu
 
 def profile_path(model_name: str) -> Path:
     """Where the entropy profile of ``model_name`` lives: the path ``dense_layers=auto`` reads
-    (:func:`kvlab.models.profiles.entropy_profile_path`)."""
+    (:func:`kvlab.files.entropy_profile_path`)."""
     return entropy_profile_path(model_name)
 
 

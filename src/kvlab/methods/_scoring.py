@@ -109,7 +109,7 @@ def compact_rows(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 def mark_dead(layer: LayerStore, victim: torch.Tensor, evict: torch.Tensor) -> None:
     """Decode-time eviction of one slot per row, on the device: the logical slot ``victim[row]`` of every
     row where ``evict[row]`` gets position -1 (dead: never read again; compacted away later)."""
-    slots = layer._row_base + victim.clamp(min=0)
+    slots = layer.row_base + victim.clamp(min=0)
     layer.positions.index_copy_(0, slots, torch.where(evict, -1, layer.positions[slots]))
 
 

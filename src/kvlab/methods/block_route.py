@@ -198,7 +198,7 @@ class BlockMeta:
         block = ((lengths - 1).clamp(min=0) // u)  # [rows]
         slots = block[:, None] * u + torch.arange(u, device=device)[None, :]  # [rows, u]
         valid = (slots < lengths[:, None])[..., None]
-        phys = layer._row_base[:, None] + torch.minimum(slots, (lengths - 1).clamp(min=0)[:, None])
+        phys = layer.row_base[:, None] + torch.minimum(slots, (lengths - 1).clamp(min=0)[:, None])
         k = layer.keys[phys].float()  # [rows, u, D]
         rows = torch.arange(layer.rows, device=device)
         self._store(rows, block, k, valid)
@@ -225,7 +225,7 @@ class BlockMeta:
     def _compute(self, layer: LayerStore, b0: int, b1: int) -> None:
         u, dev = self.unit, layer.device
         lengths = layer.lengths
-        base = layer._row_base
+        base = layer.row_base
         last = (lengths - 1).clamp(min=0)
         step = max(1, self.CHUNK_TOKENS // u)
         rows = torch.arange(layer.rows, device=dev)[:, None]

@@ -167,7 +167,7 @@ class ClusterRoute(RoutingMethod):
         """A decode step's new token (each row's newest) joins its nearest cluster: device work, fixed shapes."""
         lengths = layer.lengths
         newest = (lengths - 1).clamp(min=0)
-        keys = torch.nn.functional.normalize(layer.keys[layer._row_base + newest].float(), dim=-1)  # [rows, D]
+        keys = torch.nn.functional.normalize(layer.keys[layer.row_base + newest].float(), dim=-1)  # [rows, D]
         sim = torch.bmm(state.dirs, keys[:, :, None])[:, :, 0].masked_fill(~state.exists, -torch.inf)
         cluster = sim.argmax(1)
         assigned = state.assign.gather(1, newest[:, None])[:, 0]

@@ -44,9 +44,10 @@ from kvlab.attention.torch_attention import (
 )
 from kvlab.cache.store import KVStore, LayerStore
 from kvlab.errors import KVLabError, check
+from kvlab.files import calibration_path
+from kvlab.kernels.dispatch import Backend
 from kvlab.methods._lowrank_store import CodedLayerStore, Rope
 from kvlab.methods.base import Method, PrefillContext, register
-from kvlab.models.profiles import calibration_path
 
 MODES = ("v-only", "kv")
 PROJECTIONS = ("orthogonal", "pca")
@@ -107,7 +108,7 @@ class LowRankLayerStore(CodedLayerStore):
         return k, v
 
     def attend_override(self, query: torch.Tensor, q_positions: torch.Tensor, scaling: float,
-                        plan: ReadPlan | None) -> torch.Tensor:
+                        plan: ReadPlan | None, backend: Backend | None = "auto") -> torch.Tensor:
         """Attention computed on the latents (dense layout); other layouts read decoded K/V."""
         if plan is not None:
             return attend_plan(self, query, q_positions, scaling, plan)

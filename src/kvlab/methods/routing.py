@@ -18,9 +18,9 @@ from kvlab.attention.plans import ReadPlan
 from kvlab.attention.probs import mass_recall
 from kvlab.cache.store import KVStore, LayerStore, ceil_div, ceil_div_tensor
 from kvlab.errors import KVLabError, check
+from kvlab.files import load_dense_layers
 from kvlab.kernels import selection
 from kvlab.methods.base import Method, PrefillContext
-from kvlab.models.profiles import load_dense_layers
 
 MAX_BLOCK_SIZE = 256
 

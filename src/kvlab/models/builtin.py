@@ -16,6 +16,7 @@ from importlib import import_module, util
 from pathlib import Path
 
 from kvlab.errors import KVLabError
+from kvlab.files import cache_root
 from kvlab.models.spm_bpe import rebuild_bpe
 from kvlab.progress import progress_bar
 
@@ -72,11 +73,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
-
-
-def cache_root() -> Path:
-    """kvlab's cache directory: ``$KVLAB_CACHE`` or ``~/.cache/kvlab``."""
-    return Path(os.environ.get("KVLAB_CACHE", Path.home() / ".cache" / "kvlab")).expanduser()
 
 
 def install_hint(model: BuiltinModel) -> str:

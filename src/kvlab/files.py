@@ -6,18 +6,23 @@
 - the PCA calibration, ``calibration/<model>-rank<R>.pt`` (``kvlab calibrate`` writes it;
   ``low-rank projection=pca`` reads it).
 
-Here, beside the model registry, because both sides need the same name for the same model: a method
-cannot import the experiment that writes its file (imports flow one way, docs/architecture.md).
+A utility below every layer, because both sides need the same name for the same model: a method cannot import
+the experiment that writes its file, nor the model registry (imports flow one way, docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 from kvlab.errors import KVLabError
-from kvlab.models.builtin import cache_root
+
+
+def cache_root() -> Path:
+    """kvlab's cache directory: ``$KVLAB_CACHE`` or ``~/.cache/kvlab``."""
+    return Path(os.environ.get("KVLAB_CACHE", Path.home() / ".cache" / "kvlab")).expanduser()
 
 
 def entropy_profile_path(model: str) -> Path:
