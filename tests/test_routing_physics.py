@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 import kvlab
-from kvlab.experiments import entropy, locality, metrics, synthetic, validate
+from kvlab.experiments import entropy, locality, metrics, study, synthetic, validate
 
 
 # ----------------------------------------------------------------------------- metric functions
@@ -94,7 +94,7 @@ def test_families_the_model_cannot_do_are_named():
 
 
 def test_synthetic_verdict_rule():
-    cfg = validate.Config(**{**validate.FULL_1_5B.__dict__, "synthetic_ratios": [0.1, 0.5, 0.8, 0.9, 0.95]})
+    cfg = study.Config(**{**validate.FULL_1_5B.__dict__, "synthetic_ratios": [0.1, 0.5, 0.8, 0.9, 0.95]})
     ratios = cfg.synthetic_ratios
     near = _cells(dict(zip(ratios, [1.0, 0.95, 0.8, 0.3, 0.1], strict=True)),
                   dict(zip(ratios, [0.0, 0.05, 0.1, 0.6, 0.8], strict=True)))

@@ -10,8 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 import kvlab
-from kvlab.experiments import access, locality, niah, synthetic, validate
-from kvlab.experiments.validate import Config, run_validate
+from kvlab.experiments import access, locality, niah, study, synthetic, validate
+from kvlab.experiments.study import Config
+from kvlab.experiments.validate import run_validate
 
 TINY = Config(
     profile_lengths=[128, 256], kinds=["prose", "code"], access_contexts=[2048], access_reps=1, e2e_budget=0.25,
@@ -95,14 +96,14 @@ def test_bad_input(tiny, tmp_path, monkeypatch):
     too_long = Config(**{**TINY.__dict__, "profile_lengths": [8192]})
     with pytest.raises(kvlab.KVLabError, match="exceeds random:tiny-llama's limit of 4096"):
         run_validate("random:tiny-llama", tmp_path / "b", "quick", config=too_long, model=model, tokenizer=tok)
-    monkeypatch.setattr(validate, "available_memory", lambda: 64 << 20)
+    monkeypatch.setattr(study, "available_memory", lambda: 64 << 20)
     with pytest.raises(kvlab.KVLabError, match=r"needs about .* GiB .* only 0\.1 GiB is available"):
         run_validate("random:tiny-llama", tmp_path / "c", "quick", config=TINY, model=model, tokenizer=tok)
 
 
 def test_memory_estimate_grows_with_context(tiny):
     model, _ = tiny
-    a, b = validate.estimate_memory(model, 1024), validate.estimate_memory(model, 4096)
+    a, b = study.estimate_memory(model, 1024), study.estimate_memory(model, 4096)
     assert b > a > sum(p.numel() * 4 for p in model.parameters())
 
 

@@ -20,7 +20,7 @@ import pytest
 
 import kvlab
 from kvlab.experiments import report, validate
-from kvlab.experiments.validate import Config
+from kvlab.experiments.study import Config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "validate_format"
 METHODS = ["full", "block-route", "cluster-route", "snapkv"]

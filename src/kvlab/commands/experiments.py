@@ -216,7 +216,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
 
 def _check_lengths(model, name: str, lengths: list[int], batch: int = 2) -> None:
-    from kvlab.experiments.validate import check_context
+    from kvlab.experiments.study import check_context
 
     for length in lengths:
         check(length > 0, f"--length must be positive, got {length}")

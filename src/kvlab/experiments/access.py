@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -36,13 +36,10 @@ from kvlab.attention.plans import ReadPlan
 from kvlab.attention.torch_attention import attend_plan
 from kvlab.cache.store import KVStore, LayerStore
 from kvlab.errors import KVLabError, check
+from kvlab.experiments.locality import TextPool
 from kvlab.experiments.runner import Cells, resolve, run_method
+from kvlab.experiments.study import Config, Study
 from kvlab.machine import cores, cpu_name
-
-if TYPE_CHECKING:
-    from kvlab.experiments.locality import TextPool
-    from kvlab.experiments.study import Study
-    from kvlab.experiments.validate import Config
 
 BLOCK_SIZES = (1, 4, 16, 64, 256)
 E2E_METHODS = ["full", "block-route", "cluster-route", "cluster-route+relayout"]

@@ -20,17 +20,14 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kvlab.errors import KVLabError
 from kvlab.experiments.locality import TextPool, profile_cells, profile_pools
 from kvlab.experiments.metrics import boundary_layer, mean
+from kvlab.experiments.study import Config, Study, check_context
 from kvlab.files import entropy_profile_path
 from kvlab.io import write_atomic
-
-if TYPE_CHECKING:
-    from kvlab.experiments.study import Study
-    from kvlab.experiments.validate import Config
 
 MIN_DROP = 0.05  # a boundary needs the mean entropy to drop by at least this much
 
@@ -155,7 +152,6 @@ def run(study: Study) -> dict[str, Any]:
     texts at ``other_model_lengths``, compared with the main model's at the lengths they share. A model that
     cannot run here is noted and skipped."""
     import kvlab
-    from kvlab.experiments.validate import check_context
 
     cfg, name = study.cfg, study.model_name
     data = profile_pools(study.stages[0], study.cells, name)

@@ -27,8 +27,7 @@ from kvlab.generation import Snapshot
 from kvlab.progress import track
 
 if TYPE_CHECKING:
-    from kvlab.experiments.study import Study
-    from kvlab.experiments.validate import Config
+    from kvlab.experiments.study import Config, Study
 
 EPS_THRESHOLD = 0.05
 

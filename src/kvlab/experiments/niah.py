@@ -17,7 +17,7 @@ compressed right after the context, before the question is read (compress once, 
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kvlab.experiments import metrics
 from kvlab.experiments.runner import (
@@ -28,13 +28,10 @@ from kvlab.experiments.runner import (
     run_method,
     truncate,
 )
+from kvlab.experiments.study import Config, Study
 from kvlab.experiments.texts import Prompt, build_prompt, encode, text_tokens
 from kvlab.generation import decode_texts, eos_ids
 from kvlab.progress import track
-
-if TYPE_CHECKING:
-    from kvlab.experiments.study import Study
-    from kvlab.experiments.validate import Config
 
 KINDS = ("passkey", "sentence")
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "silver", "golden", "black", "white"]

@@ -13,15 +13,12 @@ and reports :func:`summarize`.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kvlab.experiments.locality import TextPool
 from kvlab.experiments.runner import Cells, MethodSpec, run_method
+from kvlab.experiments.study import Config, Study
 from kvlab.progress import track
-
-if TYPE_CHECKING:
-    from kvlab.experiments.study import Study
-    from kvlab.experiments.validate import Config
 
 MIN_PPL_TOKENS = 200  # fewer scored tokens per method than this: perplexity differences are noise
 

@@ -22,7 +22,7 @@ consensus per layer, and where each method's cliff is.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kvlab.errors import KVLabError, check
 from kvlab.experiments import metrics
@@ -33,13 +33,10 @@ from kvlab.experiments.runner import (
     resolve,
     run_method,
 )
+from kvlab.experiments.study import Config, Study
 from kvlab.experiments.texts import Prompt, build_prompt, encode, text_tokens
 from kvlab.generation import decode_texts, eos_ids
 from kvlab.progress import track
-
-if TYPE_CHECKING:
-    from kvlab.experiments.study import Study
-    from kvlab.experiments.validate import Config
 
 TASKS = ("tracking", "instance", "coref", "multihop")
 INSTRUCTION = ('Answer the question using only the text above. Reply with just the answer (one word or name). '

@@ -1,10 +1,10 @@
 """``kvlab validate``: run every experiment on a model and write the report.
 
-This module is the configuration (:class:`Config`: what a run measures; :data:`QUICK`, :data:`FULL` and a
-model's own sizing in :data:`MODEL_CONFIGS`) and the table of experiments (:data:`EXPERIMENTS`: each an
+This module is the sizing of a run (:data:`QUICK`, :data:`FULL` and a model's own in :data:`MODEL_CONFIGS`,
+each a :class:`~kvlab.experiments.study.Config`) and the table of experiments (:data:`EXPERIMENTS`: each an
 experiment module's ``run`` and ``summarize``, and the config fields it reads), with the loop that runs
-them in the config's order. What the experiments share -- the model, the cell cache, the notes, the
-texts prefilled once -- is a :class:`~kvlab.experiments.study.Study`.
+them in the config's order. What the experiments share -- the configuration, the model, the cell cache, the
+notes, the texts prefilled once -- is in :mod:`kvlab.experiments.study`.
 
 Each experiment's cells are cached as JSON under ``OUT/cells/``, so an interrupted run resumes where it
 stopped; ``OUT/meta.json`` names the model, and an output directory holding another model's results is
@@ -26,7 +26,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ import torch
 from kvlab.errors import KVLabError, check
 from kvlab.experiments import access, entropy, locality, niah, ppl, report, synthetic
 from kvlab.experiments.runner import Cells, MethodSpec
-from kvlab.experiments.study import Study
+from kvlab.experiments.study import Config, Study, check_context
 from kvlab.io import write_atomic
 
 QUICK_METHODS = ["full", "block-route", "cluster-route", "oracle-tokens", "streaming", "snapkv", "kv-compress", "h2o"]
@@ -70,56 +70,7 @@ EXPERIMENTS: dict[str, Experiment] = {
 }
 
 
-# ----------------------------------------------------------------------------- the configuration
-@dataclass
-class Config:
-    """What one validation run measures."""
-
-    profile_lengths: list[int]
-    kinds: list[str]
-    access_contexts: list[int]
-    access_reps: int
-    e2e_budget: float
-    e2e_steps: int
-    niah_lengths: list[int]
-    niah_depths: list[float]
-    niah_kinds: list[str]
-    niah_budgets: list[float]
-    ppl_lengths: list[int]
-    ppl_tokens: int
-    ppl_budgets: list[float]
-    synthetic_length: int
-    synthetic_ratios: list[float]
-    synthetic_per_task: int
-    methods: list[str] | None  # None: every registered method
-    # cluster-route+relayout reads exactly what cluster-route reads (only the memory layout differs), so its
-    # accuracy is cluster-route's; H2's end-to-end timing runs it
-    exclude: list[str] = field(default_factory=list)
-    # The methods set by their own parameters (low-rank, quantize, local-global, cross-layer) in the needle
-    # sweep too; False leaves them to perplexity and the synthetic tasks.
-    fixed_in_niah: bool = True
-    other_model_lengths: list[int] = field(default_factory=list)  # H3 on the other built-in family
-    niah_new_tokens: int = 6  # a 5-digit pass key is 5 tokens (digits are single tokens) + end of turn
-    synthetic_new_tokens: int = 6
-    seed: int = 0
-    # Where a model needs its own sizing (a larger model on the same 2 cores):
-    order: list[str] = field(default_factory=lambda: list(EXPERIMENTS))  # the sections run (in this order)
-    synthetic_focus: dict[str, int] = field(default_factory=dict)  # extra instances of the families it can do
-    synthetic_batch: int = 0  # prompts per prefill (0: all at once)
-    synthetic_methods: list[str] | None = None  # None: ``methods``
-    niah_methods: list[str] | None = None
-    ppl_methods: list[str] | None = None
-    h3_models: list[str] | str = "auto"  # the other models profiled for H3; "auto": every other built-in one
-    # H3 across sizes compares every model on ``other_model_lengths``; the main model's full profile (all of
-    # ``profile_lengths``) is reported beside it.
-    consensus_model: str | None = None  # a second model run on the same synthetic prompts (consensus by layer)
-    consensus_methods: list[str] = field(default_factory=list)
-    consensus_ratios: list[float] = field(default_factory=list)
-    ppl_from_profile: bool = False  # continue the profile texts for perplexity (no prefill of its own)
-    pool_per_kind: bool = False  # prefill each text on its own (batch 1): half the peak memory at long contexts
-    profile_stages: list[list[int]] = field(default_factory=list)  # profile_lengths in prefill stages (see below)
-
-
+# ----------------------------------------------------------------------------- the sizing
 QUICK = Config(
     profile_lengths=[1024, 2048, 4096], kinds=["prose", "code"], access_contexts=[4096, 16384, 32768], access_reps=5,
     e2e_budget=0.125, e2e_steps=8, niah_lengths=[1024, 2048], niah_depths=[0.1, 0.5, 0.9], niah_kinds=["passkey"],
@@ -172,42 +123,6 @@ def config_for(model_name: str, mode: str) -> Config:
 
 
 # ----------------------------------------------------------------------------- guards
-def available_memory() -> int:
-    """Bytes the kernel reports as available (MemAvailable), or a large number where unknown."""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 50
-
-
-def estimate_memory(model: Any, context: int, batch: int = 1, chunk: int = 1024, copies: int = 3) -> int:
-    """Bytes a prefill of ``batch × context`` tokens needs: the weights, the KV store ``copies`` times
-    (snapshot, a method's copy, a repack), and the attention scores of one chunk over the context."""
-    cfg = model.config
-    elt = next(model.parameters()).element_size()
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elt * context * batch
-    # torch's CPU SDPA with a bool mask: the mask (1 byte) and about 2 more bytes per score held at once
-    # (measured: 2.3 GB more peak memory for a [2, 12, 1024, 32768] call); 5 bytes leaves a margin
-    scores = batch * cfg.num_attention_heads * min(chunk, context) * context * (1 + 4)
-    return weights + copies * kv + scores + (256 << 20)
-
-
-def check_context(model: Any, model_name: str, context: int, batch: int = 1, copies: int = 3) -> None:
-    """Refuse a context beyond the model's limit or beyond memory, with the estimate."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and context > limit:
-        raise KVLabError(f"context of {context} tokens exceeds {model_name}'s limit of {limit} tokens")
-    need, have = estimate_memory(model, context, batch, copies=copies), available_memory()
-    if need > 0.85 * have:
-        raise KVLabError(f"context of {context} tokens × {batch} needs about {need / 2**30:.1f} GiB "
-                         f"(weights + KV cache ×3 + attention scores) but only {have / 2**30:.1f} GiB is available")
-
-
 def claim_out_dir(out: Path, model_name: str, mode: str) -> None:
     """Create ``out`` for ``model_name``, or refuse one that holds another model's results."""
     meta = out / "meta.json"
