@@ -10,6 +10,7 @@ import base64
 import html
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,191 +60,259 @@ def _save(fig: Any, out_dir: Path, name: str, footer: str) -> Path:
     return path
 
 
+def plot_locality(h1: dict[str, Any], out_dir: Path, foot: str, model: str) -> list[Path]:
+    """H1: ε and the mass by region per layer, ε per text kind, the layer × distance heat map."""
+    if not h1.get("summary", {}).get("rows"):
+        return []
+    paths = [_locality_regions(h1["summary"]["rows"], out_dir, foot)]
+    kinds = h1["summary"].get("by_kind") or {}
+    if len(kinds) > 1:
+        paths.append(_locality_by_kind(kinds, out_dir, foot))
+    if h1.get("heatmap"):
+        paths.append(_locality_heatmap(h1["heatmap"], out_dir, foot))
+    return paths
+
+
+def _locality_regions(rows: list[dict[str, Any]], out_dir: Path, foot: str) -> Path:
+    fig, axes = _plt().subplots(1, 2, figsize=(12, 4))
+    for r in rows:
+        axes[0].plot(r["eps_per_layer"], marker="o", label=f"{r['length']} tokens")
+    axes[0].axhline(0.05, color="red", ls="--", lw=1, label="ε = 0.05")
+    axes[0].set(xlabel="layer", ylabel="ε (mass outside sink + local)", title="ε per layer")
+    axes[0].legend(fontsize=8)
+    last = rows[-1]
+    n = len(last["eps_per_layer"])
+    axes[1].bar(range(n), last["sink_per_layer"], label="sink")
+    axes[1].bar(range(n), last["local_per_layer"], bottom=last["sink_per_layer"], label="local")
+    axes[1].bar(range(n), last["eps_per_layer"],
+                bottom=[a + b for a, b in zip(last["sink_per_layer"], last["local_per_layer"], strict=True)],
+                label="elsewhere")
+    axes[1].set(xlabel="layer", ylabel="attention mass", title=f"mass by region at {last['length']} tokens")
+    axes[1].legend(fontsize=8)
+    return _save(fig, out_dir, "h1_locality", foot)
+
+
+def _locality_by_kind(kinds: dict[str, Any], out_dir: Path, foot: str) -> Path:
+    fig, axes = _plt().subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
+    for ax, (kind, v) in zip(axes[0], kinds.items(), strict=True):
+        for r in v["rows"]:
+            ax.plot(r["eps_per_layer"], marker="o", label=f"{r['length']} tokens")
+        ax.axhline(0.05, color="red", ls="--", lw=1)
+        ax.set(xlabel="layer", ylabel="ε", title=f"ε per layer: {kind} ({v['verdict']})", ylim=(0, 1))
+        ax.legend(fontsize=8)
+    return _save(fig, out_dir, "h1_locality_by_kind", foot)
+
+
+def _locality_heatmap(heatmap: dict[str, Any], out_dir: Path, foot: str) -> Path:
+    grid, labels = heatmap["grid"], heatmap["labels"]
+    fig, ax = _plt().subplots(figsize=(10, 5))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=7)
+    ax.set(xlabel="query-key distance (tokens)", ylabel="layer",
+           title=f"attention mass by distance at {heatmap['length']} tokens")
+    fig.colorbar(im, ax=ax)
+    return _save(fig, out_dir, "h1_distance_heatmap", foot)
+
+
+def plot_entropy(h3: dict[str, Any], out_dir: Path, foot: str, model: str) -> list[Path]:
+    """H3: entropy per layer of every model by relative depth, and each model's layer × head grid."""
+    if not h3.get("models"):
+        return []
+    fig, axes = _plt().subplots(1, 1 + len(h3["models"]), figsize=(5 * (1 + len(h3["models"])), 4))
+    for s in h3["models"]:
+        n = len(s["entropy_per_layer"])
+        axes[0].plot([i / max(1, n - 1) for i in range(n)], s["entropy_per_layer"], marker="o", label=s["model"])
+    axes[0].set(xlabel="relative depth (layer / last layer)", ylabel="normalized entropy", title="entropy per layer")
+    axes[0].legend(fontsize=8)
+    for ax, s in zip(axes[1:], h3["models"], strict=False):
+        heads = s["entropy_per_head"]
+        width = max(len(h) for h in heads)
+        grid = [h + [math.nan] * (width - len(h)) for h in heads]
+        im = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=1)
+        if s["boundary"]:
+            ax.axhline(s["boundary"] - 0.5, color="cyan", lw=2)
+        ax.set(xlabel="query head", ylabel="layer", title=f"{s['model']}: layer × head")
+        fig.colorbar(im, ax=ax)
+    return [_save(fig, out_dir, "h3_entropy", foot)]
+
+
+def plot_access(h2: dict[str, Any], out_dir: Path, foot: str, model: str) -> list[Path]:
+    """H2: time and bandwidth by block size for every access benchmark (each footed with its machine), and
+    the end-to-end decode speed."""
+    paths = [_access_bench(bench, out_dir, f"{model} · {bench['machine']}") for bench in h2.get("bench") or []]
+    if h2.get("e2e", {}).get("rows"):
+        paths.append(_access_e2e(h2["e2e"], out_dir, foot))
+    return paths
+
+
+def _access_bench(bench: dict[str, Any], out_dir: Path, foot: str) -> Path:
+    rows = bench["rows"]
+    contexts = sorted({r["context"] for r in rows})
+    blocks = [b for b in dict.fromkeys(r["block"] for r in rows) if isinstance(b, int)]
+    fig, axes = _plt().subplots(1, 2, figsize=(12, 4))
+    for c in contexts:
+        sel = {r["block"]: r for r in rows if r["context"] == c}
+        axes[0].plot(blocks, [1e3 * sel[b]["seconds"] for b in blocks], marker="o", label=f"{c // 1024}K")
+        axes[0].axhline(1e3 * sel["full"]["seconds"], ls=":", lw=1, color=axes[0].lines[-1].get_color())
+        axes[1].plot(blocks, [sel[b]["gbps"] for b in blocks], marker="o", label=f"{c // 1024}K")
+    axes[1].axhline(bench["copy_gbps"], color="red", ls="--",
+                    label="copy bandwidth (bytes copied per s; read + write traffic is 2×)")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("block size (tokens; 1 = scattered)")
+        ax.legend(fontsize=8)
+    axes[0].set(ylabel="ms per decode attention (dotted: full)", yscale="log",
+                title=f"equal budget {bench['budget']:g}: time")
+    axes[1].set(ylabel="effective GB/s of K+V read", title="effective bandwidth")
+    return _save(fig, out_dir, f"h2_access_{bench['device']}", foot)
+
+
+def _access_e2e(e2e: dict[str, Any], out_dir: Path, foot: str) -> Path:
+    rows = e2e["rows"]
+    fig, ax = _plt().subplots(figsize=(7, 4))
+    ax.bar([r["method"] for r in rows], [r["tokens_per_second"] for r in rows], color="#4a7")
+    ax.set(ylabel="decode tokens/s", title=f"end to end at budget {e2e['budget']:g}, "
+                                           f"{e2e['context']} tokens × {e2e['batch']}")
+    ax.tick_params(axis="x", rotation=20)
+    return _save(fig, out_dir, "h2_e2e", foot)
+
+
+def plot_niah(nh: dict[str, Any], out_dir: Path, foot: str, model: str) -> list[Path]:
+    """Needles: accuracy by budget per method and mode, and a depth × length heat map per budget."""
+    if not nh.get("summary", {}).get("rows"):
+        return []
+    paths = [_niah_accuracy(nh["summary"], out_dir, foot)]
+    return paths + [_niah_heatmap(hm, out_dir, foot) for hm in nh.get("heatmaps", [])]
+
+
+def _niah_accuracy(summary: dict[str, Any], out_dir: Path, foot: str) -> Path:
+    rows = summary["rows"]
+    fig, ax = _plt().subplots(figsize=(9, 5))
+    for (m, mode) in dict.fromkeys((r["method"], r["mode"]) for r in rows if r["method"] != "full"):
+        sel = sorted((r for r in rows if r["method"] == m and r["mode"] == mode), key=lambda r: r["budget"])
+        ax.plot([r["budget"] for r in sel], [r["accuracy"] for r in sel], marker="o",
+                ls="-" if mode == "aware" else "--", label=m + ("" if mode == "aware" else " (agnostic)"))
+    if summary.get("full_accuracy") is not None:
+        ax.axhline(summary["full_accuracy"], color="black", ls=":", label="full")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="budget (fraction of context read or kept)", ylabel="accuracy", title="needle accuracy")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, out_dir, "niah_accuracy", foot)
+
+
+def _niah_heatmap(hm: dict[str, Any], out_dir: Path, foot: str) -> Path:
+    panels = hm["panels"]
+    cols = min(4, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = _plt().subplots(nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), squeeze=False)
+    for ax, p in zip(axes.flat, panels, strict=False):
+        ax.imshow(p["grid"], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(p["lengths"])), [str(x) for x in p["lengths"]], fontsize=7)
+        ax.set_yticks(range(len(p["depths"])), [f"{d:.0%}" for d in p["depths"]], fontsize=7)
+        ax.set_title(p["title"], fontsize=8)
+        ax.set_xlabel("context", fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    return _save(fig, out_dir, f"niah_heatmap_{hm['budget']:g}".replace(".", "_"), foot)
+
+
+def plot_ppl(pp: dict[str, Any], out_dir: Path, foot: str, model: str) -> list[Path]:
+    """Perplexity by budget per method, the full cache's as a line."""
+    if not pp.get("summary", {}).get("rows"):
+        return []
+    rows = pp["summary"]["rows"]
+    fig, ax = _plt().subplots(figsize=(9, 5))
+    for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "full"):
+        sel = sorted((r for r in rows if r["method"] == m), key=lambda r: r["budget"])
+        ax.plot([r["budget"] for r in sel], [r["ppl"] for r in sel], marker="o", label=m)
+    if pp["summary"].get("full_ppl"):
+        ax.axhline(pp["summary"]["full_ppl"], color="black", ls=":", label="full")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set(xlabel="budget", ylabel="perplexity (log)", title="teacher-forced perplexity")
+    ax.legend(fontsize=7, ncol=2)
+    return [_save(fig, out_dir, "ppl", foot)]
+
+
+def plot_synthetic(sy: dict[str, Any], out_dir: Path, foot: str, model: str) -> list[Path]:
+    """Routing physics: F1, accuracy, hallucination and GER by ratio; GER and head consensus per layer at the
+    highest ratio; head consensus by depth on every model compared."""
+    if not sy.get("summary", {}).get("rows"):
+        return []
+    rows = sy["summary"]["rows"]
+    paths = [_synthetic_curves(sy["summary"], out_dir, foot)]
+    top = max(r["ratio"] for r in rows)
+    at_top = [r for r in rows if r["ratio"] == top]
+    if at_top and at_top[0]["consensus_per_layer"]:
+        paths.append(_synthetic_layers(at_top, top, out_dir, foot))
+    cc = sy.get("consensus_compare")
+    if cc and any(cc["models"].values()):
+        paths.append(_synthetic_consensus_models(cc["models"], out_dir, foot))
+    return paths
+
+
+def _synthetic_curves(summary: dict[str, Any], out_dir: Path, foot: str) -> Path:
+    rows = summary["rows"]
+    fig, axes = _plt().subplots(1, 4, figsize=(19, 4.2))
+    for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "full"):
+        sel = sorted((r for r in rows if r["method"] == m), key=lambda r: r["ratio"])
+        x = [r["ratio"] for r in sel]
+        axes[0].plot(x, [r["f1"] for r in sel], marker="o", label=m)
+        if all(r.get("cond_accuracy") is not None for r in sel):
+            axes[1].plot(x, [r["cond_accuracy"] for r in sel], marker="o", label=m)
+        axes[2].plot(x, [r["hallucination"] for r in sel], marker="o", label=m)
+        axes[3].plot(x, [r["ger"] for r in sel], marker="o", label=m)
+    if summary.get("full_f1") is not None:
+        axes[0].axhline(summary["full_f1"], color="black", ls=":", label="full")
+    axes[1].axhline(0.5, color="red", ls="--", lw=1, label="half of full (the cliff)")
+    titles = ("token F1", "accuracy on what full answers", "hallucination rate", "mean Global Eviction Ratio")
+    for ax, t in zip(axes, titles, strict=False):
+        ax.set(xlabel="compression ratio", ylabel=t, title=t)
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    return _save(fig, out_dir, "synthetic", foot)
+
+
+def _synthetic_layers(rows: list[dict[str, Any]], ratio: float, out_dir: Path, foot: str) -> Path:
+    fig, axes = _plt().subplots(1, 2, figsize=(13, 0.5 * len(rows) + 2))
+    for ax, field, t in ((axes[0], "ger_per_layer", "GER"), (axes[1], "consensus_per_layer", "head consensus")):
+        im = ax.imshow([r[field] for r in rows], aspect="auto", vmin=0, vmax=1, cmap="viridis")
+        ax.set_yticks(range(len(rows)), [r["method"] for r in rows], fontsize=7)
+        ax.set(xlabel="layer", title=f"{t} per layer at ratio {ratio:g}")
+        fig.colorbar(im, ax=ax)
+    return _save(fig, out_dir, "synthetic_layers", foot)
+
+
+def _synthetic_consensus_models(models: dict[str, Any], out_dir: Path, foot: str) -> Path:
+    keys = list(dict.fromkeys(k for prof in models.values() for k in prof))
+    fig, axes = _plt().subplots(1, len(keys), figsize=(4 * len(keys), 3.6), squeeze=False)
+    for ax, k in zip(axes[0], keys, strict=True):
+        for name, prof in models.items():
+            if k in prof:
+                y = prof[k]["per_layer"]
+                ax.plot([i / max(1, len(y) - 1) for i in range(len(y))], y, marker=".", label=name)
+        ax.set(xlabel="relative depth", ylabel="head consensus", title=k, ylim=(0, 1.05))
+        ax.legend(fontsize=7)
+    return _save(fig, out_dir, "synthetic_consensus_models", foot)
+
+
+# A section's plots: ``plot(section, out_dir, footer, model)`` writes its PNGs and returns their paths, in
+# the order the report shows them.
+PLOTS: dict[str, Callable[[dict[str, Any], Path, str, str], list[Path]]] = {
+    "h1": plot_locality, "h3": plot_entropy, "h2": plot_access, "niah": plot_niah, "ppl": plot_ppl,
+    "synthetic": plot_synthetic,
+}
+
+
 def plot_all(results: dict[str, Any], out_dir: Path) -> dict[str, list[Path]]:
     """Every plot, grouped by section; each PNG written into ``out_dir``."""
-    plt = _plt()
-    foot = f"{results.get('model', '?')} · {results.get('machine', '?')} · kvlab validate --{results.get('mode', '?')}"
+    model = results.get("model", "?")
+    foot = f"{model} · {results.get('machine', '?')} · kvlab validate --{results.get('mode', '?')}"
     ex = results.get("experiments", {})
     figs: dict[str, list[Path]] = {}
-
-    h1 = ex.get("h1")
-    if h1 and h1.get("summary", {}).get("rows"):
-        rows = h1["summary"]["rows"]
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-        for r in rows:
-            axes[0].plot(r["eps_per_layer"], marker="o", label=f"{r['length']} tokens")
-        axes[0].axhline(0.05, color="red", ls="--", lw=1, label="ε = 0.05")
-        axes[0].set(xlabel="layer", ylabel="ε (mass outside sink + local)", title="ε per layer")
-        axes[0].legend(fontsize=8)
-        last = rows[-1]
-        n = len(last["eps_per_layer"])
-        axes[1].bar(range(n), last["sink_per_layer"], label="sink")
-        axes[1].bar(range(n), last["local_per_layer"], bottom=last["sink_per_layer"], label="local")
-        axes[1].bar(range(n), last["eps_per_layer"],
-                    bottom=[a + b for a, b in zip(last["sink_per_layer"], last["local_per_layer"], strict=True)],
-                    label="elsewhere")
-        axes[1].set(xlabel="layer", ylabel="attention mass", title=f"mass by region at {last['length']} tokens")
-        axes[1].legend(fontsize=8)
-        figs.setdefault("h1", []).append(_save(fig, out_dir, "h1_locality", foot))
-        kinds = h1["summary"].get("by_kind") or {}
-        if len(kinds) > 1:
-            fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
-            for ax, (kind, v) in zip(axes[0], kinds.items(), strict=True):
-                for r in v["rows"]:
-                    ax.plot(r["eps_per_layer"], marker="o", label=f"{r['length']} tokens")
-                ax.axhline(0.05, color="red", ls="--", lw=1)
-                ax.set(xlabel="layer", ylabel="ε", title=f"ε per layer: {kind} ({v['verdict']})", ylim=(0, 1))
-                ax.legend(fontsize=8)
-            figs["h1"].append(_save(fig, out_dir, "h1_locality_by_kind", foot))
-        if h1.get("heatmap"):
-            grid, labels = h1["heatmap"]["grid"], h1["heatmap"]["labels"]
-            fig, ax = plt.subplots(figsize=(10, 5))
-            im = ax.imshow(grid, aspect="auto", cmap="viridis")
-            ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=7)
-            ax.set(xlabel="query-key distance (tokens)", ylabel="layer",
-                   title=f"attention mass by distance at {h1['heatmap']['length']} tokens")
-            fig.colorbar(im, ax=ax)
-            figs["h1"].append(_save(fig, out_dir, "h1_distance_heatmap", foot))
-
-    h3 = ex.get("h3")
-    if h3 and h3.get("models"):
-        fig, axes = plt.subplots(1, 1 + len(h3["models"]), figsize=(5 * (1 + len(h3["models"])), 4))
-        for s in h3["models"]:
-            n = len(s["entropy_per_layer"])
-            axes[0].plot([i / max(1, n - 1) for i in range(n)], s["entropy_per_layer"], marker="o", label=s["model"])
-        axes[0].set(xlabel="relative depth (layer / last layer)", ylabel="normalized entropy",
-                    title="entropy per layer")
-        axes[0].legend(fontsize=8)
-        for ax, s in zip(axes[1:], h3["models"], strict=False):
-            heads = s["entropy_per_head"]
-            width = max(len(h) for h in heads)
-            grid = [h + [math.nan] * (width - len(h)) for h in heads]
-            im = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=1)
-            if s["boundary"]:
-                ax.axhline(s["boundary"] - 0.5, color="cyan", lw=2)
-            ax.set(xlabel="query head", ylabel="layer", title=f"{s['model']}: layer × head")
-            fig.colorbar(im, ax=ax)
-        figs.setdefault("h3", []).append(_save(fig, out_dir, "h3_entropy", foot))
-
-    h2 = ex.get("h2")
-    if h2 and h2.get("bench"):
-        for bench in h2["bench"]:
-            rows = bench["rows"]
-            contexts = sorted({r["context"] for r in rows})
-            blocks = [b for b in dict.fromkeys(r["block"] for r in rows) if isinstance(b, int)]
-            fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-            for c in contexts:
-                sel = {r["block"]: r for r in rows if r["context"] == c}
-                axes[0].plot(blocks, [1e3 * sel[b]["seconds"] for b in blocks], marker="o", label=f"{c // 1024}K")
-                axes[0].axhline(1e3 * sel["full"]["seconds"], ls=":", lw=1, color=axes[0].lines[-1].get_color())
-                axes[1].plot(blocks, [sel[b]["gbps"] for b in blocks], marker="o", label=f"{c // 1024}K")
-            axes[1].axhline(bench["copy_gbps"], color="red", ls="--",
-                            label="copy bandwidth (bytes copied per s; read + write traffic is 2×)")
-            for ax in axes:
-                ax.set_xscale("log", base=2)
-                ax.set_xlabel("block size (tokens; 1 = scattered)")
-                ax.legend(fontsize=8)
-            axes[0].set(ylabel="ms per decode attention (dotted: full)", yscale="log",
-                        title=f"equal budget {bench['budget']:g}: time")
-            axes[1].set(ylabel="effective GB/s of K+V read", title="effective bandwidth")
-            figs.setdefault("h2", []).append(_save(fig, out_dir, f"h2_access_{bench['device']}",
-                                                   f"{results.get('model', '?')} · {bench['machine']}"))
-    if h2 and h2.get("e2e", {}).get("rows"):
-        rows = h2["e2e"]["rows"]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.bar([r["method"] for r in rows], [r["tokens_per_second"] for r in rows], color="#4a7")
-        ax.set(ylabel="decode tokens/s", title=f"end to end at budget {h2['e2e']['budget']:g}, "
-                                               f"{h2['e2e']['context']} tokens × {h2['e2e']['batch']}")
-        ax.tick_params(axis="x", rotation=20)
-        figs.setdefault("h2", []).append(_save(fig, out_dir, "h2_e2e", foot))
-
-    nh = ex.get("niah")
-    if nh and nh.get("summary", {}).get("rows"):
-        rows = nh["summary"]["rows"]
-        fig, ax = plt.subplots(figsize=(9, 5))
-        for (m, mode) in dict.fromkeys((r["method"], r["mode"]) for r in rows if r["method"] != "full"):
-            sel = sorted((r for r in rows if r["method"] == m and r["mode"] == mode), key=lambda r: r["budget"])
-            ax.plot([r["budget"] for r in sel], [r["accuracy"] for r in sel], marker="o",
-                    ls="-" if mode == "aware" else "--", label=m + ("" if mode == "aware" else " (agnostic)"))
-        if nh["summary"].get("full_accuracy") is not None:
-            ax.axhline(nh["summary"]["full_accuracy"], color="black", ls=":", label="full")
-        ax.set_xscale("log", base=2)
-        ax.set(xlabel="budget (fraction of context read or kept)", ylabel="accuracy", title="needle accuracy")
-        ax.legend(fontsize=7, ncol=2)
-        figs.setdefault("niah", []).append(_save(fig, out_dir, "niah_accuracy", foot))
-        for hm in nh.get("heatmaps", []):
-            panels = hm["panels"]
-            cols = min(4, len(panels))
-            nrows = -(-len(panels) // cols)
-            fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), squeeze=False)
-            for ax, p in zip(axes.flat, panels, strict=False):
-                ax.imshow(p["grid"], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-                ax.set_xticks(range(len(p["lengths"])), [str(x) for x in p["lengths"]], fontsize=7)
-                ax.set_yticks(range(len(p["depths"])), [f"{d:.0%}" for d in p["depths"]], fontsize=7)
-                ax.set_title(p["title"], fontsize=8)
-                ax.set_xlabel("context", fontsize=7)
-            for ax in list(axes.flat)[len(panels):]:
-                ax.axis("off")
-            figs["niah"].append(_save(fig, out_dir, f"niah_heatmap_{hm['budget']:g}".replace(".", "_"), foot))
-
-    pp = ex.get("ppl")
-    if pp and pp.get("summary", {}).get("rows"):
-        rows = pp["summary"]["rows"]
-        fig, ax = plt.subplots(figsize=(9, 5))
-        for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "full"):
-            sel = sorted((r for r in rows if r["method"] == m), key=lambda r: r["budget"])
-            ax.plot([r["budget"] for r in sel], [r["ppl"] for r in sel], marker="o", label=m)
-        if pp["summary"].get("full_ppl"):
-            ax.axhline(pp["summary"]["full_ppl"], color="black", ls=":", label="full")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set(xlabel="budget", ylabel="perplexity (log)", title="teacher-forced perplexity")
-        ax.legend(fontsize=7, ncol=2)
-        figs.setdefault("ppl", []).append(_save(fig, out_dir, "ppl", foot))
-
-    sy = ex.get("synthetic")
-    if sy and sy.get("summary", {}).get("rows"):
-        rows = sy["summary"]["rows"]
-        fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
-        for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "full"):
-            sel = sorted((r for r in rows if r["method"] == m), key=lambda r: r["ratio"])
-            x = [r["ratio"] for r in sel]
-            axes[0].plot(x, [r["f1"] for r in sel], marker="o", label=m)
-            if all(r.get("cond_accuracy") is not None for r in sel):
-                axes[1].plot(x, [r["cond_accuracy"] for r in sel], marker="o", label=m)
-            axes[2].plot(x, [r["hallucination"] for r in sel], marker="o", label=m)
-            axes[3].plot(x, [r["ger"] for r in sel], marker="o", label=m)
-        if sy["summary"].get("full_f1") is not None:
-            axes[0].axhline(sy["summary"]["full_f1"], color="black", ls=":", label="full")
-        axes[1].axhline(0.5, color="red", ls="--", lw=1, label="half of full (the cliff)")
-        titles = ("token F1", "accuracy on what full answers", "hallucination rate", "mean Global Eviction Ratio")
-        for ax, t in zip(axes, titles, strict=False):
-            ax.set(xlabel="compression ratio", ylabel=t, title=t)
-        axes[0].legend(fontsize=7)
-        axes[1].legend(fontsize=7)
-        figs.setdefault("synthetic", []).append(_save(fig, out_dir, "synthetic", foot))
-        top = max(r["ratio"] for r in rows)
-        sel = [r for r in rows if r["ratio"] == top]
-        if sel and sel[0]["consensus_per_layer"]:
-            fig, axes = plt.subplots(1, 2, figsize=(13, 0.5 * len(sel) + 2))
-            for ax, field, t in ((axes[0], "ger_per_layer", "GER"), (axes[1], "consensus_per_layer", "head consensus")):
-                im = ax.imshow([r[field] for r in sel], aspect="auto", vmin=0, vmax=1, cmap="viridis")
-                ax.set_yticks(range(len(sel)), [r["method"] for r in sel], fontsize=7)
-                ax.set(xlabel="layer", title=f"{t} per layer at ratio {top:g}")
-                fig.colorbar(im, ax=ax)
-            figs["synthetic"].append(_save(fig, out_dir, "synthetic_layers", foot))
-        cc = sy.get("consensus_compare")
-        if cc and any(cc["models"].values()):
-            keys = list(dict.fromkeys(k for prof in cc["models"].values() for k in prof))
-            fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6), squeeze=False)
-            for ax, k in zip(axes[0], keys, strict=True):
-                for name, prof in cc["models"].items():
-                    if k in prof:
-                        y = prof[k]["per_layer"]
-                        ax.plot([i / max(1, len(y) - 1) for i in range(len(y))], y, marker=".", label=name)
-                ax.set(xlabel="relative depth", ylabel="head consensus", title=k, ylim=(0, 1.05))
-                ax.legend(fontsize=7)
-            figs["synthetic"].append(_save(fig, out_dir, "synthetic_consensus_models", foot))
+    for key, plot in PLOTS.items():
+        if ex.get(key) and (paths := plot(ex[key], out_dir, foot, model)):
+            figs[key] = paths
     return figs
 
 
