@@ -325,6 +325,22 @@ def test_dispatch_uses_torch_on_cpu(gen: torch.Generator, monkeypatch: pytest.Mo
     assert torch.equal(out, reference.paged_decode_attention_ref(*args, row_offsets=lists.row_offsets))
 
 
+def test_full_lists_are_the_layers_own_table(gen: torch.Generator) -> None:
+    """A full read lists every block of each row from the layer's cached table: the same tensors every step of a
+    layout, a new table when the layout changes (growth, a clone), nothing hung on the layer from outside."""
+    layer = make_layer(gen, torch.float32, 8, tokens=20)
+    lists = read_lists(layer)
+    assert lists.table.shape == (layer.rows, layer.capacity_host[0]) and lists.table.dtype == torch.int32
+    assert lists.table[0].tolist() == list(range(layer.capacity_host[0]))
+    assert lists.seq_lens is layer.lengths and lists.row_offsets is layer.row_base
+    assert read_lists(layer).table is lists.table
+    assert not any(name.startswith("_full_lists") for name in vars(layer))
+    layer.reserve(40)  # grows: a new layout, a wider table
+    grown = read_lists(layer)
+    assert grown.table is not lists.table and grown.table.shape[1] == layer.capacity_host[0] > lists.table.shape[1]
+    copy = layer.clone()
+    assert read_lists(copy).table is not grown.table and torch.equal(read_lists(copy).table, grown.table)
+
 # ------------------------------------------------------------ the GPU benchmark, without a GPU
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_bench_gpu_without_cuda_is_one_clear_error() -> None:

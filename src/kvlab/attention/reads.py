@@ -31,16 +31,11 @@ class ReadLists:
 
 
 def full_lists(layer: LayerStore) -> ReadLists:
-    """Every block of every row, up to the layer's capacity; cached until the layout changes (the
-    lengths are the layer's own device tensor, which decode appends update in place)."""
-    cached = getattr(layer, "_full_lists", None)
-    if cached is not None and cached[0] == layer.layout_version:
-        return cached[1]
-    width = max(max(layer.capacity_host, default=0), 1)
-    table = torch.arange(width, dtype=torch.int32, device=layer.device)[None, :].expand(layer.rows, width)
-    lists = ReadLists(table, layer.lengths, layer.block_size, layer.row_base, layer.max_capacity_tokens)
-    layer._full_lists = (layer.layout_version, lists)
-    return lists
+    """Every block of every row, up to the layer's capacity: the layer's own table
+    (:meth:`~kvlab.cache.store.LayerStore.full_block_table`), lengths and row starts, the same tensors for
+    every step of a layout (decode appends update the lengths in place)."""
+    return ReadLists(layer.full_block_table(), layer.lengths, layer.block_size, layer.row_base,
+                     layer.max_capacity_tokens)
 
 
 def read_lists(layer: LayerStore, plan: ReadPlan | None = None) -> ReadLists:
@@ -62,7 +57,6 @@ def read_lists(layer: LayerStore, plan: ReadPlan | None = None) -> ReadLists:
         seq_lens = torch.where(index >= 0, covered, 0).sum(-1)
     max_tokens = min(layer.max_capacity_tokens, index.shape[1] * bs)
     return ReadLists(index.int(), seq_lens, bs, layer.row_base, max(max_tokens, 1))
-
 
 def full_width_blocks(layer: LayerStore, block_size: int) -> int:
     """Logical blocks of ``block_size`` in the layer's largest row capacity (host)."""

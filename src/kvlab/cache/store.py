@@ -73,6 +73,7 @@ class LayerStore:
 
     holes = False  # some slots before a row's length are dead (position -1): reads must check positions
     layout_version = 0  # changes whenever the pools are reallocated
+    _full_table: tuple[int, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         rows = self.batch * self.kv_heads
@@ -156,6 +157,7 @@ class LayerStore:
         self._row_base = self._start * self.block_size
         self.layout_version = next(_LAYOUTS)
         self.holes = False
+        self._full_table = None
 
     def in_use(self, width: int) -> torch.Tensor:
         """``[rows, width]`` bool on the store's device: logical slot ``j`` of a row holds a token (``j < length``)."""
@@ -173,6 +175,16 @@ class LayerStore:
         offsets = torch.arange(width, device=self.device)[None, :]
         table = torch.where(offsets < used[:, None], self._start[:, None] + offsets, -1)
         return table.view(self.batch, self.kv_heads, width)
+
+    def full_block_table(self) -> torch.Tensor:
+        """``[rows, width]`` int32 on the store's device (a broadcast view): every block of every row, numbered
+        within the row (``0 .. width - 1``, ``width`` the largest row capacity, at least 1). Built once per
+        layout, so every decode step of a layout reads the same tensor (a captured CUDA graph stays valid)."""
+        if self._full_table is None or self._full_table[0] != self.layout_version:
+            width = max(max(self.capacity_host, default=0), 1)
+            table = torch.arange(width, dtype=torch.int32, device=self.device)[None, :].expand(self.rows, width)
+            self._full_table = (self.layout_version, table)
+        return self._full_table[1]
 
     def dense_view(self, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys, values ``[B, H, T, D]`` and positions ``[B, H, T]`` as views (uniform layout only).
@@ -360,6 +372,7 @@ class LayerStore:
         for name in ("start_host", "capacity_host", "lengths_host"):
             setattr(other, name, list(getattr(self, name)))
         other.layout_version = next(_LAYOUTS)
+        other._full_table = None
         return other
 
     # ------------------------------------------------------------- memory

@@ -18,11 +18,12 @@ between their pre- and post-RoPE forms.
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any
 
 import torch
 
-from kvlab.cache.store import LayerStore, ceil_div_tensor
+from kvlab.cache.store import LayerStore, ceil_div, ceil_div_tensor
 from kvlab.errors import check
 
 
@@ -64,12 +65,10 @@ class CodedLayerStore(LayerStore):
         return self.positions.shape[0] // self.block_size
 
     def _allocate(self, capacity_blocks: torch.Tensor | list[int]) -> None:
-        capacity_blocks = torch.as_tensor(capacity_blocks, dtype=torch.long, device=self.device)
         align = max(1, self.align_tokens // self.block_size)
-        capacity_blocks = ceil_div_tensor(capacity_blocks, align) * align
-        self.capacity = capacity_blocks.clone()
-        self.start = torch.cumsum(capacity_blocks, 0) - capacity_blocks
-        slots = int(capacity_blocks.sum()) * self.block_size
+        caps = [ceil_div(int(c), align) * align for c in torch.as_tensor(capacity_blocks).tolist()]
+        self._set_rows(list(itertools.accumulate([0, *caps[:-1]])) if caps else [], caps)  # a new layout version
+        slots = sum(caps) * self.block_size
         self.positions = torch.full((slots,), -1, dtype=torch.long, device=self.device)
         self._alloc_codes(slots)
 
