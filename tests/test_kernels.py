@@ -181,8 +181,7 @@ def test_quest_bound_is_an_upper_bound(gen: torch.Generator) -> None:
     """The Quest score of a block is at least the group's summed q·k for any key in the block."""
     d, bs = 16, 8
     keys = torch.randn(4 * bs, d, generator=gen)
-    pos = torch.arange(4 * bs)
-    _, lo, hi = reference.block_summaries(keys, pos, bs)
+    lo, hi = keys.view(4, bs, d).amin(1), keys.view(4, bs, d).amax(1)
     q = torch.randn(1, 1, 3, d, generator=gen)
     scores = reference.block_scores_ref(q, torch.arange(4)[None].int(), torch.tensor([4]), kmin=lo, kmax=hi)
     exact = (q[0, 0] @ keys.T).sum(0).view(4, bs).amax(-1)
@@ -195,14 +194,6 @@ def test_top_k_blocks() -> None:
     chosen, counts = dispatch.top_k_blocks(scores, table, 2)
     assert chosen.tolist() == [[3, 9], [4, -1]]
     assert counts.tolist() == [2, 1]
-
-
-def test_block_summaries_skip_empty_slots() -> None:
-    keys = torch.arange(8.0).view(8, 1)
-    pos = torch.tensor([0, 1, 2, -1, -1, -1, -1, -1])
-    cent, lo, hi = reference.block_summaries(keys, pos, 4)
-    assert cent.flatten().tolist() == [1.0, 0.0] and lo.flatten().tolist() == [0.0, 0.0]
-    assert hi.flatten().tolist() == [2.0, 0.0]
 
 
 # ------------------------------------------------------------ low-rank attention
@@ -325,6 +316,7 @@ def test_dispatch_uses_torch_on_cpu(gen: torch.Generator, monkeypatch: pytest.Mo
     assert torch.equal(out, reference.paged_decode_attention_ref(*args, row_offsets=lists.row_offsets))
 
 
+
 def test_full_lists_are_the_layers_own_table(gen: torch.Generator) -> None:
     """A full read lists every block of each row from the layer's cached table: the same tensors every step of a
     layout, a new table when the layout changes (growth, a clone), nothing hung on the layer from outside."""
@@ -429,6 +421,7 @@ def test_block_route_decodes_through_the_fused_kernel(monkeypatch: pytest.Monkey
     out = decode(model, snap, make_method("block-route", **method), 4, return_logits=True, cuda_graphs=False)
     assert torch.equal(out.tokens, ref.tokens)
     assert (out.logits - ref.logits).abs().max() <= 1e-4
+
 
 
 @needs_triton

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kvlab.attention.plans import ReadPlan
-from kvlab.cache.store import LayerStore, ceil_div
+from kvlab.cache.store import LayerStore
 from kvlab.kernels.selection import ascending
 
 
@@ -58,6 +58,3 @@ def read_lists(layer: LayerStore, plan: ReadPlan | None = None) -> ReadLists:
     max_tokens = min(layer.max_capacity_tokens, index.shape[1] * bs)
     return ReadLists(index.int(), seq_lens, bs, layer.row_base, max(max_tokens, 1))
 
-def full_width_blocks(layer: LayerStore, block_size: int) -> int:
-    """Logical blocks of ``block_size`` in the layer's largest row capacity (host)."""
-    return ceil_div(layer.max_capacity_tokens, block_size)

@@ -71,17 +71,6 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
                                                 q_positions, kv_positions, window, row_offsets)
 
 
-def block_scores(q: torch.Tensor, block_table: torch.Tensor, num_blocks: torch.Tensor,
-                 centroids: torch.Tensor | None = None, kmin: torch.Tensor | None = None,
-                 kmax: torch.Tensor | None = None, backend: Backend | None = "auto") -> torch.Tensor:
-    """See :func:`kvlab.kernels.block_scoring.block_scores`."""
-    if use_triton(q.device, backend):
-        from kvlab.kernels.block_scoring import block_scores as kernel
-
-        return kernel(q, block_table, num_blocks, centroids, kmin, kmax)
-    return reference.block_scores_ref(q, block_table, num_blocks, centroids, kmin, kmax)
-
-
 def top_k_blocks(scores: torch.Tensor, block_table: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` best-scoring entries of each row of ``block_table`` (``[R, n]``, any ids: physical or
     logical), ascending and -1 padded, and how many were chosen per row (entries scored ``-inf`` never are;
@@ -94,16 +83,6 @@ def top_k_blocks(scores: torch.Tensor, block_table: torch.Tensor, k: int) -> tup
     chosen = (cols >= 0) & (scores.gather(1, picked) > float("-inf"))
     ids = torch.where(chosen, block_table.to(scores.device).long().gather(1, picked), -1)
     return selection.ascending(ids), chosen.sum(-1)
-
-
-def select_blocks(q: torch.Tensor, block_table: torch.Tensor, num_blocks: torch.Tensor, k: int,
-                  centroids: torch.Tensor | None = None, kmin: torch.Tensor | None = None,
-                  kmax: torch.Tensor | None = None, backend: Backend | None = "auto"
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score the listed blocks of each GQA group and keep the best ``k``: :func:`block_scores`, then
-    :func:`top_k_blocks` (two launches; block-route uses the fused :func:`block_select`)."""
-    scores = block_scores(q, block_table, num_blocks, centroids, kmin, kmax, backend)
-    return top_k_blocks(scores, block_table, k)
 
 
 def block_select(q: torch.Tensor, lengths: torch.Tensor, k: torch.Tensor, width: int, block_size: int,

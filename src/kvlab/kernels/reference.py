@@ -211,14 +211,3 @@ def key_summaries(k: torch.Tensor, valid: torch.Tensor, centroid: bool = True, b
     hi = torch.where(valid, k, -torch.inf).amax(-2) if bounds else None
     return c, lo, hi
 
-
-def block_summaries(keys: torch.Tensor, positions: torch.Tensor, block_size: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Centroid, channel-wise min and max ``[num_blocks, D]`` (fp32) of the keys of every block of a pool.
-
-    Slots holding no token (position -1) are left out; a block with no token gets zeros.
-    """
-    used = (positions.view(-1, block_size) >= 0)[..., None]
-    centroid, kmin, kmax = key_summaries(keys.view(-1, block_size, keys.shape[-1]), used)
-    empty = ~used.any(1)
-    return centroid, kmin.masked_fill(empty, 0.0), kmax.masked_fill(empty, 0.0)
