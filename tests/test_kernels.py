@@ -424,6 +424,130 @@ def test_block_route_decodes_through_the_fused_kernel(monkeypatch: pytest.Monkey
 
 
 
+# ------------------------------------------------------------ the low-rank method on its kernel
+LOW_RANK_MODES = [("v-only", "pre-rope"), ("kv", "post-rope"), ("kv", "pre-rope")]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    import kvlab
+
+    return kvlab.load("random:tiny-llama")[0].to(DEVICE)  # head_dim 16, 2 KV heads, GQA 2
+
+
+def count_lowrank_launches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record every launch of the low-rank Triton kernel (one entry per launch); on the CPU, under the
+    interpreter."""
+    from kvlab.kernels import lowrank_attention
+
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    launches: list[int] = []
+    kernel = lowrank_attention.lowrank_decode_attention
+    monkeypatch.setattr(lowrank_attention, "lowrank_decode_attention",
+                        lambda *args, **kwargs: (launches.append(1), kernel(*args, **kwargs))[1])
+    return launches
+
+
+def low_rank_layer(gen: torch.Generator, model, mode: str, keys: str, ragged: bool):
+    """A low-rank layer (rank 6 keys, 5 values) over random post-RoPE K/V at positions 0..31: 2 sequences,
+    2 KV heads, D = 16, blocks of 4; ``ragged``: rows keep different numbers of tokens (each its own capacity)."""
+    from kvlab.methods._lowrank_store import Rope
+    from kvlab.methods.low_rank import LowRankLayerStore, random_orthogonal
+
+    b, h, d, tokens = 2, 2, 16, 32
+    layer = KVStore.empty(1, b, h, d, block_size=4, device=DEVICE).layers[0]
+    layer.append(*dev(torch.randn(b, h, tokens, d, generator=gen), torch.randn(b, h, tokens, d, generator=gen),
+                      torch.arange(tokens)[None].expand(b, tokens)))
+    if ragged:
+        keep = torch.rand(layer.rows, tokens, generator=gen) < torch.tensor([[0.9], [0.3], [0.6], [1.0]])
+        keep[:, -1] = True
+        layer.repack(keep=keep.to(DEVICE), capacity_blocks=[8, 6, 8, 9])
+    pk = torch.stack([random_orthogonal(d, 6, gen) for _ in range(h)]) if mode == "kv" else None
+    pv = torch.stack([random_orthogonal(d, 5, gen) for _ in range(h)])
+    rope = Rope(model, 0) if mode == "kv" and keys == "pre-rope" else None
+    return LowRankLayerStore(layer, pk, pv, rope)
+
+
+@needs_triton
+@pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.parametrize("mode,keys", LOW_RANK_MODES)
+def test_low_rank_attention_on_its_kernel(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, tiny_llama,
+                                          mode: str, keys: str, ragged: bool) -> None:
+    """A low-rank layer's decode attention through the Triton kernel equals its torch path, in every mode, and
+    again after appends past every row's capacity (a new layout: new row starts, a wider table)."""
+    layer = low_rank_layer(gen, tiny_llama, mode, keys, ragged)
+    assert layer.uniform != ragged
+    launches = count_lowrank_launches(monkeypatch)
+    for step in range(2):
+        if step:
+            new_kv = torch.randn(2, 2, 12, 16, generator=gen)
+            layer.append(*dev(new_kv, new_kv, torch.arange(32, 44)[None].expand(2, 12)))
+        query, q_pos = dev(torch.randn(2, 4, 1, 16, generator=gen), torch.full((2, 1), 32 + 12 * step))
+        out = layer.attend_override(query, q_pos, 0.25, None, backend="triton")
+        ref = layer.attend_override(query, q_pos, 0.25, None, backend="torch")
+        assert len(launches) == step + 1 and out.shape == ref.shape == (2, 1, 4, 16)
+        assert rel_err(out, ref) < 1e-4, f"step {step}; seed {gen.initial_seed()}"
+
+
+@needs_triton
+def test_low_rank_kernel_only_where_it_is_exact(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch,
+                                                tiny_llama) -> None:
+    """Several query tokens, a read plan or dead slots take the torch path even with the Triton backend."""
+    layer = low_rank_layer(gen, tiny_llama, "kv", "pre-rope", False)
+    launches = count_lowrank_launches(monkeypatch)
+    chunk = dev(torch.randn(2, 4, 3, 16, generator=gen), torch.tensor([[29, 30, 31]] * 2))
+    plan = ReadPlan("blocks", torch.tensor([[[0, 2], [1, -1]]] * 2, device=DEVICE))
+    single = dev(torch.randn(2, 4, 1, 16, generator=gen), torch.full((2, 1), 32))
+    for (query, q_pos), p in ((chunk, None), (single, plan)):
+        torch.testing.assert_close(layer.attend_override(query, q_pos, 0.25, p, backend="triton"),
+                                   layer.attend_override(query, q_pos, 0.25, p, backend="torch"))
+    layer.holes = True
+    assert not layer.kernel_reads(single[0])
+    assert launches == []
+
+
+@needs_triton
+def test_low_rank_kernel_path_reads_nothing_back(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch,
+                                                 tiny_llama) -> None:
+    """Choosing the kernel, building its lists and launching it force no device sync (the launch itself is
+    stubbed: the interpreter copies to numpy, a GPU launch does not)."""
+    from kvlab.experiments.bench_decode import SyncCounter
+    from kvlab.kernels import lowrank_attention
+
+    class Launch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(grid)
+
+    launched: list[tuple[int, int]] = []
+    monkeypatch.setattr(lowrank_attention, "_lowrank_split_kernel", Launch())
+    layer = low_rank_layer(gen, tiny_llama, "kv", "pre-rope", True)
+    query, q_pos = dev(torch.randn(2, 4, 1, 16, generator=gen), torch.full((2, 1), 32))
+    count_lowrank_launches(monkeypatch)
+    with SyncCounter() as counter:
+        layer.attend_override(query, q_pos, 0.25, None, backend="triton")
+    assert launched == [(4, 1)] and counter.counts == {}
+
+@needs_triton
+@pytest.mark.parametrize("mode,keys", LOW_RANK_MODES)
+def test_low_rank_decodes_through_its_kernel(monkeypatch: pytest.MonkeyPatch, tiny_llama, mode: str,
+                                             keys: str) -> None:
+    """A whole decode of low-rank with every kernel in Triton (the interpreter here) gives the tokens of its
+    torch path."""
+    from kvlab.generation import decode, prefill
+    from kvlab.methods import make_method
+
+    snap = prefill(tiny_llama, [list(range(3, 60)), list(range(9, 40))], block_size=8, reserve_tokens=2)
+    method = dict(rank=6, mode=mode, keys=keys)
+    monkeypatch.setenv("KVLAB_KERNELS", "torch")
+    ref = decode(tiny_llama, snap, make_method("low-rank", **method), 6, return_logits=True)
+    monkeypatch.setenv("KVLAB_KERNELS", "triton")
+    launches = count_lowrank_launches(monkeypatch)
+    out = decode(tiny_llama, snap, make_method("low-rank", **method), 6, return_logits=True, cuda_graphs=False)
+    assert len(launches) == 2 * 5  # every layer, every step after the first token
+    assert torch.equal(out.tokens, ref.tokens)
+    assert (out.logits - ref.logits).abs().max() <= 1e-4
+
 @needs_triton
 def test_kernels_compile_for_hopper_without_a_gpu() -> None:
     """bf16 kernels lower to sm_90 cubins (Triton's CUDA backend + its bundled ptxas; no GPU needed).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -13,7 +15,8 @@ from kvlab.cli import app
 from kvlab.errors import KVLabError
 from kvlab.experiments.calibrate import calibrate, collect, fit
 from kvlab.generation import decode, prefill
-from kvlab.methods import make_method
+from kvlab.kernels import dispatch as kernel_dispatch
+from kvlab.methods import low_rank, make_method
 from kvlab.methods._lowrank_store import Rope
 from kvlab.methods.low_rank import LowRankLayerStore, random_orthogonal
 
@@ -70,6 +73,29 @@ def test_compressed_space_attention_equals_decoded(tiny, pre_rope: bool) -> None
     assert torch.allclose(out, attend_dense(ref, q, qpos, 0.25), atol=1e-5)
     # and the latents really are rank 6 / 5 per token
     assert lr.k_codes.shape[1] == 6 and lr.v_codes.shape[1] == 5
+
+
+def test_torch_backend_never_touches_triton(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``backend="torch"`` computes on the latents in torch even where the kernel applies (a decode step) and
+    the environment asks for Triton: no triton import, no availability check, no launch."""
+    model, _, snap = tiny
+    g = torch.Generator().manual_seed(2)
+    pk = torch.stack([random_orthogonal(16, 6, g) for _ in range(2)])
+    pv = torch.stack([random_orthogonal(16, 5, g) for _ in range(2)])
+    lr = LowRankLayerStore(snap.store.layers[0], pk, pv, Rope(model, 0))
+    q, qpos = torch.randn(1, 4, 1, 16, generator=g), torch.tensor([[90]])
+    expected = lr.attend_override(q, qpos, 0.25, None, backend="torch")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the torch backend reached triton")
+
+    monkeypatch.setenv("KVLAB_KERNELS", "triton")
+    for name in ("triton", "kvlab.kernels.lowrank_attention", "kvlab.kernels.paged_attention"):
+        monkeypatch.setitem(sys.modules, name, None)  # importing any of them now fails
+    monkeypatch.setattr(kernel_dispatch, "triton_available", forbidden)
+    monkeypatch.setattr(low_rank, "lowrank_decode_attention", forbidden)
+    assert lr.kernel_reads(q)
+    assert torch.equal(lr.attend_override(q, qpos, 0.25, None, backend="torch"), expected)
 
 
 def test_latent_bytes(tiny) -> None:

@@ -29,7 +29,7 @@ Kernels and launch grids:
   ``block_select``, block-route's scoring and top-k fused in one launch (grid
   ``(B * H_kv, cdiv(blocks, 64))``, the row's last program selects);
 - :mod:`~kvlab.kernels.lowrank_attention` -- rank-R latents of V (and of pre-RoPE K, rotated on chip):
-  the grid and merge of the paged kernel.
+  the grid and merge of the paged kernel; the ``low-rank`` method's decode path on CUDA.
 
 :mod:`~kvlab.kernels.selection` holds the torch pieces every selection shares (ascending -1 padded
 lists, the forced sink and newest blocks, top-k with ties to the lowest block, row-wise scores).

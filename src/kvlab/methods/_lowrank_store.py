@@ -238,6 +238,20 @@ class Rope:
         d = cos.shape[-1]
         return cos.reshape(*positions.shape, d).float(), sin.reshape(*positions.shape, d).float()
 
+    def frequencies(self) -> tuple[torch.Tensor, float] | None:
+        """``(inv_freq [D_rot / 2], attention_scaling)`` when the rotation at position ``p`` is by angles
+        ``p * inv_freq`` with fixed frequencies (the form a kernel applies on chip); ``None`` for rope types
+        that re-derive their frequencies from the positions of each call (dynamic NTK, LongRoPE)."""
+        prefix = f"{self.layer_type}_" if self.layer_type is not None else ""
+        rope_type = getattr(self.rotary, "rope_type", "default")
+        if isinstance(rope_type, dict):
+            rope_type = rope_type.get(self.layer_type, "default")
+        inv_freq = getattr(self.rotary, f"{prefix}inv_freq", None)
+        scaling = getattr(self.rotary, f"{prefix}attention_scaling", None)
+        if inv_freq is None or scaling is None or "dynamic" in rope_type or rope_type == "longrope":
+            return None
+        return inv_freq, float(scaling)
+
     def rotate(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cos, sin = self.cos_sin(positions)
         kf = k.float()

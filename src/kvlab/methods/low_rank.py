@@ -19,7 +19,9 @@ projects the rotated keys instead, so the two can be compared (RoPE mixes positi
 
 Attention runs in the compressed space where the algebra allows (:meth:`LowRankLayerStore.attend_override`):
 values are weighted as latents and expanded once per head, ``out = (softmax . V_c) . P_v^T``; post-RoPE
-keys score as ``(q . P_k) . K_c^T``; pre-RoPE keys are reconstructed and rotated, then scored.
+keys score as ``(q . P_k) . K_c^T``; pre-RoPE keys are reconstructed and rotated, then scored. On CUDA a
+decode step that reads every token runs kvlab's low-rank Triton kernel
+(:mod:`kvlab.kernels.lowrank_attention`), which does the same on chip without expanding the cache.
 Memory: the store holds ``R`` numbers per cached vector in the model dtype (the projections are model
 constants, like weights, and are not counted as cache).
 """
@@ -33,6 +35,7 @@ from typing import Any, ClassVar
 import torch
 
 from kvlab.attention.plans import ReadPlan
+from kvlab.attention.reads import full_lists
 from kvlab.attention.torch_attention import (
     _attend_rows,
     _expand_groups,
@@ -45,7 +48,7 @@ from kvlab.attention.torch_attention import (
 from kvlab.cache.store import KVStore, LayerStore
 from kvlab.errors import KVLabError, check
 from kvlab.files import calibration_path
-from kvlab.kernels.dispatch import Backend
+from kvlab.kernels.dispatch import Backend, lowrank_decode_attention, use_triton
 from kvlab.methods._lowrank_store import CodedLayerStore, Rope
 from kvlab.methods.base import Method, PrefillContext, register
 
@@ -58,13 +61,16 @@ class LowRankLayerStore(CodedLayerStore):
     """A layer whose values (and optionally keys) are stored as rank-``R`` latents.
 
     ``pk`` / ``pv``: ``[kv_heads, D, R]`` projections (``pk=None``: keys kept whole). ``rope`` set: keys are
-    projected pre-RoPE and rotated at read time.
+    projected pre-RoPE and rotated at read time. ``k_basis`` / ``v_basis``: the same projections as the
+    kernel takes them, ``[kv_heads, R, D]`` with ``D`` contiguous (``x = c @ basis[h]``).
     """
 
     def __init__(self, layer: LayerStore, pk: torch.Tensor | None, pv: torch.Tensor, rope: Rope | None = None):
         self._init_from(layer)
         self.pk = None if pk is None else pk.to(self.device, self.dtype)  # projections are made on the CPU
         self.pv = pv.to(self.device, self.dtype)
+        self.k_basis = None if self.pk is None else self.pk.transpose(1, 2).contiguous()
+        self.v_basis = self.pv.transpose(1, 2).contiguous()
         self.rope = rope if pk is not None else None
         self._fill_from(layer)
 
@@ -109,7 +115,10 @@ class LowRankLayerStore(CodedLayerStore):
 
     def attend_override(self, query: torch.Tensor, q_positions: torch.Tensor, scaling: float,
                         plan: ReadPlan | None, backend: Backend | None = "auto") -> torch.Tensor:
-        """Attention computed on the latents (dense layout); other layouts read decoded K/V."""
+        """Attention computed on the latents: the low-rank Triton kernel when :meth:`kernel_reads` this step
+        and ``backend`` resolves to Triton, else torch (dense layout; other layouts read decoded K/V)."""
+        if plan is None and self.kernel_reads(query) and use_triton(self.device, backend):
+            return self._attend_kernel(query, scaling, backend)
         if plan is not None:
             return attend_plan(self, query, q_positions, scaling, plan)
         if not self.uniform:
@@ -135,6 +144,30 @@ class LowRankLayerStore(CodedLayerStore):
         else:
             mask = _expand_groups(visibility(kpos, q_positions[:, None, :], self.sliding_window), hq // h)
         out = _attend_rows(q, k, vc, mask, scaling) @ self.pv.transpose(1, 2)[None]  # expand once per head
+        return ungroup_output(out, hq, length).to(query.dtype)
+
+    def _kernel_rope(self) -> tuple[torch.Tensor, float] | None:
+        """The frequencies the kernel rotates pre-RoPE keys with: fixed, one per pair of dimensions."""
+        freqs = self.rope.frequencies() if self.rope is not None else None
+        return freqs if freqs is not None and freqs[0].numel() == self.head_dim // 2 else None
+
+    def kernel_reads(self, query: torch.Tensor) -> bool:
+        """Whether the low-rank kernel computes this attention exactly (host checks only): one query token
+        per sequence reading every stored token, which a decode query sees all of -- no sliding window,
+        no dead slots -- and, for pre-RoPE keys, a rotation by fixed frequencies over the whole head."""
+        return (query.shape[2] == 1 and self.sliding_window is None and not self.holes and self.head_dim % 2 == 0
+                and (self.rope is None or self._kernel_rope() is not None))
+
+    def _attend_kernel(self, query: torch.Tensor, scaling: float, backend: Backend | None) -> torch.Tensor:
+        """:func:`~kvlab.kernels.dispatch.lowrank_decode_attention` over every block of every row (no read-back)."""
+        _, hq, length, _ = query.shape
+        lists = full_lists(self)
+        q = group_queries(query, self.kv_heads).to(self.dtype).contiguous()
+        inv_freq, rope_scale = self._kernel_rope() or (None, 1.0)
+        out = lowrank_decode_attention(q, self.k_codes, self.v_codes, self.v_basis, lists.table, lists.seq_lens,
+                                       lists.block_size, scaling, self.k_basis,
+                                       self.positions if inv_freq is not None else None, inv_freq, rope_scale,
+                                       row_offsets=lists.row_offsets, backend=backend, max_tokens=lists.max_tokens)
         return ungroup_output(out, hq, length).to(query.dtype)
 
 
