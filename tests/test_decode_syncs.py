@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from kvlab.experiments.bench_decode import SyncCounter
 from kvlab.generation import decode, prefill
 from kvlab.methods import make_method
+from kvlab.methods.base import StepPlan
 
 STEPS = 40  # past one in-place compaction of the decode-time evictions (every 32 steps by default)
 METHODS = [("full", {}), ("block-route", {"budget": 0.25, "dense_layers": 0}), ("kv-compress", {"budget": 0.25}),
@@ -85,10 +86,10 @@ def _layer_and_query(method_name):
                  torch.arange(t)[None].expand(2, t))
     query = torch.randn(2, 6, 1, 16, generator=g)
     method = make_method(method_name, **({} if method_name == "full" else {"budget": 0.25, "dense_layers": 0}))
-    method.plan_step(store, 0)  # the host plan of the step (made before the step, outside what is compiled)
+    plan = method.plan_step(store, StepPlan(0))  # the host plan of the step (before it, outside what is compiled)
     k = torch.randn(2, 2, 1, 16, generator=g)
     layer.append_decode(k, k, torch.full((2, 1), t))
-    return store, layer, query, method
+    return store, layer, query, method, plan
 
 
 @pytest.mark.parametrize("method_name", ["full", "block-route"])
@@ -96,12 +97,12 @@ def test_one_decode_step_of_attention_compiles_without_graph_breaks(method_name)
     """The per-layer run of a decode step -- the method's selection and the attention -- is one graph."""
     from kvlab.attention import attend
 
-    store, layer, query, method = _layer_and_query(method_name)
+    store, layer, query, method, plan = _layer_and_query(method_name)
     positions = torch.full((2, 1), 300)
 
     def step(q: torch.Tensor) -> torch.Tensor:
-        plan = method.decode_plan(1, layer, q, positions)
-        return attend(layer, q, positions, 0.25, plan)
+        read = method.decode_plan(1, layer, q, plan)
+        return attend(layer, q, positions, 0.25, read, backend=plan.backend)
 
     eager = step(query)
     torch._dynamo.reset()
@@ -174,7 +175,7 @@ def test_replayed_steps_need_no_host_work(snapshots, monkeypatch, name, params):
     method = make_method(name, **params)
     seen = {}
 
-    def graphs(device, m, store, cuda_graphs, on_step, forced_chunk):
+    def graphs(device, m, store, triton, cuda_graphs, on_step, forced_chunk):
         seen["store"] = store
         return generation._StepGraphs(ReplayWithoutHost(lambda: store, m))
 

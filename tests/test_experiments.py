@@ -11,8 +11,9 @@ import torch
 
 import kvlab
 from kvlab.experiments import access, entropy, locality, metrics, niah, ppl, report, synthetic
-from kvlab.experiments.runner import Cells, prefill_points, resolve, run_method, truncate
+from kvlab.experiments.runner import Cells, resolve, run_method, truncate
 from kvlab.experiments.texts import code_files, prose_files, text_tokens
+from kvlab.generation import prefill
 
 
 @pytest.fixture(scope="module")
@@ -140,14 +141,14 @@ def test_niah_prompts_exact_and_needle_located(tiny):
 def test_truncate_matches_a_shorter_prefill(tiny):
     model, tok = tiny
     ids = [text_tokens(tok, "prose", 200, 0)]
-    snap, cap = prefill_points(model, ids, [120])
-    short, _ = prefill_points(model, [ids[0][:120]], [])
-    t = truncate(snap, 120, cap[120])
+    snap = prefill(model, ids, capture=[120], chunk_size=1024)
+    short = prefill(model, [ids[0][:120]], chunk_size=1024)
+    t = truncate(snap, 120)
     for a, b in zip(t.store.layers, short.store.layers, strict=True):
         ka, _, pa = a.row_view(0)
         kb, _, pb = b.row_view(0)
         assert torch.equal(pa, pb) and torch.allclose(ka, kb, atol=1e-5)
-    assert torch.allclose(cap[120].logits, short.logits, atol=1e-4)
+    assert torch.allclose(snap.captured[120].logits, short.logits, atol=1e-4)
     # Teacher forcing through "full" from the truncated snapshot scores the next tokens like the long prefill.
     res = run_method(model, t, kvlab.make_method("full"), [ids[0][120:130]], 0)
     assert res.forced_nll.shape == (1, 10) and torch.isfinite(res.forced_nll).all()
@@ -158,10 +159,10 @@ def test_truncate_sliding_window_layers():
     the capture point, and then decodes exactly like a prefill of the shorter prompt."""
     model, tok = kvlab.load("random:tiny-gemma3")
     ids = [text_tokens(tok, "prose", 200, 0)]
-    snap, cap = prefill_points(model, ids, [120], chunk_size=64)
-    short, _ = prefill_points(model, [ids[0][:120]], [])
+    snap = prefill(model, ids, capture=[120], chunk_size=64)
+    short = prefill(model, [ids[0][:120]], chunk_size=1024)
     forced = [ids[0][120:128]]
-    a = run_method(model, truncate(snap, 120, cap[120]), kvlab.make_method("full"), forced, 0)
+    a = run_method(model, truncate(snap, 120), kvlab.make_method("full"), forced, 0)
     b = run_method(model, short, kvlab.make_method("full"), forced, 0)
     assert torch.allclose(a.forced_nll, b.forced_nll, atol=1e-4)
 

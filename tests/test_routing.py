@@ -18,7 +18,7 @@ from kvlab.cache.store import KVStore
 from kvlab.errors import KVLabError
 from kvlab.generation import decode, prefill
 from kvlab.methods import make_method
-from kvlab.methods.base import Method, PrefillContext
+from kvlab.methods.base import Method, PrefillContext, StepPlan
 from kvlab.methods.block_route import BlockMeta
 
 
@@ -116,11 +116,18 @@ def _query(layer, groups, gen, scale=1.0):
     return torch.randn(layer.batch, layer.kv_heads * groups, 1, layer.head_dim, generator=gen) * scale
 
 
+def _read(method, store, query, step=0, layer_idx=1):
+    """What layer ``layer_idx`` reads for ``query`` at decode step ``step``: the method's plan of the step, made
+    for the tokens the layer holds (the step's own token is in already: ``new_tokens=0``), then its selection."""
+    plan = method.plan_step(store, StepPlan(step, new_tokens=0))
+    return method.decode_plan(layer_idx, store.layers[layer_idx], query, plan)
+
+
 def test_sink_and_newest_block_always_selected_batch_two_lengths():
     store, layer, gen = _store(batch=2, t=200, lengths=[200, 133])
     method = make_method("block-route", budget=0.4, dense_layers=0)
     for _ in range(5):
-        plan = method.decode_plan(1, layer, _query(layer, 3, gen, 3.0), None)
+        plan = _read(method, store, _query(layer, 3, gen, 3.0))
         nb = ((layer.lengths + 15) // 16).view(2, 2)
         for b in range(2):
             for h in range(2):
@@ -131,14 +138,14 @@ def test_sink_and_newest_block_always_selected_batch_two_lengths():
 
 
 def test_gqa_group_shares_one_selection_from_summed_scores():
-    _, layer, gen = _store(heads=2, t=320)
+    store, layer, gen = _store(heads=2, t=320)
     method = make_method("block-route", budget=0.2, dense_layers=0, local_blocks=1)
     q = _query(layer, 4, gen, 4.0)
-    plan = method.decode_plan(1, layer, q, None)
+    plan = _read(method, store, q)
     assert plan.index.shape[:2] == (1, 2)  # one selection per KV head, read by its 4 query heads
     # permuting query heads inside a group does not change the selection ...
     perm = torch.tensor([3, 1, 0, 2, 4, 6, 5, 7])
-    assert torch.equal(method.decode_plan(1, layer, q[:, perm], None).index, plan.index)
+    assert torch.equal(_read(method, store, q[:, perm]).index, plan.index)
     # ... and it is the top-k of the group's summed centroid scores
     scores = method.block_scores(1, layer, q)
     manual = scores.clone()
@@ -165,7 +172,7 @@ def test_oracle_recall_bounds(structured, seed):
         m = make_method(name.replace("-bound", ""), budget=0.125, dense_layers=0, **params)
         m.prefill_end(store, ctx)
         q = _query(layer, 3, torch.Generator().manual_seed(seed + 10), 2.0)
-        plan = m.decode_plan(1, layer, q, None)
+        plan = _read(m, store, q)
         recalls[name] = mass_recall(layer, q, scaling, plan).view(2, 3).mean(-1)  # per KV head
     eps = 1e-5
     assert (recalls["oracle-tokens"] >= recalls["oracle-blocks"] - eps).all()
@@ -211,20 +218,20 @@ def test_block_metadata_updates_incrementally():
 
 
 def test_refresh_reuses_selection_plus_newest_blocks():
-    _, layer, gen = _store(heads=2, t=256)
+    store, layer, gen = _store(heads=2, t=256)
     method = make_method("block-route", budget=0.25, refresh=4, dense_layers=0)
-    first = method.decode_plan(1, layer, _query(layer, 2, gen, 3.0), None).index
-    for _ in range(1, 4):
+    first = _read(method, store, _query(layer, 2, gen, 3.0)).index
+    for step in range(1, 4):
         k = torch.randn(1, 2, 1, 16, generator=gen)
         layer.append(k, k, layer.lengths[:1].view(1, 1))
-        plan = method.decode_plan(1, layer, _query(layer, 2, gen, 3.0), None)
+        plan = _read(method, store, _query(layer, 2, gen, 3.0), step)
         nb = int((layer.lengths[0] + 15) // 16)
         for h in range(2):
             sel = set(plan.index[0, h][plan.index[0, h] >= 0].tolist())
             assert set(first[0, h][first[0, h] >= 0].tolist()) <= sel and nb - 1 in sel
     k = torch.randn(1, 2, 1, 16, generator=gen)
     layer.append(k, k, layer.lengths[:1].view(1, 1))
-    method.decode_plan(1, layer, _query(layer, 2, gen, 3.0), None)  # step 4: re-selected
+    _read(method, store, _query(layer, 2, gen, 3.0), 4)  # step 4: re-selected
     assert method._prev[1] is not first
 
 
@@ -245,7 +252,7 @@ def test_cluster_route_relayout_makes_clusters_contiguous(qwen):
         method.prefill_end(store if method is plain else store2, ctx)
         layer = (store if method is plain else store2).layers[1]
         q = torch.randn(2, 6, 1, layer.head_dim, generator=torch.Generator().manual_seed(3))
-        idx = method.decode_plan(1, layer, q, None).index.view(layer.rows, -1)
+        idx = _read(method, store if method is plain else store2, q).index.view(layer.rows, -1)
         return sum(int(((r[1:] != r[:-1] + 1) & (r[1:] >= 0)).sum()) + 1 for r in idx)
 
     store2 = snap.store.clone()
@@ -258,7 +265,7 @@ def test_cluster_route_takes_whole_clusters_within_budget():
     method = make_method("cluster-route", budget=0.25, dense_layers=0, cluster_size=16)
     method.prefill_end(store, ctx)
     state = method._layers[1]
-    plan = method.decode_plan(1, layer, _query(layer, 2, gen), None)
+    plan = _read(method, store, _query(layer, 2, gen))
     for h in range(2):
         sel = plan.index[0, h][plan.index[0, h] >= 0]
         assert len(sel) <= 75 and 0 in sel.tolist() and 299 in sel.tolist()
@@ -274,10 +281,10 @@ def test_cluster_route_assigns_new_tokens():
     ctx = PrefillContext(torch.tensor([160]), {}, 0.25, 2)
     method = make_method("cluster-route", budget=0.5, dense_layers=0, recluster=4)
     method.prefill_end(store, ctx)
-    for _ in range(40):
+    for step in range(40):
         k = torch.randn(1, 1, 1, 16, generator=gen)
         layer.append(k, k, layer.lengths[:1].view(1, 1))
-        method.decode_plan(1, layer, _query(layer, 2, gen), None)
+        _read(method, store, _query(layer, 2, gen), step)
     assign = method._layers[1].assign[0, :200]
     local_start = (13 - 2) * 16
     assert (assign[16:local_start] >= 0).all()  # everything that left the window belongs to a cluster

@@ -190,8 +190,8 @@ def test_a_pool_shrinks_to_what_perplexity_needs_and_prefills_again_past_it(monk
 
     model, tok = kvlab.load("random:tiny-llama")
     calls = []
-    real = locality.prefill_points
-    monkeypatch.setattr(locality, "prefill_points", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = locality.prefill
+    monkeypatch.setattr(locality, "prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
     pool = locality.TextPool(model, tok, ["code"], [64, 128], first_index=1)
     both = locality.TextPool(model, tok, ["prose", "code"], [64, 128], total=pool.total)
     assert pool.ids[0] == both.ids[1]  # a one-kind pool holds the same text as that kind's row

@@ -73,7 +73,7 @@ def test_resume_uses_cached_cells(first_run, tiny, monkeypatch):
         raise AssertionError("prefilled again although every cell was cached")
 
     for module in (locality, niah, synthetic):
-        monkeypatch.setattr(module, "prefill_points", boom)
+        monkeypatch.setattr(module, "prefill", boom)
     model, tok = tiny
     res = run_validate("random:tiny-llama", out, "quick", config=TINY, model=model, tokenizer=tok)
     assert set(res["experiments"]) == set(validate.EXPERIMENTS)
@@ -196,7 +196,7 @@ def test_a_model_sized_run_in_parts_with_a_second_model_resumes(tiny, tmp_path, 
         raise AssertionError("prefilled again although every cell was cached")
 
     for module in (locality, synthetic):
-        monkeypatch.setattr(module, "prefill_points", boom)
+        monkeypatch.setattr(module, "prefill", boom)
     again = run_validate("random:tiny-llama", out, "full", only=only, config=cfg, model=model, tokenizer=tok)
     assert again["experiments"]["synthetic"]["summary"]["rows"] == sy["summary"]["rows"]
 

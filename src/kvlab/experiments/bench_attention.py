@@ -5,9 +5,9 @@ Setup (issue 3): one decode query, 8 KV heads x 32 query heads, head_dim 128, fp
 may be shared; the best run is the least disturbed):
 
 - ``full``: dense attention over the whole row (the store's fast path, one SDPA call);
-- ``block-route bs=16`` / ``bs=64``: scoring + top-k (``decode_plan``: centroid scores, or Quest's
-  bound), the attention over the selected blocks (copied block by block into a reused buffer), and
-  both together;
+- ``block-route bs=16`` / ``bs=64``: scoring + top-k (``decode_plan`` of a step planned once: centroid
+  scores, or Quest's bound), the attention over the selected blocks (copied block by block into a
+  reused buffer), and both together;
 - ``token gather``: the same number of tokens, scattered, gathered token by token;
 - ``runs copy``: the bs=16 selection read as merged runs, one copy per run (Python loop).
 
@@ -94,6 +94,7 @@ def bench_attention(contexts: tuple[int, ...] = DEFAULT_CONTEXTS, budget: float 
 
 def _bench_context(context: int, budget: float, kv_heads: int, q_heads: int, head_dim: int, repeats: int,
                    gen: torch.Generator) -> list[dict[str, Any]]:
+    from kvlab.methods.base import StepPlan
     from kvlab.methods.block_route import BlockRoute
 
     scaling = head_dim ** -0.5
@@ -113,12 +114,14 @@ def _bench_context(context: int, budget: float, kv_heads: int, q_heads: int, hea
     sel16 = None
     for bs, score in ((16, "centroid"), (16, "bound"), (64, "centroid")):
         method = BlockRoute(budget=budget, block_size=bs, score=score, dense_layers=0)
-        method.decode_plan(0, layer, q, qpos)  # builds the block metadata once (prefill's job)
-        t_score = _timeit(lambda m=method: m.decode_plan(0, layer, q, qpos), repeats)
-        plan = method.decode_plan(0, layer, q, qpos)
+        # the step's host plan, made once (it builds the block metadata: prefill's job); the timings are its run
+        step = method.plan_step(KVStore(layers=[layer], block_size=layer.block_size), StepPlan(0, new_tokens=0))
+        t_score = _timeit(lambda m=method, s=step: m.decode_plan(0, layer, q, s), repeats)
+        plan = method.decode_plan(0, layer, q, step)
         tokens = int((plan.token_slots(layer.lengths, layer.block_size) >= 0).sum(-1).max())
         t_attn = _timeit(lambda p=plan: attend(layer, q, qpos, scaling, p), repeats)
-        t_total = _timeit(lambda m=method: attend(layer, q, qpos, scaling, m.decode_plan(0, layer, q, qpos)), repeats)
+        t_total = _timeit(lambda m=method, s=step: attend(layer, q, qpos, scaling, m.decode_plan(0, layer, q, s)),
+                          repeats)
         name = f"block-route bs={bs} {score}"
         add(name, t_score, tokens, "scoring + top-k")
         add(name, t_attn, tokens, "attention")

@@ -21,7 +21,7 @@ def _filled_snapshot(model: Any, context: int, batch: int, reserve: int, device:
     """A snapshot on the GPU whose store holds ``context`` random tokens per row (decode speed does not
     depend on the values), without a prefill: a 128K prefill of an 8B model is not what is measured."""
     from kvlab.generation import Snapshot
-    from kvlab.models.integration import new_store
+    from kvlab.models.shaping import new_store
 
     cfg = model.config
     store = new_store(cfg, batch, 16, torch.bfloat16, device)

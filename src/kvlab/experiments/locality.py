@@ -21,9 +21,9 @@ import torch
 
 from kvlab.errors import check
 from kvlab.experiments import metrics
-from kvlab.experiments.runner import Captured, Cells, attention_weights, prefill_points, truncate
+from kvlab.experiments.runner import Cells, attention_weights, truncate
 from kvlab.experiments.texts import bos_ids, text_tokens
-from kvlab.generation import Snapshot
+from kvlab.generation import Captured, Snapshot, prefill
 from kvlab.progress import track
 
 if TYPE_CHECKING:
@@ -54,7 +54,6 @@ class TextPool:
         self.ids = [bos + text_tokens(tokenizer, kind, total - len(bos), seed + first_index + i)
                     for i, kind in enumerate(kinds)]
         self._snap: Snapshot | None = None
-        self._captured: dict[int, Captured] = {}
         self._held = 0  # the length the snapshot holds
         self.keep = keep
 
@@ -63,17 +62,15 @@ class TextPool:
             self._snap = None  # shrunk below this length: prefill again
         if self._snap is None:
             longest = self.lengths[-1]
-            self._snap, self._captured = prefill_points(
-                self.model, [x[:longest] for x in self.ids], self.lengths, block_size=self.block_size,
-                label=f"prefill {'+'.join(self.kinds)}")
+            self._snap = prefill(self.model, [x[:longest] for x in self.ids], capture=self.lengths, chunk_size=1024,
+                                 block_size=self.block_size, label=f"prefill {'+'.join(self.kinds)}")
             self._held = longest
 
     def at(self, length: int) -> tuple[Snapshot, Captured]:
         self._ensure(length)
         assert self._snap is not None
-        captured = self._captured[length]
-        snap = self._snap if length == self._held else truncate(self._snap, length, captured)
-        return snap, captured
+        snap = self._snap if length == self._held else truncate(self._snap, length)
+        return snap, snap.captured[length]
 
     def shrink(self, length: int) -> None:
         """Keep only the snapshot at ``length`` (and the capture points up to it): the memory of a long prefill
@@ -81,10 +78,9 @@ class TextPool:
         if self._snap is None or length >= self._held:
             return
         if length <= 0:
-            self._snap, self._captured, self._held = None, {}, 0
+            self._snap, self._held = None, 0
             return
         self._snap, _ = self.at(length)
-        self._captured = {k: v for k, v in self._captured.items() if k <= length}
         self._held = length
 
     @property

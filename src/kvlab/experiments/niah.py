@@ -24,13 +24,12 @@ from kvlab.experiments.runner import (
     Cells,
     MethodSpec,
     hook_kind,
-    prefill_points,
     run_method,
     truncate,
 )
 from kvlab.experiments.study import Config, Study
 from kvlab.experiments.texts import Prompt, build_prompt, encode, text_tokens
-from kvlab.generation import decode_texts, eos_ids
+from kvlab.generation import decode_texts, eos_ids, prefill
 from kvlab.progress import track
 
 KINDS = ("passkey", "sentence")
@@ -99,19 +98,19 @@ def run_cells(model: Any, tokenizer: Any, model_name: str, specs: list[MethodSpe
             keys = [{"model": model_name, "length": length, "kind": kind, "depths": depths, "method": s.label,
                      "budget": b, "mode": mode, "seed": seed, "max_new": max_new_tokens} for s, b, mode in plan]
             cached = [cells.get("niah", k) for k in keys]
-            snap = captured = None
+            snap = None
             work = list(zip(plan, keys, cached, strict=True))
             for (s, budget, mode), key, cell in track(work, f"niah {length} {kind}"):
                 if cell is None:
                     if snap is None:
-                        snap, captured = prefill_points(model, [p.ids[:-1] for p in batch], [ctx_end],
-                                                        reserve_tokens=len(batch[0].ids) - ctx_end + max_new_tokens,
-                                                        label=f"niah prefill {length}")
+                        snap = prefill(model, [p.ids[:-1] for p in batch], capture=[ctx_end], chunk_size=1024,
+                                       reserve_tokens=len(batch[0].ids) - ctx_end + max_new_tokens,
+                                       label=f"niah prefill {length}")
                     try:
                         if mode == "aware":
                             base, forced = snap, [p.ids[-1:] for p in batch]
                         else:
-                            base, forced = truncate(snap, ctx_end, captured[ctx_end]), [p.ids[ctx_end:] for p in batch]
+                            base, forced = truncate(snap, ctx_end), [p.ids[ctx_end:] for p in batch]
                         res = run_method(model, base, s.make(budget), forced, max_new_tokens, eos, record_reads=True,
                                          label=f"niah {s.label} {budget:g} {mode}", cuda_graphs=cuda_graphs)
                     except Exception as exc:  # a method that cannot run this cell: noted, not fatal

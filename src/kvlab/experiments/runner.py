@@ -1,7 +1,7 @@
 """The machinery every experiment shares: method configurations from the registry, cached cells,
-prefill with capture points, and teacher-forced decoding with a method applied. (The attention weights
-the locality experiments read, recomputed from a snapshot's stored keys and observed queries, are
-:func:`kvlab.attention.probs.attention_weights`, importable from here too.)
+snapshots truncated to a prefill's capture points, and teacher-forced decoding with a method applied. (The
+attention weights the locality experiments read, recomputed from a snapshot's stored keys and observed
+queries, are :func:`kvlab.attention.probs.attention_weights`, importable from here too.)
 
 Prefill once, compress many: a context is prefilled once and every method starts from a copy of the
 same snapshot. A prompt is split into a prefilled part and a forced tail (at least its last token),
@@ -10,7 +10,6 @@ so that no method's answer comes from the uncompressed prefill logits.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -24,11 +23,9 @@ import torch
 from kvlab.attention.probs import attention_weights  # noqa: F401  (the experiments import it from here)
 from kvlab.cache.store import LayerStore
 from kvlab.errors import KVLabError, check
-from kvlab.generation import MAX_OBSERVED_QUERIES, Snapshot, StepInfo, _scaling, decode
+from kvlab.generation import Snapshot, StepInfo, decode
 from kvlab.io import write_atomic
-from kvlab.methods.base import Method, PrefillContext, by_family, make_method
-from kvlab.models.integration import KVLabCache, new_store, running
-from kvlab.progress import progress_bar
+from kvlab.methods.base import Method, by_family, make_method
 
 
 @dataclass(frozen=True)
@@ -151,71 +148,11 @@ class Cells:
 
 
 # ----------------------------------------------------------------------------- prefill
-@dataclass
-class Captured:
-    """Queries (last ``MAX_OBSERVED_QUERIES``) and next-token logits at one prefill point, and copies of
-    the sliding-window layers (they keep only their window, so they cannot be truncated afterwards)."""
-
-    queries: dict[int, torch.Tensor]
-    logits: torch.Tensor
-    sliding: dict[int, LayerStore] = field(default_factory=dict)
-
-
-@torch.inference_mode()
-def prefill_points(model: Any, ids: list[list[int]], points: list[int], chunk_size: int = 1024,
-                   block_size: int = 16, reserve_tokens: int = 0,
-                   label: str = "prefill") -> tuple[Snapshot, dict[int, Captured]]:
-    """Prefill equal-length prompts once, capturing queries and logits at each of ``points``.
-
-    Chunks end at every point, so the queries observed at a point are the last ones before it; a
-    point's snapshot is then :func:`truncate` of the final one (causality makes it exact).
-    """
-    lengths = {len(x) for x in ids}
-    check(len(lengths) == 1, "prefill_points needs prompts of equal length")
-    length = lengths.pop()
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and length + reserve_tokens > limit:
-        raise KVLabError(f"context of {length} tokens (+{reserve_tokens}) exceeds the model's limit of {limit}")
-    points = sorted({p for p in points if 0 < p <= length} | {length})
-    bounds = sorted(set(points) | set(range(chunk_size, length, chunk_size)))
-    dtype = next(model.parameters()).dtype
-    batch = len(ids)
-    input_ids = torch.tensor(ids, dtype=torch.long)
-    positions = torch.arange(length)[None, :].expand(batch, length)
-    valid = torch.ones(batch, length, dtype=torch.bool)
-    store = new_store(model.config, batch, block_size, dtype)
-    for layer in store.layers:
-        layer.reserve(length + reserve_tokens if layer.sliding_window is None
-                      else min(length, layer.sliding_window + 64) + reserve_tokens)
-    cache = KVLabCache(store, observe=MAX_OBSERVED_QUERIES)
-    rolling: dict[int, torch.Tensor] = {}
-    captured: dict[int, Captured] = {}
-    start_time = time.perf_counter()
-    start = 0
-    with running(model, cache), progress_bar(f"{label}: {length} tokens × {batch}", total=length) as advance:
-        for end in bounds:
-            cache.set_inputs(positions[:, start:end], valid[:, start:end])
-            out = model(input_ids=input_ids[:, start:end], position_ids=positions[:, start:end],
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
-            for layer_idx, q in cache.queries.items():
-                prev = rolling.get(layer_idx)
-                q = q if prev is None else torch.cat([prev, q], 2)
-                rolling[layer_idx] = q[:, :, -MAX_OBSERVED_QUERIES:]
-            if end in points:
-                sliding = {i: layer.clone() for i, layer in enumerate(store.layers)
-                           if layer.sliding_window is not None and end < length}
-                captured[end] = Captured({k: v.clone() for k, v in rolling.items()}, out.logits[:, -1].float(), sliding)
-            advance(end - start)
-            start = end
-    snap = Snapshot(store=store, queries=captured[length].queries, logits=captured[length].logits,
-                    context_lengths=torch.full((batch,), length), scaling=_scaling(model),
-                    num_query_heads=model.config.num_attention_heads,
-                    prefill_seconds=time.perf_counter() - start_time, prompt_ids=ids)
-    return snap, captured
-
-
-def truncate(snapshot: Snapshot, point: int, captured: Captured) -> Snapshot:
-    """The snapshot as it was after ``point`` tokens (keys at positions ≥ point dropped)."""
+def truncate(snapshot: Snapshot, point: int) -> Snapshot:
+    """The snapshot as it was after ``point`` tokens (keys at positions ≥ point dropped), from what
+    :func:`kvlab.generation.prefill` captured there (``capture=[..., point, ...]``)."""
+    check(point in snapshot.captured, f"the prefill captured no point {point}; captured: {sorted(snapshot.captured)}")
+    captured = snapshot.captured[point]
     store = snapshot.store.clone()
     for i, window_layer in captured.sliding.items():
         store.layers[i] = window_layer.clone()
@@ -230,7 +167,8 @@ def truncate(snapshot: Snapshot, point: int, captured: Captured) -> Snapshot:
     return Snapshot(store=store, queries=captured.queries, logits=captured.logits,
                     context_lengths=torch.full((batch,), point), scaling=snapshot.scaling,
                     num_query_heads=snapshot.num_query_heads, prefill_seconds=snapshot.prefill_seconds,
-                    prompt_ids=[x[:point] for x in snapshot.prompt_ids])
+                    prompt_ids=[x[:point] for x in snapshot.prompt_ids],
+                    captured={k: v for k, v in snapshot.captured.items() if k <= point})
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -243,7 +181,7 @@ class RunResult:
     kept: torch.Tensor  # [layers, B, H] tokens held after prefill_end
     reads: dict[int, list[list[set[int]]]] = field(default_factory=dict)  # layer -> [b][h] positions read
     seconds: float = 0.0
-    steps: int = 0
+    steps: int = 0  # forward passes run in ``seconds``
     compress_seconds: float = 0.0
 
 
@@ -268,7 +206,6 @@ def _reads(info: StepInfo) -> dict[int, list[list[set[int]]]]:
     return reads
 
 
-@torch.inference_mode()
 def run_method(model: Any, snapshot: Snapshot, method: Method, forced: list[list[int]] | None = None,
                max_new_tokens: int = 0, eos: Collection[int] | None = None, record_reads: bool = False,
                compress: bool = True, label: str | None = None, cuda_graphs: bool = True) -> RunResult:
@@ -281,17 +218,7 @@ def run_method(model: Any, snapshot: Snapshot, method: Method, forced: list[list
     Runs :func:`kvlab.generation.decode` (forced tokens and a per-step callback; ``cuda_graphs`` is its
     argument: on CUDA, steps replayed from CUDA graphs where the method allows).
     """
-    store = snapshot.store.clone()
     batch = snapshot.context_lengths.shape[0]
-    t0 = time.perf_counter()
-    if compress:
-        check(method.observation_window() <= MAX_OBSERVED_QUERIES,
-              f"observation window must be <= {MAX_OBSERVED_QUERIES} queries, got {method.observation_window()}")
-        method.prefill_end(store, PrefillContext(context_lengths=snapshot.context_lengths.clone(),
-                                                 queries=snapshot.queries, scaling=snapshot.scaling,
-                                                 num_query_heads=snapshot.num_query_heads, model=model))
-    compress_seconds = time.perf_counter() - t0
-    kept = store.lengths().clone()
     n_forced = len(forced[0]) if forced else 0
     reads: dict[int, list[list[set[int]]]] = {}
 
@@ -299,10 +226,9 @@ def run_method(model: Any, snapshot: Snapshot, method: Method, forced: list[list
         if info.step == n_forced - 1:
             reads.update(_reads(info))
 
-    compressed = dataclasses.replace(snapshot, store=store)
-    result = decode(model, compressed, method, max(1, max_new_tokens), eos_token_id=sorted(set(eos or ())),
-                    forced=forced or None, on_step=record if record_reads and n_forced else None, compress=False,
-                    copy_store=False, label=label or f"decode ({method.name})", cuda_graphs=cuda_graphs)
+    result = decode(model, snapshot, method, max(1, max_new_tokens), eos_token_id=sorted(set(eos or ())),
+                    forced=forced or None, on_step=record if record_reads and n_forced else None, compress=compress,
+                    label=label or f"decode ({method.name})", cuda_graphs=cuda_graphs)
     generated = result.tokens.cpu()
     if eos:  # after a sequence's end of sequence its tokens are 0
         ended = torch.isin(generated, torch.tensor(sorted(set(eos)), dtype=torch.long))
@@ -311,8 +237,8 @@ def run_method(model: Any, snapshot: Snapshot, method: Method, forced: list[list
     return RunResult(
         generated=generated,
         forced_nll=result.forced_nll.cpu() if result.forced_nll is not None else torch.zeros(batch, 0),
-        kept=kept.cpu(), reads=reads, seconds=result.decode_seconds, steps=result.steps,
-        compress_seconds=compress_seconds,
+        kept=result.kept_after_prefill.cpu(), reads=reads, seconds=result.decode_seconds, steps=result.steps_run,
+        compress_seconds=result.compress_seconds,
     )
 
 

@@ -29,13 +29,12 @@ from kvlab.experiments import metrics
 from kvlab.experiments.runner import (
     Cells,
     MethodSpec,
-    prefill_points,
     resolve,
     run_method,
 )
 from kvlab.experiments.study import Config, Study
 from kvlab.experiments.texts import Prompt, build_prompt, encode, text_tokens
-from kvlab.generation import decode_texts, eos_ids
+from kvlab.generation import decode_texts, eos_ids, prefill
 from kvlab.progress import track
 
 TASKS = ("tracking", "instance", "coref", "multihop")
@@ -217,8 +216,8 @@ def run_cells(model: Any, tokenizer: Any, model_name: str, specs: list[MethodSpe
         if cell is None:
             if snap_part != i:
                 snap = None  # free the previous part's snapshot before the next prefill
-                snap, _ = prefill_points(model, [p.ids[:-1] for p in batch], [], reserve_tokens=max_new_tokens + 1,
-                                         label=f"synthetic prefill {i + 1}/{len(parts)}")
+                snap = prefill(model, [p.ids[:-1] for p in batch], chunk_size=1024, reserve_tokens=max_new_tokens + 1,
+                               label=f"synthetic prefill {i + 1}/{len(parts)}")
                 snap_part = i
             try:
                 res = run_method(model, snap, s.make(1.0 - ratio), [p.ids[-1:] for p in batch], max_new_tokens, eos,

@@ -7,10 +7,11 @@ A method may act at four points, and each is optional:
   every layer.
 - :meth:`Method.plan_step` -- on the host, once per decode step, before the step runs: decide from
   the store's host copies what the step will do (a router's budgets and read widths; an evicting
-  method's compaction every few steps). It returns what the step's device work depends on (a
-  captured CUDA graph is replayed only while that stays the same).
-- :meth:`Method.decode_plan` -- every decode step, every layer, on the device: choose which blocks or
-  tokens the step reads (block routing, cluster routing, oracles). ``None`` reads everything.
+  method's compaction every few steps), and return it as a :class:`StepPlan`, a value the driver
+  hands down to every layer's attention for that step (nothing is left on the method).
+- :meth:`Method.decode_plan` -- every decode step, every layer, on the device: choose, as the step's
+  plan says, which blocks or tokens the step reads (block routing, cluster routing, oracles).
+  ``None`` reads everything.
 - :meth:`Method.step_end` -- after every decode step, on the device: evict during decode (mark the
   evicted slots dead; :meth:`plan_step` compacts them away every few steps).
 
@@ -26,7 +27,7 @@ the fraction removed (kvpress's ``compression_ratio``); they are one number, ``b
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -55,6 +56,33 @@ class StepContext:
     step: int  # 0 for the first decode step (in a replayed CUDA graph: the step it was captured at)
     positions: torch.Tensor  # [B] position of the token just decoded
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, Hq, 1, D], if observed
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One decode step, decided on the host before it runs, and handed down the call chain to every layer.
+
+    The driver fills in what it decides -- the step's number, how many tokens it appends to each row
+    (``new_tokens``: 1 for a decode step, more for a chunk of forced tokens, 0 for a plan of what a layer
+    already holds), the kernel path resolved once per decode (``triton``) -- and the method's
+    :meth:`Method.plan_step` adds its plan of each layer (``layers``: a router's
+    :class:`~kvlab.methods.routing.RoutePlan`, ``None`` where a layer reads everything).
+    """
+
+    step: int = 0
+    new_tokens: int = 1
+    triton: bool = False
+    layers: Mapping[int, Any] = field(default_factory=dict)
+
+    @property
+    def backend(self) -> str:
+        """The kernel backend every kernel of the step runs on (``"triton"`` or ``"torch"``)."""
+        return "triton" if self.triton else "torch"
+
+    @property
+    def signature(self) -> Hashable:
+        """What the step's device work depends on: a CUDA graph of the step is replayed while it stays the same."""
+        return self.new_tokens, self.triton, tuple((i, getattr(p, "signature", p)) for i, p in self.layers.items())
 
 
 @dataclass
@@ -120,15 +148,15 @@ class Method:
         a fixed size needs fewer). Default: ``tokens``."""
         return tokens
 
-    def plan_step(self, store: KVStore, step: int) -> Hashable:
-        """Host-side plan of decode step ``step`` (0, 1, ...), made before the step appends its token, from
-        the store's host copies only. Returns what the step's device work depends on (its widths and
-        modes); a CUDA graph of the step is reused while it stays the same. Default: nothing to plan."""
-        return None
+    def plan_step(self, store: KVStore, step: StepPlan) -> StepPlan:
+        """The host side of decode step ``step`` (what the driver decided), made before the step appends its
+        tokens, from the store's host copies only: host upkeep, and the method's plan of each layer, returned
+        as the completed :class:`StepPlan`. Default: nothing to plan."""
+        return step
 
-    def decode_plan(self, layer_idx: int, layer: LayerStore, query: torch.Tensor,
-                    q_positions: torch.Tensor) -> ReadPlan | None:
-        """Which part of ``layer`` a decode step reads. Default: everything."""
+    def decode_plan(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, step: StepPlan) -> ReadPlan | None:
+        """Which part of ``layer`` the decode step ``step`` (from :meth:`plan_step`) reads: device work only.
+        Default: everything."""
         return None
 
     def step_end(self, store: KVStore, ctx: StepContext) -> None:

@@ -92,8 +92,9 @@ class BlockRoute(RoutingMethod):
 
     def prepare_layer(self, layer_idx: int, layer: LayerStore, plan: RoutePlan) -> None:
         meta = self._block_meta(layer_idx)
-        if meta.version != layer.layout_version:
-            meta.update(layer)  # after prefill or a repack: from what the layer holds (host phase)
+        meta.update(layer)  # up to what the layer holds: nothing to do while decode steps keep it in step
+        if all(n - m <= 1 for n, m in zip(plan.lengths, layer.lengths_host, strict=True)):
+            meta.lengths = list(plan.lengths)  # the step's select recomputes each row's newest block
         if self.refresh > 1 and plan.reselect:
             prev = self._prev.get(layer_idx)
             if prev is None or prev.shape != (layer.rows, plan.width) or prev.device != layer.device:
@@ -101,19 +102,21 @@ class BlockRoute(RoutingMethod):
             self._selected[layer.layout_version] = plan.width
 
     # ------------------------------------------------------------ device
-    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, plan: RoutePlan) -> ReadPlan:
+    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, plan: RoutePlan,
+               backend: str) -> ReadPlan:
         meta = self._meta[layer_idx]
-        if self._plans is not None and query.shape[2] == 1:
+        if query.shape[2] == 1:
             meta.update_newest(layer)  # a decode step appended one token per row
         else:
-            meta.update(layer)
+            meta.update(layer)  # a chunk of forced tokens (eager): from the host lengths
         nb, k = self.blocks_read(layer.lengths)
         b, h, bs = layer.batch, layer.kv_heads, self.block_size
         if not plan.reselect:
             return self._reuse(layer_idx, layer, plan, nb, k)
         table, tokens = dispatch.block_select(group_queries(query, h), layer.lengths, k, plan.width, bs,
                                               unit=self._sub, sink_blocks=self.sink_blocks,
-                                              local_blocks=self.local_blocks, **self._summaries(meta))
+                                              local_blocks=self.local_blocks, backend=backend,
+                                              **self._summaries(meta))
         if self.refresh > 1:
             self._prev[layer_idx].copy_(table)
         return ReadPlan("blocks", table.view(b, h, -1), block_size=bs, ascending=True, tokens=tokens.view(b, h))
@@ -155,7 +158,8 @@ class BlockMeta:
     - :meth:`update` (host-driven): rebuild after the layer's layout changed or a row shrank, else
       recompute only the blocks that gained tokens since the previous update;
     - :meth:`update_newest` (device only, fixed shape): after a decode append, recompute each row's
-      newest block -- what a decode step changes, and what a CUDA graph can replay.
+      newest block -- what a decode step changes, and what a CUDA graph can replay. The host record
+      (``lengths``) is the caller's to advance, before the step (``BlockRoute.prepare_layer``).
     """
 
     CHUNK_TOKENS = 4096
@@ -202,7 +206,6 @@ class BlockMeta:
         k = layer.keys[phys].float()  # [rows, u, D]
         rows = torch.arange(layer.rows, device=device)
         self._store(rows, block, k, valid)
-        self.lengths = None  # the host record no longer says what was last computed
 
     def _allocate(self, layer: LayerStore) -> None:
         self.capacity = max(ceil_div(layer.max_capacity_tokens, self.unit), 1)

@@ -187,14 +187,15 @@ class ClusterRoute(RoutingMethod):
 
     def prepare_layer(self, layer_idx: int, layer: LayerStore, plan: RoutePlan) -> None:
         state = self._layers.get(layer_idx)
-        if state is None:  # decode_plan without prefill_end (benchmarks): cluster now
+        if state is None:  # planned without prefill_end (benchmarks): cluster now
             state = self._layers[layer_idx] = self._cluster_layer(layer)
         width = max(layer.max_capacity_tokens, layer.max_length)
         if state.assign.shape[1] < width:  # the layer grew: the assignments grow with it (host phase)
             grow = torch.full((layer.rows, width - state.assign.shape[1]), -1, dtype=torch.long, device=layer.device)
             state.assign = torch.cat([state.assign, grow], 1)
 
-    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, plan: RoutePlan) -> ReadPlan:
+    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, plan: RoutePlan,
+               backend: str) -> ReadPlan:
         state = self._layers[layer_idx]
         device = layer.keys.device
         lengths = layer.lengths
@@ -202,9 +203,9 @@ class ClusterRoute(RoutingMethod):
         slots = torch.arange(width, device=device)[None, :]
         in_row = slots < lengths[:, None]
         forced = self._forced(lengths, width)
-        if self._plans is not None and query.shape[2] == 1:
+        if query.shape[2] == 1:
             self._assign_newest(layer, state)  # every decode token joins a cluster at its own step
-        else:  # not driven by decode (or several new tokens): place what must be placed now
+        else:  # a chunk of forced tokens (eager): place what must be placed now
             todo = (state.assign < 0) & in_row & (slots >= self.sink_blocks * self.block_size)
             if plan.step % self.recluster != 0:
                 todo &= ~forced  # in between, only tokens leaving the window must be placed now

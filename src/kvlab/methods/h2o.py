@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from kvlab.attention.probs import attention_probs, padded_layer
-from kvlab.cache.store import KVStore, LayerStore
+from kvlab.cache.store import LayerStore
 from kvlab.errors import check
 from kvlab.methods import _scoring as S
 from kvlab.methods.base import PrefillContext, StepContext, register
@@ -52,7 +52,7 @@ class H2O(HeldScorer):
         queries, q_pos = S.observed_queries(ctx, layer_idx, self.window)
         acc = attention_probs(layer, queries, q_pos, ctx.scaling).sum(dim=(2, 3)).reshape(layer.rows, -1)
         self._acc[layer_idx] = acc
-        recent = S.recent_mask(layer, self._recent(S.per_row(self._capacity, layer.kv_heads)), acc.shape[1])
+        recent = S.recent_mask(layer, self._recent(self._row_caps), acc.shape[1])
         return acc.masked_fill(recent, float("inf")).masked_fill(~layer.in_use(acc.shape[1]), float("-inf"))
 
     def keep(self, layer_idx: int, layer: LayerStore, scores: torch.Tensor, n_keep: torch.Tensor) -> torch.Tensor:
@@ -67,20 +67,12 @@ class H2O(HeldScorer):
             self._acc[layer_idx] = acc = S.grow(acc, width)[:, :width].contiguous()
         return [acc]
 
-    def step_end(self, store: KVStore, ctx: StepContext) -> None:
-        """Add the step's attention to the scores; past the cap, mark each row's lowest non-recent token dead
-        (device work only: fixed widths, no read-back)."""
-        if not self.evicting():
-            return
-        for i in store.compressible_layers():
-            layer = store.layers[i]
-            acc = self._acc[i]
-            width = acc.shape[1]
-            keys, k_pos = padded_layer(layer, width)
-            probs = attention_probs(layer, ctx.queries[i], ctx.positions[:, None], self._scaling, keys, k_pos)
-            acc.add_(probs.sum(dim=(2, 3)).reshape(layer.rows, width))
-            cap = S.per_row(self._capacity, layer.kv_heads)
-            live = k_pos.reshape(layer.rows, width) >= 0
-            candidates = live & ~S.recent_mask(layer, self._recent(cap), width)
-            victim = torch.where(candidates, acc, torch.inf).argmin(1)
-            S.mark_dead(layer, victim, live.sum(1) > cap)
+    def victims(self, layer_idx: int, layer: LayerStore, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the step's attention to the scores; each row's lowest non-recent token (device work only)."""
+        acc = self._acc[layer_idx]
+        width = acc.shape[1]
+        keys, k_pos = padded_layer(layer, width)
+        probs = attention_probs(layer, ctx.queries[layer_idx], ctx.positions[:, None], self._scaling, keys, k_pos)
+        acc.add_(probs.sum(dim=(2, 3)).reshape(layer.rows, width))
+        live = k_pos.reshape(layer.rows, width) >= 0
+        return self.lowest(acc, live & ~S.recent_mask(layer, self._recent(self._row_caps), width), live)

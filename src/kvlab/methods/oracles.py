@@ -50,7 +50,8 @@ class OracleTokens(_Oracle):
     name: ClassVar[str] = "oracle-tokens"
     summary: ClassVar[str] = "oracle: top-k tokens by true attention (costs a full attention pass)"
 
-    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, plan: RoutePlan) -> ReadPlan:
+    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, plan: RoutePlan,
+               backend: str) -> ReadPlan:
         lengths = layer.lengths
         budgets = torch.minimum(torch.tensor(plan.budgets, device=lengths.device), lengths)
         width = max(min(b, n) for b, n in zip(plan.budgets, plan.lengths, strict=True))
@@ -67,7 +68,8 @@ class OracleBlocks(_Oracle):
     name: ClassVar[str] = "oracle-blocks"
     summary: ClassVar[str] = "oracle: top-k blocks by true attention mass (costs a full attention pass)"
 
-    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, plan: RoutePlan) -> ReadPlan:
+    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, plan: RoutePlan,
+               backend: str) -> ReadPlan:
         lengths = layer.lengths
         bs = self.block_size
         nb, k = self.blocks_read(lengths)

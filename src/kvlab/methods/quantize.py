@@ -17,7 +17,6 @@ compressible (global) layers are quantized; sliding-window layers keep their win
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -27,7 +26,7 @@ from kvlab.attention.plans import ReadPlan
 from kvlab.cache.store import KVStore, LayerStore
 from kvlab.errors import check
 from kvlab.methods._lowrank_store import CodedLayerStore
-from kvlab.methods.base import Method, PrefillContext, StepContext, make_method, register
+from kvlab.methods.base import Method, PrefillContext, StepContext, StepPlan, make_method, register
 
 SCALE_DTYPE = torch.float16
 
@@ -187,12 +186,11 @@ class Quantize(Method):
     def decode_reserve(self, tokens: int) -> int:
         return self._inner.decode_reserve(tokens) if self._inner else tokens
 
-    def plan_step(self, store: KVStore, step: int) -> Hashable:
-        return self._inner.plan_step(store, step) if self._inner else None
+    def plan_step(self, store: KVStore, step: StepPlan) -> StepPlan:
+        return self._inner.plan_step(store, step) if self._inner else step
 
-    def decode_plan(self, layer_idx: int, layer: LayerStore, query: torch.Tensor,
-                    q_positions: torch.Tensor) -> ReadPlan | None:
-        return self._inner.decode_plan(layer_idx, layer, query, q_positions) if self._inner else None
+    def decode_plan(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, step: StepPlan) -> ReadPlan | None:
+        return self._inner.decode_plan(layer_idx, layer, query, step) if self._inner else None
 
     def step_end(self, store: KVStore, ctx: StepContext) -> None:
         if self._inner is not None:

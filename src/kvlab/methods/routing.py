@@ -2,12 +2,14 @@
 
 :class:`RoutingMethod` holds the parameters every router takes (block size, sink and local blocks, dense
 layers, the recall diagnostic), the budget arithmetic, and the plan/run split: a :class:`RoutePlan` per
-layout on the host once per step (:meth:`RoutingMethod.plan_step`), then a fixed-width selection per
-layer on the device (:meth:`RoutingMethod.select`, the one thing a router implements).
+layout on the host once per step (:meth:`RoutingMethod.plan_step`, carried in the step's
+:class:`~kvlab.methods.base.StepPlan`), then a fixed-width selection per layer on the device
+(:meth:`RoutingMethod.select`, the one thing a router implements).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -20,7 +22,7 @@ from kvlab.cache.store import KVStore, LayerStore, ceil_div, ceil_div_tensor
 from kvlab.errors import KVLabError, check
 from kvlab.files import load_dense_layers
 from kvlab.kernels import selection
-from kvlab.methods.base import Method, PrefillContext
+from kvlab.methods.base import Method, PrefillContext, StepPlan
 
 MAX_BLOCK_SIZE = 256
 
@@ -60,10 +62,10 @@ class RoutingMethod(Method):
     against full attention (a full attention pass per layer; appended to ``recall_log``).
 
     Plan on the host, select on the device: :meth:`plan_step` makes one :class:`RoutePlan` per layout
-    (layers holding the same lengths share it) from the store's host copies, before the step;
-    :meth:`decode_plan` -- the frame every router shares -- then only launches the router's
-    :meth:`select` for a routed layer (dense layers and layers whose rows are all within budget read
-    everything). Called without :meth:`plan_step` (benchmarks, tests), it plans the layer on the spot.
+    (layers holding the same lengths share it) from the store's host copies, before the step, and returns
+    them in the step's :class:`~kvlab.methods.base.StepPlan`; :meth:`decode_plan` -- the frame every
+    router shares -- then only launches the router's :meth:`select` for a layer the plan routes (dense
+    layers and layers whose rows are all within budget read everything).
     """
 
     family: ClassVar[str] = "routing"
@@ -91,8 +93,6 @@ class RoutingMethod(Method):
             self._dense_spec = load_dense_layers(self.dense_layers_profile)
         self.recall_log: list[dict[str, Any]] = []
         self._dense: set[int] | None = None
-        self._calls: dict[int, int] = {}
-        self._plans: dict[int, RoutePlan | None] | None = None  # this step's plans, while plan_step drives
 
     @staticmethod
     def _parse_dense(spec: Any) -> int | list[int] | str:
@@ -140,23 +140,21 @@ class RoutingMethod(Method):
     def reset(self) -> None:
         """Forget all per-run state (called at the start of every decode)."""
         self._dense = None
-        self._calls = {}
-        self._plans = None
         self.recall_log = []
 
     def graph_safe(self) -> bool:
         return not self.record_recall
 
     def is_dense(self, layer_idx: int) -> bool:
-        if self._dense is None:  # decode_plan used without prefill_end (benchmarks, tests)
+        if self._dense is None:  # planned without prefill_end (benchmarks, tests)
             spec = self._dense_spec
             return layer_idx < spec if isinstance(spec, int) else layer_idx in spec
         return layer_idx in self._dense
 
     # ------------------------------------------------------------ plan (host) and run (device)
-    def plan_step(self, store: KVStore, step: int) -> tuple:
-        """One :class:`RoutePlan` per layout for decode step ``step``, for the lengths the step attends
-        over (one token more per row than the store holds now); returns the plans' signatures."""
+    def plan_step(self, store: KVStore, step: StepPlan) -> StepPlan:
+        """One :class:`RoutePlan` per layout for the step, for the lengths it attends over (each row's tokens
+        plus the ``step.new_tokens`` it appends), in the returned plan's ``layers``."""
         plans: dict[int, RoutePlan | None] = {}
         shared: dict[tuple, RoutePlan | None] = {}
         for i in store.compressible_layers():
@@ -165,38 +163,22 @@ class RoutingMethod(Method):
             layer = store.layers[i]
             key = (tuple(layer.capacity_host), tuple(layer.lengths_host))
             if key not in shared:
-                shared[key] = self.host_plan(layer, step, [n + 1 for n in layer.lengths_host])
-                self.prepare_layer(i, layer, shared[key])
-            elif shared[key] is not None:
+                shared[key] = self.host_plan(layer, step.step, [n + step.new_tokens for n in layer.lengths_host])
+            if shared[key] is not None:
                 self.prepare_layer(i, layer, shared[key])
             plans[i] = shared[key]
-        self._plans = plans
-        return tuple((i, None if p is None else p.signature) for i, p in plans.items())
+        return dataclasses.replace(step, layers=plans)
 
-    def decode_plan(self, layer_idx: int, layer: LayerStore, query: torch.Tensor,
-                    q_positions: torch.Tensor) -> ReadPlan | None:
-        """The frame every router shares: a dense layer, or one whose rows are all within budget, reads
-        everything (``None``); otherwise :meth:`select` picks what this step reads, and its attention
-        recall is logged when ``record_recall`` is on."""
-        if self.is_dense(layer_idx):
-            return None
-        if self._plans is not None:
-            plan = self._plans.get(layer_idx)
-        else:  # not driven by decode: plan this layer now, for what it holds
-            plan = self.host_plan(layer, self.next_step(layer_idx), layer.lengths_host)
-            if plan is not None:
-                self.prepare_layer(layer_idx, layer, plan)
+    def decode_plan(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, step: StepPlan) -> ReadPlan | None:
+        """The frame every router shares: a layer the step does not route (dense, or every row within budget)
+        reads everything (``None``); otherwise :meth:`select` picks what it reads, and its attention recall
+        is logged when ``record_recall`` is on."""
+        plan = step.layers.get(layer_idx)
         if plan is None:
             return None
-        read = self.select(layer_idx, layer, query, plan)
+        read = self.select(layer_idx, layer, query, plan, step.backend)
         self.record(layer_idx, plan.step, layer, query, getattr(self, "_scaling", None), read)
         return read
-
-    def next_step(self, layer_idx: int) -> int:
-        """The decode step number of this call for ``layer_idx`` (0, 1, ...), when no plan_step drives."""
-        step = self._calls.get(layer_idx, 0)
-        self._calls[layer_idx] = step + 1
-        return step
 
     def host_plan(self, layer: LayerStore, step: int, lengths: list[int]) -> RoutePlan | None:
         """The plan of a routed layer at ``lengths`` (host ints), or ``None`` when every row is within budget."""
@@ -221,10 +203,12 @@ class RoutingMethod(Method):
         return max(1, max(blocks(n) for n in points))
 
     def prepare_layer(self, layer_idx: int, layer: LayerStore, plan: RoutePlan) -> None:
-        """Host-side preparation of a routed layer before its step (per-layer state sized to the plan)."""
+        """Host-side preparation of a routed layer before its step (per-layer state sized to the plan, brought
+        up to what the layer holds)."""
 
-    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, plan: RoutePlan) -> ReadPlan:
-        """What decode step ``plan.step`` of a routed layer reads (device work only)."""
+    def select(self, layer_idx: int, layer: LayerStore, query: torch.Tensor, plan: RoutePlan,
+               backend: str) -> ReadPlan:
+        """What decode step ``plan.step`` of a routed layer reads (device work only, on ``backend``'s kernels)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ budget

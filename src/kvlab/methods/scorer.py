@@ -1,15 +1,17 @@
-"""The frame of the scoring evictors (as kvpress's ``ScorerPress.compress``): after prefill, score every
-stored token of each compressible layer and keep each row's highest; a subclass implements only
-:meth:`ScorerMethod.score`.
+"""The frames of the evictors.
 
-:class:`HeldScorer` adds decode-time eviction that holds every row at its post-prefill size (TOVA, H2O):
-each step's :meth:`~kvlab.methods.base.Method.step_end` marks the row's victim dead on the device, and the
-host compacts the dead slots away every ``compact_every`` steps (:func:`kvlab.methods._scoring.maintain`).
+:class:`ScorerMethod` (as kvpress's ``ScorerPress.compress``): after prefill, score every stored token of
+each compressible layer and keep each row's highest; a subclass implements only :meth:`ScorerMethod.score`.
+
+:class:`HeldCache`: decode-time eviction that holds every row at a fixed size (StreamingLLM, and through
+:class:`HeldScorer` TOVA and H2O): past its cap, each step's :meth:`~kvlab.methods.base.Method.step_end`
+marks one victim per row dead on the device (a subclass implements only :meth:`HeldCache.victims`), and
+the host compacts the dead slots away every ``compact_every`` steps (:func:`kvlab.methods._scoring.maintain`)
+in :meth:`~kvlab.methods.base.Method.plan_step`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -18,7 +20,7 @@ import torch
 from kvlab.cache.store import KVStore, LayerStore
 from kvlab.errors import check
 from kvlab.methods import _scoring as S
-from kvlab.methods.base import Method, PrefillContext
+from kvlab.methods.base import Method, PrefillContext, StepContext, StepPlan
 
 
 @dataclass
@@ -54,43 +56,37 @@ class ScorerMethod(Method):
 
 
 @dataclass
-class HeldScorer(ScorerMethod):
-    """A scorer that keeps evicting during decode (``decode_evict``), one token per row and step past the
-    row's post-prefill size; ``compact_every`` decode steps between in-place compactions.
+class HeldCache(Method):
+    """Decode-time eviction that holds each row at its cap (set by :meth:`hold` at prefill end): one victim per
+    row and step past the cap, ``compact_every`` decode steps between in-place compactions.
 
-    Memory bound: a row holds at most its kept tokens plus ``compact_every + 1`` slots (rounded up to whole
-    blocks). A subclass implements :meth:`~kvlab.methods.base.Method.step_end` (device work only).
+    Memory bound: a row holds at most its cap plus ``compact_every + 1`` slots (rounded up to whole blocks).
+    A subclass implements :meth:`victims` (device work only).
     """
 
-    decode_evict: bool = True
     compact_every: int = S.COMPACT_EVERY
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.compact_every >= 1, f"compact_every must be >= 1 decode step, got {self.compact_every}")
-        self._capacity: torch.Tensor | None = None  # [B] tokens kept per sequence
-        self._caps: list[int] = []  # [rows] the same on the host
-        self._scaling = 1.0
+        self._capacity: torch.Tensor | None = None  # [B] tokens kept per sequence, on the device (None: no hold)
+        self._caps: list[int] = []  # [rows] the cap of each row, on the host
+        self._row_caps = torch.empty(0, dtype=torch.long)  # the same on the device
 
-    def observes_decode_queries(self) -> bool:
-        return self.decode_evict and S.compresses(self)
-
-    def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
-        self._capacity = None
-        super().prefill_end(store, ctx)
-
-    def prepare(self, store: KVStore, ctx: PrefillContext) -> None:
-        # on the device of the row lengths it is compared with at every step
-        self._capacity = S.kept_per_sequence(self, ctx.context_lengths, device=store.layers[0].lengths.device)
-        self._caps = S.rows_of(self._capacity.tolist(), store.kv_heads)
-        self._scaling = ctx.scaling
-
-    def kept(self, layer_idx: int, num_layers: int, ctx: PrefillContext) -> torch.Tensor:
-        return self._capacity
+    def hold(self, store: KVStore, per_sequence: list[int]) -> None:
+        """Hold every row of a sequence at its count of ``per_sequence`` during decode."""
+        device = store.layers[0].lengths.device
+        self._capacity = torch.tensor(per_sequence, dtype=torch.long, device=device)
+        self._caps = S.rows_of(per_sequence, store.kv_heads)
+        self._row_caps = torch.tensor(self._caps, dtype=torch.long, device=device)
 
     def evicting(self) -> bool:
-        """Whether this decode evicts (``decode_evict``, and the prefill compressed)."""
-        return self.decode_evict and self._capacity is not None
+        """Whether this decode evicts (a cap was set at prefill end)."""
+        return self._capacity is not None
+
+    def victims(self, layer_idx: int, layer: LayerStore, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(slot [rows], evict [rows] bool)``: each row's victim after a step, and whether it dies."""
+        raise NotImplementedError
 
     def per_slot(self, layer_idx: int, layer: LayerStore) -> list[torch.Tensor]:
         """The method's per-slot values of a layer (``[rows, W]`` each) that compaction moves with the slots,
@@ -100,17 +96,58 @@ class HeldScorer(ScorerMethod):
     def decode_reserve(self, tokens: int) -> int:
         return min(tokens, self.compact_every + 1) if self.evicting() else tokens
 
-    def plan_step(self, store: KVStore, step: int) -> Hashable:
+    def plan_step(self, store: KVStore, step: StepPlan) -> StepPlan:
         """Host upkeep before a step: compaction every ``compact_every`` steps."""
+        self._maintain(store, self.compact_every)
+        return step
+
+    def step_end(self, store: KVStore, ctx: StepContext) -> None:
         if self.evicting():
             for i in store.compressible_layers():
-                S.maintain(store.layers[i], self._caps, self.compact_every, self.per_slot(i, store.layers[i]))
-        return None
+                S.mark_dead(store.layers[i], *self.victims(i, store.layers[i], ctx))
 
     def decode_end(self, store: KVStore) -> None:
+        self._maintain(store, 1)
+
+    def _maintain(self, store: KVStore, every: int) -> None:
         if self.evicting():
             for i in store.compressible_layers():
-                S.maintain(store.layers[i], self._caps, 1, self.per_slot(i, store.layers[i]))
+                S.maintain(store.layers[i], self._caps, every, self.per_slot(i, store.layers[i]))
 
     def graph_safe(self) -> bool:
         return True
+
+
+@dataclass
+class HeldScorer(ScorerMethod, HeldCache):
+    """A scorer that keeps evicting during decode (``decode_evict``), holding each row at its post-prefill
+    size: :class:`HeldCache` with the cap of :class:`ScorerMethod`'s prefill."""
+
+    decode_evict: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._scaling = 1.0
+
+    def observes_decode_queries(self) -> bool:
+        return self.decode_evict and S.compresses(self)
+
+    def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
+        self._capacity = None
+        super().prefill_end(store, ctx)
+        if not self.decode_evict:
+            self._capacity = None
+
+    def prepare(self, store: KVStore, ctx: PrefillContext) -> None:
+        self.hold(store, S.kept_per_sequence(self, ctx.context_lengths).tolist())
+        self._scaling = ctx.scaling
+
+    def kept(self, layer_idx: int, num_layers: int, ctx: PrefillContext) -> torch.Tensor:
+        return self._capacity
+
+    def lowest(self, scores: torch.Tensor, candidates: torch.Tensor,
+               live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The victims of a scorer: each row's lowest-scored candidate, evicted while the row holds more live
+        tokens than its cap (``scores``/``candidates``/``live``: ``[rows, W]``)."""
+        victim = torch.where(candidates, scores, torch.inf).argmin(1)
+        return victim, live.sum(1) > self._row_caps

@@ -11,26 +11,25 @@ at most ``n_sink + window + compact_every + 1`` slots (rounded up to whole block
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from kvlab.cache.store import KVStore
+from kvlab.cache.store import KVStore, LayerStore
 from kvlab.errors import check
-from kvlab.methods import _scoring as S
-from kvlab.methods.base import Method, PrefillContext, StepContext, register
+from kvlab.methods.base import PrefillContext, StepContext, register
+from kvlab.methods.scorer import HeldCache
 
 
 @register
 @dataclass
-class Streaming(Method):
+class Streaming(HeldCache):
     """Sinks plus a recent window. The window is ``budget * context - n_sink`` tokens unless ``window`` is set.
 
     With no budget, ratio, token budget or window (or budget 1), nothing is ever evicted: the full
     budget is the uncompressed cache, as for every kvlab method. ``compact_every``: decode steps
-    between in-place compactions of the slots marked dead (see the module docstring).
+    between in-place compactions of the slots marked dead (:class:`~kvlab.methods.scorer.HeldCache`).
     """
 
     name: ClassVar[str] = "streaming"
@@ -39,15 +38,11 @@ class Streaming(Method):
 
     n_sink: int = 4
     window: int | None = None
-    compact_every: int = S.COMPACT_EVERY
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.n_sink >= 0, f"n_sink must be >= 0, got {self.n_sink}")
         check(self.window is None or self.window >= 1, f"window must be >= 1 token, got {self.window}")
-        check(self.compact_every >= 1, f"compact_every must be >= 1 decode step, got {self.compact_every}")
-        self._capacity: torch.Tensor | None = None  # [rows] tokens kept per row, on the device
-        self._caps: list[int] = []  # the same on the host
 
     def prefill_end(self, store: KVStore, ctx: PrefillContext) -> None:
         self._capacity = None
@@ -57,14 +52,13 @@ class Streaming(Method):
         keep = [self.kept_tokens(n) for n in lengths]
         check(all(k > self.n_sink for k in keep),
               f"budget leaves no room for a window after {self.n_sink} sink tokens; raise the budget")
-        self._caps = S.rows_of(keep, store.kv_heads)
-        self._capacity = torch.tensor(self._caps, dtype=torch.long, device=store.layers[0].device)
+        self.hold(store, keep)
         for i in store.compressible_layers():
             layer = store.layers[i]
             if all(n <= c for n, c in zip(layer.lengths_host, self._caps, strict=True)):
                 continue
             idx = torch.arange(layer.max_length, device=layer.device)[None, :]
-            keep_mask = (idx < self.n_sink) | (idx >= (layer.lengths - (self._capacity - self.n_sink))[:, None])
+            keep_mask = (idx < self.n_sink) | (idx >= (layer.lengths - (self._row_caps - self.n_sink))[:, None])
             layer.repack(keep=keep_mask, reserve_tokens=layer.block_size)
 
     def kept_tokens(self, context_length: int) -> int:
@@ -74,30 +68,7 @@ class Streaming(Method):
             return self.n_sink + self.window
         return self.tokens_kept(context_length)
 
-    def decode_reserve(self, tokens: int) -> int:
-        return tokens if self._capacity is None else min(tokens, self.compact_every + 1)
-
-    def plan_step(self, store: KVStore, step: int) -> Hashable:
-        if self._capacity is not None:
-            for i in store.compressible_layers():
-                S.maintain(store.layers[i], self._caps, self.compact_every)
-        return None
-
-    def step_end(self, store: KVStore, ctx: StepContext) -> None:
-        """The token that just left each row's window dies (device work only)."""
-        if self._capacity is None:
-            return
-        for i in store.compressible_layers():
-            layer = store.layers[i]
-            # a row past its cap holds the sinks, dead slots, then the window: its oldest window token
-            # sits `window + 1` slots from the end
-            victim = layer.lengths - (self._capacity - self.n_sink) - 1
-            S.mark_dead(layer, victim, layer.lengths > self._capacity)
-
-    def decode_end(self, store: KVStore) -> None:
-        if self._capacity is not None:
-            for i in store.compressible_layers():
-                S.maintain(store.layers[i], self._caps, 1)
-
-    def graph_safe(self) -> bool:
-        return True
+    def victims(self, layer_idx: int, layer: LayerStore, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token that just left each row's window (device work only): a row past its cap holds the sinks,
+        dead slots, then the window, so its oldest window token sits ``window + 1`` slots from the end."""
+        return layer.lengths - (self._row_caps - self.n_sink) - 1, layer.lengths > self._row_caps

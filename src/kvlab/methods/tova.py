@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from kvlab.attention.probs import attention_probs, padded_layer
-from kvlab.cache.store import KVStore, LayerStore
+from kvlab.cache.store import LayerStore
 from kvlab.methods import _scoring as S
 from kvlab.methods.base import PrefillContext, StepContext, register
 from kvlab.methods.scorer import HeldScorer
@@ -49,15 +49,10 @@ class TOVA(HeldScorer):
         query, q_pos = S.observed_queries(ctx, layer_idx, 1)
         return _tova_scores(layer, query, q_pos, ctx.scaling)
 
-    def step_end(self, store: KVStore, ctx: StepContext) -> None:
-        """Past the cap, each row's lowest-scored token dies (device work only: fixed widths, no read-back)."""
-        if not self.evicting():
-            return
-        for i in store.compressible_layers():
-            layer = store.layers[i]
-            width = layer.max_capacity_tokens
-            scores = _tova_scores(layer, ctx.queries[i], ctx.positions[:, None], self._scaling, width)
-            scores = scores.view(layer.rows, width)
-            live = scores > float("-inf")
-            victim = torch.where(live, scores, torch.inf).argmin(1)
-            S.mark_dead(layer, victim, live.sum(1) > S.per_row(self._capacity, layer.kv_heads))
+    def victims(self, layer_idx: int, layer: LayerStore, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's lowest-scored token by the step's query (device work only: fixed widths, no read-back)."""
+        width = layer.max_capacity_tokens
+        scores = _tova_scores(layer, ctx.queries[layer_idx], ctx.positions[:, None], self._scaling, width)
+        scores = scores.view(layer.rows, width)
+        live = scores > float("-inf")
+        return self.lowest(scores, live, live)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from kvlab.models.integration import left_pad, positions_from_valid
+from kvlab.models.shaping import left_pad, positions_from_valid
 
 
 @torch.no_grad()
