@@ -100,7 +100,9 @@ def _hf_steps(model: Any, ids: list[list[int]], steps: int) -> float:
 def _kvlab_step_seconds(model: Any, snapshot: Any, name: str, params: dict[str, Any], steps: int,
                         **decode_kwargs: Any) -> float:
     result = decode(model, snapshot, make_method(name, **params), max_new_tokens=steps + 1, **decode_kwargs)
-    return result.decode_seconds / max(result.steps, 1)
+    # per step run; an older checkout's result (decode_host_time.py --tree) has no steps_run, and without an
+    # end-of-sequence id it ran the steps it counted
+    return result.decode_seconds / max(getattr(result, "steps_run", result.steps), 1)
 
 
 def run(model: Any, contexts: list[int], batch: int = 1, steps: int = 16, rounds: int = 2,

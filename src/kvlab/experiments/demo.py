@@ -38,7 +38,7 @@ def run(model: Any, tokenizer: Any, methods: list[tuple[str, dict[str, Any]]], p
             "prompt tokens": int(snapshot.context_lengths[0]),
             "tokens held %": 100 * float(result.kept_after_prefill.sum()) / full_tokens,
             "cache MB": result.bytes_after_prefill / 2**20,
-            "decode tok/s": result.steps / result.decode_seconds if result.decode_seconds else None,
+            "decode tok/s": result.tokens_per_second,
             "answer": answer.strip(),
         })
     return rows
