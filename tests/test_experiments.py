@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kvlab
-from kvlab.experiments import access, entropy, locality, metrics, niah, ppl, report, synthetic
+from kvlab.experiments import access, entropy, locality, metrics, niah, ppl, report, runner, synthetic
 from kvlab.experiments.runner import Cells, resolve, run_method, truncate
 from kvlab.experiments.texts import code_files, prose_files, text_tokens
 from kvlab.generation import prefill
@@ -194,7 +194,7 @@ METHODS = ["full", "block-route", "snapkv", "streaming", "quantize"]
 def test_locality_and_entropy_end_to_end(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("KVLAB_CACHE", str(tmp_path / "cache"))
     model, tok = tiny
-    pool = locality.TextPool(model, tok, ["prose", "code"], [128, 256])
+    pool = runner.TextPool(model, tok, ["prose", "code"], [128, 256])
     cells = locality.profile_cells(pool, Cells(tmp_path / "cells"), "random:tiny-llama")
     assert len(cells) == 4
     for c in cells:
@@ -237,7 +237,7 @@ def test_niah_ppl_synthetic_end_to_end_with_plots(tiny, tmp_path):
         assert all(0 <= g <= 1 for r in c["rows"] for g in r["ger_per_layer"])
     full = [c for c in nd if c["method"] == "full"][0]
     assert all(g == 0 for r in full["rows"] for g in r["ger_per_layer"])  # the full cache evicts nothing
-    pool = locality.TextPool(model, tok, ["prose", "code"], [256], extra=16)
+    pool = runner.TextPool(model, tok, ["prose", "code"], [256], extra=16)
     pd = ppl.run_cells(pool, "tiny", specs, [0.25], [256], 6, cells, notes)
     assert all(c["tokens"] == 5 and all(math.isfinite(v) for v in c["ppl"].values()) for c in pd)
     sd = synthetic.run_cells(model, tok, "tiny", specs, [0.5, 0.9], 1200, cells, notes, max_new_tokens=3)

@@ -175,3 +175,27 @@ def test_the_rules_catch_what_they_should(tmp_path: Path, importer: str, importe
     assert bool(bad) == (why is not None), bad
     if why:
         assert why in bad[0]
+
+
+def test_no_import_cycles() -> None:
+    """No module reaches itself through imports, type-only ones (``if TYPE_CHECKING:``) included: a circle is
+    two modules that are really one, or a piece that belongs below both."""
+    graph = {me: {t for _, module, names in imports_of(path) for t in targets(module, names)
+                  if t in MODULES and t != me and not (path.name == "__init__.py" and _within(t, me))}
+             for me, path in MODULES.items()}
+    cycles = []
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(path[path.index(nxt):] + [node, nxt]) if nxt in path else f"{node} -> {nxt}")
+            elif nxt not in state:
+                visit(nxt, path + [node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 import kvlab
-from kvlab.experiments import entropy, locality, metrics, study, synthetic, validate
+from kvlab.experiments import entropy, locality, metrics, runner, study, synthetic, validate
 
 
 # ----------------------------------------------------------------------------- metric functions
@@ -190,10 +190,10 @@ def test_a_pool_shrinks_to_what_perplexity_needs_and_prefills_again_past_it(monk
 
     model, tok = kvlab.load("random:tiny-llama")
     calls = []
-    real = locality.prefill
-    monkeypatch.setattr(locality, "prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
-    pool = locality.TextPool(model, tok, ["code"], [64, 128], first_index=1)
-    both = locality.TextPool(model, tok, ["prose", "code"], [64, 128], total=pool.total)
+    real = runner.prefill
+    monkeypatch.setattr(runner, "prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pool = runner.TextPool(model, tok, ["code"], [64, 128], first_index=1)
+    both = runner.TextPool(model, tok, ["prose", "code"], [64, 128], total=pool.total)
     assert pool.ids[0] == both.ids[1]  # a one-kind pool holds the same text as that kind's row
     k64 = pool.at(64)[0].store.layers[0].row_view(0)[0].clone()
     pool.shrink(64)

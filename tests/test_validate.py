@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 import kvlab
-from kvlab.experiments import access, locality, niah, study, synthetic, validate
+from kvlab.experiments import access, niah, runner, study, synthetic, validate
 from kvlab.experiments.study import Config
 from kvlab.experiments.validate import run_validate
 
@@ -72,7 +72,7 @@ def test_resume_uses_cached_cells(first_run, tiny, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("prefilled again although every cell was cached")
 
-    for module in (locality, niah, synthetic):
+    for module in (runner, niah, synthetic):
         monkeypatch.setattr(module, "prefill", boom)
     model, tok = tiny
     res = run_validate("random:tiny-llama", out, "quick", config=TINY, model=model, tokenizer=tok)
@@ -195,7 +195,7 @@ def test_a_model_sized_run_in_parts_with_a_second_model_resumes(tiny, tmp_path, 
     def boom(*args, **kwargs):
         raise AssertionError("prefilled again although every cell was cached")
 
-    for module in (locality, synthetic):
+    for module in (runner, synthetic):
         monkeypatch.setattr(module, "prefill", boom)
     again = run_validate("random:tiny-llama", out, "full", only=only, config=cfg, model=model, tokenizer=tok)
     assert again["experiments"]["synthetic"]["summary"]["rows"] == sy["summary"]["rows"]

@@ -36,8 +36,7 @@ from kvlab.attention.plans import ReadPlan
 from kvlab.attention.torch_attention import attend_plan
 from kvlab.cache.store import KVStore, LayerStore
 from kvlab.errors import KVLabError, check
-from kvlab.experiments.locality import TextPool
-from kvlab.experiments.runner import Cells, resolve, run_method
+from kvlab.experiments.runner import Cells, TextPool, resolve, run_method
 from kvlab.experiments.study import Config, Study
 from kvlab.machine import cores, cpu_name
 

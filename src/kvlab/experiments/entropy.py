@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from kvlab.errors import KVLabError
-from kvlab.experiments.locality import TextPool, profile_cells, profile_pools
+from kvlab.experiments.locality import profile_cells, profile_pools
 from kvlab.experiments.metrics import boundary_layer, mean
+from kvlab.experiments.runner import TextPool
 from kvlab.experiments.study import Config, Study, check_context
 from kvlab.files import entropy_profile_path
 from kvlab.io import write_atomic

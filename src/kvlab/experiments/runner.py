@@ -1,5 +1,6 @@
 """The machinery every experiment shares: method configurations from the registry, cached cells,
-snapshots truncated to a prefill's capture points, and teacher-forced decoding with a method applied. (The
+snapshots truncated to a prefill's capture points (:class:`TextPool`, the prefilled real text every
+profile and perplexity read), and teacher-forced decoding with a method applied. (The
 attention weights the locality experiments read, recomputed from a snapshot's stored keys and observed
 queries, are :func:`kvlab.attention.probs.attention_weights`, importable from here too.)
 
@@ -23,7 +24,8 @@ import torch
 from kvlab.attention.probs import attention_weights  # noqa: F401  (the experiments import it from here)
 from kvlab.cache.store import LayerStore
 from kvlab.errors import KVLabError, check
-from kvlab.generation import Snapshot, StepInfo, decode
+from kvlab.experiments.texts import bos_ids, text_tokens
+from kvlab.generation import Captured, Snapshot, StepInfo, decode, prefill
 from kvlab.io import write_atomic
 from kvlab.methods.base import Method, by_family, make_method
 
@@ -169,6 +171,62 @@ def truncate(snapshot: Snapshot, point: int) -> Snapshot:
                     num_query_heads=snapshot.num_query_heads, prefill_seconds=snapshot.prefill_seconds,
                     prompt_ids=[x[:point] for x in snapshot.prompt_ids],
                     captured={k: v for k, v in snapshot.captured.items() if k <= point})
+
+
+class TextPool:
+    """Real code and prose streams of one model, prefilled once (lazily) with capture points at every
+    context length; :meth:`at` gives the exact snapshot at any of those lengths."""
+
+    def __init__(self, model: Any, tokenizer: Any, kinds: list[str], lengths: list[int], seed: int = 0,
+                 extra: int = 256, block_size: int = 16, total: int | None = None, first_index: int = 0,
+                 keep: int | None = None):
+        """``total``: tokens drawn per text (default: the longest length + ``extra``). The texts depend on
+        it, so two pools with the same ``total``, seed and tokenizer hold the same prompts. Text ``i`` is drawn
+        with seed ``seed + first_index + i``: a pool of one kind (one prefill per text, half the memory) holds
+        the same text as that kind's row in a pool of all kinds when ``first_index`` is its position there.
+        ``keep``: once :func:`profile_cells` has profiled the pool, keep only the snapshot at this length (0:
+        none), to free a long prefill's memory for the next pool."""
+        self.model, self.kinds, self.lengths = model, kinds, sorted(lengths)
+        self.block_size = block_size
+        bos = bos_ids(tokenizer)
+        total = total or self.lengths[-1] + extra
+        check(total >= self.lengths[-1], f"a text pool of {total} tokens cannot reach {self.lengths[-1]}")
+        self.total = total
+        self.ids = [bos + text_tokens(tokenizer, kind, total - len(bos), seed + first_index + i)
+                    for i, kind in enumerate(kinds)]
+        self._snap: Snapshot | None = None
+        self._held = 0  # the length the snapshot holds
+        self.keep = keep
+
+    def _ensure(self, length: int) -> None:
+        if self._snap is not None and length > self._held:
+            self._snap = None  # shrunk below this length: prefill again
+        if self._snap is None:
+            longest = self.lengths[-1]
+            self._snap = prefill(self.model, [x[:longest] for x in self.ids], capture=self.lengths, chunk_size=1024,
+                                 block_size=self.block_size, label=f"prefill {'+'.join(self.kinds)}")
+            self._held = longest
+
+    def at(self, length: int) -> tuple[Snapshot, Captured]:
+        self._ensure(length)
+        assert self._snap is not None
+        snap = self._snap if length == self._held else truncate(self._snap, length)
+        return snap, snap.captured[length]
+
+    def shrink(self, length: int) -> None:
+        """Keep only the snapshot at ``length`` (and the capture points up to it): the memory of a long prefill
+        is freed once its longer points are profiled. A longer point asked for later is prefilled again."""
+        if self._snap is None or length >= self._held:
+            return
+        if length <= 0:
+            self._snap, self._held = None, 0
+            return
+        self._snap, _ = self.at(length)
+        self._held = length
+
+    @property
+    def prefill_seconds(self) -> float | None:
+        return None if self._snap is None else self._snap.prefill_seconds
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvlab.errors import KVLabError
-from kvlab.experiments.locality import TextPool
-from kvlab.experiments.runner import Cells, MethodSpec, resolve
+from kvlab.experiments.runner import Cells, MethodSpec, TextPool, resolve
 
 # The sections of a run, in the order it takes them unless told otherwise (``validate.EXPERIMENTS`` holds
 # each one's ``run`` and ``summarize``).
