@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvlab.kernels.reference import block_select_ref, key_summaries
 from kvlab.methods import make_method
 from kvlab.vllm.routing import PageSummaries, compact_block_table, plan_step, select_pages
 
@@ -118,6 +119,55 @@ def test_selection_is_the_top_pages_by_brute_force_score_with_sink_and_newest(sc
         assert chosen == sorted([0, *middle, npages - 1])
         assert physical[r, :k].tolist() == table[r, chosen].tolist()
         assert int(plan.seq_lens[r]) == (k - 1) * PAGE + (n - (npages - 1) * PAGE)
+
+
+def kvlab_selection(query, keys, table, lengths, plan, m, score):
+    """kvlab's own block-route selection (:func:`kvlab.kernels.reference.block_select_ref`: row_block_scores,
+    forced_blocks, top_blocks) with one row per request over its KV heads, vLLM's semantics: the summaries of
+    its keys in logical order (key_summaries, as kvlab's BlockMeta makes them) and its queries laid out alike."""
+    nd, width = len(lengths), max(-(-n // PAGE) for n in lengths)
+    units = []
+    for r, n in enumerate(lengths):
+        k = torch.zeros(width * PAGE, H * D)
+        k[:n] = logical_keys(keys, table, r, n).reshape(n, H * D)
+        units.append(key_summaries(k.view(-1, SB, H * D), (torch.arange(width * PAGE) < n).view(-1, SB, 1)))
+    centroids, kmin, kmax = (torch.stack(x) for x in zip(*units, strict=True))
+    summaries = {"centroids": centroids} if score == "centroid" else {"kmin": kmin, "kmax": kmax}
+    q = query.view(nd, H, G, D).transpose(1, 2).reshape(nd, 1, G, H * D)
+    index, _ = block_select_ref(q, torch.tensor(lengths), plan.k, plan.keep.shape[1], PAGE, unit=SB,
+                                sink_blocks=m.sink_blocks, local_blocks=m.local_blocks, **summaries)
+    return index
+
+
+def tied_keys(keys, table, lengths):
+    """Keys of exactly tied scores: all 0.25 in request 0; elsewhere 0.25 but for one sub-page of 0.5 in every
+    odd page, so the odd pages tie above the even ones through the max over a page's sub-pages."""
+    tied = torch.full_like(keys, 0.25)
+    for r, n in enumerate(lengths[1:], start=1):
+        for p in range(1, -(-n // PAGE), 2):
+            sub = (p // 2) % (PAGE // SB)
+            tied[table[r, p], :, sub * SB:(sub + 1) * SB] = 0.5
+    return tied
+
+
+@pytest.mark.parametrize("score", ["centroid", "bound"])
+def test_tied_pages_are_the_pages_kvlab_block_route_picks(score):
+    """Equal scores pick equal pages in both engines: with integer queries (of positive sum) and keys of
+    0.25 and 0.5, tied pages score exactly alike and every budget cuts through a tie; vLLM's selection equals
+    kvlab's, which breaks ties to the lowest page."""
+    lengths = [2000, 1100, 3000, 700]
+    keys, table = paged_cache(lengths, seed=4)
+    keys = tied_keys(keys, table, lengths)
+    query = torch.randint(-3, 4, (len(lengths), H * G, D), generator=torch.Generator().manual_seed(5)).float()
+    query = query * torch.where(query.sum((1, 2)) < 0, -1.0, 1.0)[:, None, None]
+    m = method(budget=0.5, score=score)
+    plan = plan_step(m, table, torch.tensor(lengths, dtype=torch.int32), num_decodes=len(lengths), page_size=PAGE,
+                     score_block=SB)
+    _, logical = select_pages(query, plan, summarise(lengths, keys, table, bounds=score == "bound"))
+    kvlab = kvlab_selection(query, keys, table, lengths, plan, m, score)
+    chosen = [logical[r, :k].tolist() for r, k in enumerate(plan.k.tolist())]
+    assert chosen == [kvlab[r, :k].tolist() for r, k in enumerate(plan.k.tolist())]
+    assert chosen[:3] == [[0, 1, 2, 3, 4, 5, 15], [0, 1, 3, 8], [0, 1, 3, 5, 7, 9, 11, 13, 15, 17, 23]]
 
 
 def test_compacted_table_keeps_prefill_rows_and_a_covering_budget_does_not_route():

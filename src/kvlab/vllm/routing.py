@@ -11,10 +11,14 @@ Plain PyTorch on vLLM's tensors, no vLLM import, so it reads (and is tested) on 
   budget, the pages it must read (the sink page and the newest page) and the ``seq_lens`` of the
   compacted read. Every routed layer of the step shares it, so a layer does no host work and reads
   nothing back.
-- :func:`select_pages` -- per routed layer: score each decode request's sub-pages against its query
-  (summed over the query heads of each GQA group and over the KV heads, because vLLM's kernel takes one
-  block table per request: the selection is per request and layer), take a page's score as the max of its
-  sub-pages, keep the top pages within the budget, and return them in logical order. Written into the
+- :func:`select_pages` -- per routed layer, kvlab's own block-route selection on one row per decode
+  request: the request's sub-page summaries and its query heads laid out as one row over all KV heads
+  (vLLM's kernel takes one block table per request, so the selection is per request and layer, the scores
+  summed over the query heads of each GQA group and over the KV heads), scored by
+  :func:`kvlab.kernels.reference.row_block_scores` (a page scores the max of its sub-pages), the sink and
+  newest pages forced (:func:`kvlab.kernels.selection.forced_blocks`, in the plan) and the top pages within
+  the budget kept by :func:`kvlab.kernels.selection.top_blocks` -- forced pages first, ties to the lowest
+  page, in logical order -- exactly as kvlab's block-route selects a row. Written into the
   block table with the plan's ``seq_lens``, they make vLLM's own paged kernel read only those pages:
   every selected page but the newest is full, and the newest is last, so a compacted request of ``k``
   pages holds ``(k - 1) * page_size + tokens in the newest page`` keys, which causal decode reads whole.
@@ -26,7 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlab.methods.base import Method
+from kvlab.errors import check
+from kvlab.kernels.reference import row_block_scores
+from kvlab.kernels.selection import forced_blocks, top_blocks
+from kvlab.methods.block_route import BlockRoute
 
 
 @dataclass
@@ -38,7 +45,8 @@ class StepPlan:
     ids in logical order (0-padded), ``sub_valid`` ``[nd, P * R]`` which sub-pages hold tokens,
     ``page_valid``/``forced`` ``[nd, P]`` (``forced``: the sink and newest pages), ``keep`` ``[nd, kmax]``
     (slot < the request's page budget), ``k`` ``[nd]``; ``seq_lens``: the whole batch's, decode rows
-    compacted to what they read.
+    compacted to what they read. The masks are what a layer reads on the device: :func:`select_pages`
+    counts its tokens, pages and budget from them (no host value per layer).
     """
 
     num_decodes: int
@@ -51,29 +59,29 @@ class StepPlan:
     seq_lens: torch.Tensor
 
 
-def plan_step(method: Method, block_table: torch.Tensor, seq_lens: torch.Tensor, num_decodes: int,
+def plan_step(method: BlockRoute, block_table: torch.Tensor, seq_lens: torch.Tensor, num_decodes: int,
               page_size: int, score_block: int) -> StepPlan | None:
-    """The plan of one step for ``block-route`` (``method``: a validated :class:`BlockRoute`), or ``None``
-    when no decode request reads less than everything (vLLM's own call then runs unchanged).
+    """The plan of one step for ``block-route`` (``method``: a validated :class:`BlockRoute` whose
+    ``block_size`` is the page size), or ``None`` when no decode request reads less than everything (vLLM's
+    own call then runs unchanged).
 
     ``block_table`` ``[reqs, max_pages]`` and ``seq_lens`` ``[reqs]`` (tokens in the cache, this step's
-    included): vLLM's host tensors for the step; the first ``num_decodes`` requests are decodes.
+    included): vLLM's host tensors for the step; the first ``num_decodes`` requests are decodes. Pages and
+    budgets follow kvlab's block-route: :meth:`~kvlab.methods.routing.RoutingMethod.blocks_read`, at least
+    the forced pages of :func:`kvlab.kernels.selection.forced_blocks`.
     """
     if num_decodes == 0:
         return None
+    check(method.block_size == page_size, f"block-route's block_size {method.block_size} is not vLLM's page "
+                                          f"size {page_size}")
     nd = num_decodes
     lengths = seq_lens[:nd].long()
-    n = (lengths + page_size - 1) // page_size
-    budgets = method.row_budgets(lengths)
-    dense = budgets >= lengths
-    forced_n = torch.clamp(n, max=method.sink_blocks + method.local_blocks)
-    k = torch.where(dense, n, torch.minimum(torch.maximum(budgets // page_size, forced_n), n))
+    n, k = method.blocks_read(lengths)
+    width = int(n.max())
+    forced = forced_blocks(n, width, method.sink_blocks, method.local_blocks)
+    k = torch.maximum(k, forced.sum(1))
     if bool((k >= n).all()):
         return None  # every decode request reads everything: vLLM's own call, exactly vanilla
-    width = int(n.max())
-    kmax = int(k.max())
-    cols = torch.arange(width)[None, :]
-    page_valid = cols < n[:, None]
     tail = lengths - (n - 1) * page_size
     compact = seq_lens.clone()
     compact[:nd] = torch.where(k >= n, lengths, (k - 1) * page_size + tail).to(seq_lens.dtype)
@@ -81,9 +89,9 @@ def plan_step(method: Method, block_table: torch.Tensor, seq_lens: torch.Tensor,
         num_decodes=nd,
         pages=block_table[:nd, :width].long(),
         sub_valid=torch.arange(width * (page_size // score_block))[None, :] * score_block < lengths[:, None],
-        page_valid=page_valid,
-        forced=((cols < method.sink_blocks) | (cols >= (n - method.local_blocks)[:, None])) & page_valid,
-        keep=torch.arange(kmax)[None, :] < k[:, None],
+        page_valid=torch.arange(width)[None, :] < n[:, None],
+        forced=forced,
+        keep=torch.arange(int(k.max()))[None, :] < k[:, None],
         k=k,
         seq_lens=compact)
 
@@ -102,6 +110,7 @@ class PageSummaries:
                  bounds: bool, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
         self.page_size, self.score_block = page_size, score_block
         self.r = page_size // score_block
+        self.kv_heads = kv_heads
         self.bounds = bounds
         # One spare sub-page at the end absorbs padding slots (-1). Min/max are kept in the keys' dtype (exact,
         # and half the bytes to read in bf16); sums in float32. Unwritten sub-pages hold 0, never ±inf.
@@ -118,6 +127,16 @@ class PageSummaries:
         """``ksum``/``kmin``/``kmax`` as ``[num_blocks, R, H, D]``, ``count`` as ``[num_blocks, R]``."""
         t = getattr(self, name)[:-1]
         return t.view(self.num_blocks, self.r, *t.shape[1:])
+
+    def rows(self, pages: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The summaries of the sub-pages of ``pages`` ``[rows, P]`` (physical ids), one row per request over
+        all KV heads, as :func:`kvlab.kernels.reference.row_block_scores` takes them: ``centroids`` (the key
+        sum over the count) or ``kmin``/``kmax``, each ``[rows, P * R, H * D]``."""
+        rows, width = pages.shape
+        if self.bounds:
+            return {name: self.view(name)[pages].view(rows, width * self.r, -1) for name in ("kmin", "kmax")}
+        count = self.view("count")[pages].clamp(min=1)[..., None, None]
+        return {"centroids": self.view("ksum")[pages].div_(count).view(rows, width * self.r, -1)}
 
     def tokens(self) -> torch.Tensor:
         """``[num_blocks]``: tokens summarised in each physical page."""
@@ -162,35 +181,33 @@ class PageSummaries:
 
 def select_pages(query: torch.Tensor, plan: StepPlan, summaries: PageSummaries) -> tuple[torch.Tensor, torch.Tensor]:
     """The pages each decode request reads at this layer: ``(physical ids int32, logical indices)``, both
-    ``[nd, kmax]`` in logical order; a request with budget ``k`` uses its first ``k`` entries (the rest
-    are never read).
+    ``[nd, kmax]`` in logical order; a request with budget ``k`` uses its first ``k`` entries (past them the
+    logical indices are -1 and the physical ids its first page, never read).
 
-    ``query``: ``[nd, H_q, D]``, the decode queries of the routed requests.
+    ``query``: ``[nd, H_q, D]``, the decode queries of the routed requests. kvlab's block-route selection
+    on one row per request (:func:`kvlab.kernels.reference.block_select_ref`'s steps):
+    :func:`~kvlab.kernels.reference.row_block_scores`, then :func:`~kvlab.kernels.selection.top_blocks` with
+    the plan's forced pages -- ties to the lowest page. Device work only: no value is read back.
     """
+    device = query.device
+    pages = plan.pages.to(device)
+    keep = plan.keep.to(device)
+    # row_block_scores keeps sub-page j iff j * score_block < length: the sub-pages that hold tokens
+    lengths = plan.sub_valid.to(device).sum(1) * summaries.score_block
+    scores = row_block_scores(request_rows(query, summaries.kv_heads), lengths, summaries.page_size,
+                              unit=summaries.score_block, **summaries.rows(pages))
+    logical = top_blocks(scores, plan.page_valid.to(device).sum(1), keep.sum(1), keep.shape[1],
+                         plan.forced.to(device))
+    return pages.gather(1, logical.clamp(min=0)).to(torch.int32), logical
+
+
+def request_rows(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``[nd, H_q, D]`` -> ``[nd, 1, G, H_kv * D]``: each request's queries as one GQA row over all KV heads
+    (query head ``h * G + g`` serves KV head ``h``, as :func:`kvlab.attention.gqa.group_queries`), so a
+    row's score sums the group's query heads and the KV heads."""
     nd, hq, d = query.shape
-    pages = plan.pages.to(query.device)
-    width = pages.shape[1]
-    subs = width * summaries.r
-    kv_heads = (summaries.kmin if summaries.bounds else summaries.ksum).shape[1]
-    q = query.float().view(nd, kv_heads, hq // kv_heads, d)  # query head h * G + g serves KV head h
-    if summaries.bounds:  # Σ_g max(q_g·min, q_g·max) = (Σ_g q_g⁺)·max + (Σ_g q_g⁻)·min
-        qpos = q.clamp(min=0).sum(2).view(nd, -1, 1)
-        qneg = q.clamp(max=0).sum(2).view(nd, -1, 1)
-        dtype = summaries.kmax.dtype  # the keys' own dtype: a min or max of keys is exact in it
-        s = torch.bmm(summaries.view("kmax")[pages].view(nd, subs, -1), qpos.to(dtype)).float()
-        s += torch.bmm(summaries.view("kmin")[pages].view(nd, subs, -1), qneg.to(dtype)).float()
-    else:  # q · mean key = (q · key sum) / count
-        s = torch.bmm(summaries.view("ksum")[pages].view(nd, subs, -1), q.sum(2).view(nd, -1, 1))
-        s = s / summaries.view("count")[pages].view(nd, subs, 1).clamp(min=1)
-    s = torch.where(plan.sub_valid.to(s.device), s[:, :, 0].nan_to_num(nan=-torch.inf), -torch.inf)
-    page_score = s.view(nd, width, summaries.r).amax(-1)
-    page_score = torch.where(plan.forced.to(s.device), torch.inf, page_score)
-    page_score = torch.where(plan.page_valid.to(s.device), page_score, -torch.inf)
-    kmax = plan.keep.shape[1]
-    top = page_score.topk(kmax, dim=1).indices
-    big = torch.iinfo(torch.long).max
-    order = torch.where(plan.keep.to(s.device), top, big).sort(1).values.clamp(max=width - 1)
-    return pages.gather(1, order).to(torch.int32), order
+    g = hq // kv_heads
+    return query.view(nd, kv_heads, g, d).transpose(1, 2).reshape(nd, 1, g, kv_heads * d)
 
 
 def compact_block_table(block_table: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
