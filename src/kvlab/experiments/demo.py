@@ -23,15 +23,20 @@ def demo_prompt(max_chars: int = 9000) -> str:
 
 def run(model: Any, tokenizer: Any, methods: list[tuple[str, dict[str, Any]]], prompt: str | None = None,
         max_new_tokens: int = 12, cuda_graphs: bool = True) -> list[dict[str, Any]]:
-    """Prefill ``prompt`` once; decode it with each ``(method, params)``; one table row per method."""
+    """Prefill ``prompt`` once; decode it with each ``(method, params)``; one table row per method.
+
+    Every method decodes the same ``max_new_tokens`` steps (the answer is cut at its end of sequence), after one
+    untimed warm-up decode, so "decode tok/s" is the rate of as many warm steps for each method, not the
+    one-time cost of a first decode spread over a two-token answer."""
     ids = encode_prompts(tokenizer, [prompt or demo_prompt()])
     snapshot = prefill(model, ids, reserve_tokens=max_new_tokens)
     full_tokens = int(snapshot.store.lengths().sum())
     eos = eos_ids(tokenizer, model)
+    decode(model, snapshot, make_method("full"), 2, cuda_graphs=cuda_graphs, label="warm-up")
     rows = []
     for name, params in methods:
         method = make_method(name, **params)
-        result = decode(model, snapshot, method, max_new_tokens, eos_token_id=eos, cuda_graphs=cuda_graphs)
+        result = decode(model, snapshot, method, max_new_tokens, cuda_graphs=cuda_graphs)
         answer = decode_texts(tokenizer, result.tokens[:1], eos)[0]
         rows.append({
             "method": name + "".join(f" {k}={v}" for k, v in params.items()),
