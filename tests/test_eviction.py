@@ -270,3 +270,56 @@ def test_a_scorer_is_its_score(snapshot):
             n = int(snapshot.context_lengths[row // store.kv_heads])
             assert kept_positions(store, i, row) == list(range(n - n // 4, n))
     assert store.bytes_in_use() < snapshot.store.bytes_in_use()
+
+
+# ------------------------------------------------------------------ whole pages (what kvlab.vllm runs)
+PAGED = [("snapkv", {"window": 16}), ("pyramidkv", {"window": 16, "beta": 4}), ("knorm", {}), ("random", {}),
+         ("tova", {"decode_evict": False}), ("h2o", {"decode_evict": False})]
+
+
+@pytest.mark.parametrize("name,params", PAGED, ids=[n for n, _ in PAGED])
+def test_pages_of_one_token_keep_the_scorers_own_tokens(snapshot, name, params):
+    """``page=1``: every token is a page, so the paged rule keeps exactly what the scorer keeps."""
+    plain = compress(snapshot, kvlab.make_method(name, budget=0.5, **params))
+    paged = compress(snapshot, kvlab.make_method(name, budget=0.5, page=1, **params))
+    for i in range(plain.num_layers):
+        # K-norm's layer-0 scores depend on the token alone (RoPE keeps norms): a repeated token ties, and the
+        # two top-k break ties apart, so there the kept scores are compared
+        scores = None
+        if name == "knorm":
+            scores = kvlab.make_method(name).score(i, snapshot.store.layers[i], None)
+            scores = scores.reshape(-1, scores.shape[-1])
+        for row in range(plain.layers[i].rows):
+            a, b = kept_positions(paged, i, row), kept_positions(plain, i, row)
+            if scores is not None:
+                a, b = sorted(scores[row, a].tolist()), sorted(scores[row, b].tolist())
+            assert a == b, (name, i, row)
+
+
+@pytest.mark.parametrize("name,params", PAGED, ids=[n for n, _ in PAGED])
+def test_whole_pages_per_layer_and_head(snapshot, name, params):
+    """``page=32``: every KV head of a layer keeps the same whole pages' worth of the prompt's full pages (the
+    most any layer needs, or per layer for PyramidKV), each head its own best tokens, and the partial last page."""
+    method = kvlab.make_method(name, budget=0.5, page=32, **params)
+    store = compress(snapshot, method)
+    for b, n in enumerate(snapshot.context_lengths.tolist()):
+        full, tail = n // 32 * 32, list(range(n // 32 * 32, n))
+        counts = set()
+        for i in range(store.num_layers):
+            lengths = {len(kept_positions(store, i, b * store.kv_heads + h)) for h in range(store.kv_heads)}
+            assert len(lengths) == 1, (name, i, lengths)  # one page count for every head of the layer
+            kept = lengths.pop() - len(tail)
+            assert kept % 32 == 0 and 0 < kept < full
+            counts.add(kept // 32)
+            for h in range(store.kv_heads):
+                assert kept_positions(store, i, b * store.kv_heads + h)[-len(tail):] == tail
+        assert (len(counts) > 1) == (name == "pyramidkv"), counts  # per layer only where budgets are
+
+
+def test_pages_refused_where_a_paged_engine_cannot_keep_them():
+    with pytest.raises(kvlab.KVLabError, match="decode_evict=false"):
+        kvlab.make_method("h2o", budget=0.5, page=32)
+    with pytest.raises(kvlab.KVLabError, match="per-head budgets"):
+        kvlab.make_method("ada-snapkv", budget=0.5, page=32)
+    with pytest.raises(kvlab.KVLabError, match="positive"):
+        kvlab.make_method("snapkv", budget=0.5, page=0)

@@ -24,7 +24,8 @@ Compression Rates per Attention Head", arXiv 2410.00161).
   and a page holds every KV head of a layer, docs/vllm.md): ``"layer"`` (one length per layer, from one
   sort over layers at page granularity) and ``"uniform"`` (one length per sequence). In both each KV head
   still keeps its own best tokens, the prompt's partial last page (``block_size`` tokens per page) stays
-  as it is, and the kept count is whole pages (:func:`kept_full_pages`, :func:`pages_per_layer`), so
+  as it is, and the kept count is whole pages (:func:`~kvlab.methods._paged.kept_full_pages`,
+  :func:`pages_per_layer`), so
   ``kvlab.vllm`` and this method keep the same tokens. Once after prefill (no ``interval``).
 """
 
@@ -40,6 +41,7 @@ from kvlab.attention.probs import attention_probs, padded_layer
 from kvlab.cache.store import KVStore, LayerStore, ceil_div
 from kvlab.errors import KVLabError, check
 from kvlab.methods import _scoring as S
+from kvlab.methods._paged import keep_per_head, kept_full_pages
 from kvlab.methods.base import Method, PrefillContext, StepContext, register
 
 
@@ -253,21 +255,6 @@ def pool_metric(metric: torch.Tensor, kernel: int) -> torch.Tensor:
     return F.max_pool1d(metric[:, None, :], kernel, stride=1, padding=kernel // 2)[:, 0]
 
 
-def kept_full_pages(n: int, kept_tokens: int, page: int, protected: int, n_sink: int) -> int:
-    """Pages of a prompt of ``n`` tokens that each KV head fills with its kept tokens (paged rates).
-
-    The prompt's partial last page ``[F, n)`` (``F = n // page * page``) stays in place, so of the
-    ``kept_tokens`` budget ``kept_tokens - (n - F)`` come from the full pages, rounded down to whole pages,
-    raised to hold the protected tokens (the last ``protected`` and the first ``n_sink``) that lie in the
-    full pages, at most every full page (then nothing is evicted).
-    """
-    full = n // page
-    tail = n - full * page
-    in_full = min(full * page, max(0, min(protected, n) - tail) + min(n_sink, full * page))
-    m = max(kept_tokens - tail, 0) // page
-    return min(max(m, -(-in_full // page)), full)
-
-
 def paged_scores(metric: torch.Tensor, n: int, protected: int, n_sink: int) -> torch.Tensor:
     """A pooled metric ``[H, F]`` over the full pages of a prompt of ``n`` tokens, ``+inf`` on protected tokens."""
     pos = torch.arange(metric.shape[1], device=metric.device)
@@ -293,11 +280,6 @@ def pages_per_layer(scores: list[torch.Tensor], uniform: int, floor: int, page: 
     cand = torch.stack([s.sort(dim=1, descending=True).values[:, ranks].amax(0) for s in scores])  # [L, full - floor]
     order = torch.sort(-cand.flatten(), stable=True).indices[: len(scores) * (uniform - floor)]
     return (floor + torch.bincount(order // (full - floor), minlength=len(scores))).tolist()
-
-
-def keep_per_head(scores: torch.Tensor, pages: int, page: int) -> torch.Tensor:
-    """``[H, pages * page]`` positions each KV head keeps from :func:`paged_scores` ``[H, F]``, in order."""
-    return torch.topk(scores, pages * page, dim=1).indices.sort(dim=1).values
 
 
 @register

@@ -24,6 +24,7 @@ class PyramidKV(SnapKV):
 
     name: ClassVar[str] = "pyramidkv"
     summary: ClassVar[str] = "PyramidKV: SnapKV scores, layer budgets shrinking with depth"
+    layer_budgets: ClassVar[bool] = True
 
     beta: int = 20
 

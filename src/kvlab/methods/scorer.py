@@ -20,14 +20,28 @@ import torch
 from kvlab.cache.store import KVStore, LayerStore
 from kvlab.errors import check
 from kvlab.methods import _scoring as S
+from kvlab.methods._paged import keep_per_head, scorer_pages
 from kvlab.methods.base import Method, PrefillContext, StepContext, StepPlan
 
 
 @dataclass
 class ScorerMethod(Method):
-    """Evict at prefill end by a score per token: each row keeps its ``kept`` highest-scored tokens."""
+    """Evict at prefill end by a score per token: each row keeps its ``kept`` highest-scored tokens.
+
+    ``page``: keep whole pages of ``page`` tokens instead, as a paged engine frees them (vLLM: every KV head of a
+    layer keeps the same number of the prompt's full pages, each head its own best tokens, the partial last
+    page in place; :func:`kvlab.methods._paged.scorer_pages`): what ``kvlab serve`` runs, here in kvlab's engine.
+    """
 
     family: ClassVar[str] = "eviction"
+    layer_budgets: ClassVar[bool] = False  # True where ``kept`` differs by layer (then pages differ by layer)
+
+    page: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.page is None or (isinstance(self.page, int) and self.page >= 1),
+              f"page must be a positive token count, got {self.page}")
 
     def score(self, layer_idx: int, layer: LayerStore, ctx: PrefillContext) -> torch.Tensor:
         """Importance of every slot of ``layer``: ``[B, H_kv, T]`` or ``[rows, T]`` (``T``: the longest row),
@@ -49,10 +63,32 @@ class ScorerMethod(Method):
         if not S.compresses(self):
             return
         self.prepare(store, ctx)
+        if self.page is not None:
+            self._evict_pages(store, ctx)
+            return
         for i in store.compressible_layers():
             layer = store.layers[i]
             n_keep = self.kept(i, store.num_layers, ctx)
             S.evict(layer, self.keep(i, layer, self.score(i, layer, ctx), n_keep))
+
+    def _evict_pages(self, store: KVStore, ctx: PrefillContext) -> None:
+        """``page``: per sequence, every layer's scores first, then whole pages per layer and KV head."""
+        layers, h, page = store.compressible_layers(), store.kv_heads, self.page
+        scores = {i: self.score(i, store.layers[i], ctx).reshape(store.layers[i].rows, -1).cpu() for i in layers}
+        kept = {i: self.kept(i, store.num_layers, ctx).tolist() for i in layers}
+        keeps = {i: torch.ones(store.layers[i].rows, scores[i].shape[1], dtype=torch.bool) for i in layers}
+        for b, n in enumerate(int(x) for x in ctx.context_lengths.tolist()):
+            rows = slice(b * h, (b + 1) * h)
+            counts = scorer_pages([scores[i][rows, :n] for i in layers], n, [int(kept[i][b]) for i in layers], page,
+                                  self.layer_budgets)
+            full = n // page * page
+            for i, m in zip(layers, counts, strict=True):
+                keep = keeps[i][rows]
+                keep[:, :full] = False
+                keep.scatter_(1, keep_per_head(scores[i][rows, :full], m, page), True)
+        for i in layers:
+            layer = store.layers[i]
+            S.evict(layer, keeps[i].to(layer.device) & layer.in_use(keeps[i].shape[1]))
 
 
 @dataclass
@@ -127,6 +163,8 @@ class HeldScorer(ScorerMethod, HeldCache):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check(self.page is None or not self.decode_evict,
+              "page keeps whole pages once, at prefill end (as inside vLLM): give decode_evict=false with it")
         self._scaling = 1.0
 
     def observes_decode_queries(self) -> bool:
