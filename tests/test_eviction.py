@@ -323,3 +323,27 @@ def test_pages_refused_where_a_paged_engine_cannot_keep_them():
         kvlab.make_method("ada-snapkv", budget=0.5, page=32)
     with pytest.raises(kvlab.KVLabError, match="positive"):
         kvlab.make_method("snapkv", budget=0.5, page=0)
+
+
+@pytest.mark.parametrize("name,params", PAGED, ids=[n for n, _ in PAGED])
+def test_a_prompt_scored_outside_the_store_scores_as_inside(model, name, params):
+    """``score_prompt`` (what kvlab.vllm calls on vLLM's pages) gives the scores the method gives in kvlab's store."""
+    from kvlab.methods.scorer import score_prompt
+
+    torch.manual_seed(1)
+    snap = prefill(model, [torch.randint(0, 256, (200,)).tolist()], block_size=BS, observe=64)
+    inside = kvlab.make_method(name, budget=0.5, **params)
+    outside = kvlab.make_method(name, budget=0.5, **params)
+    ctx = PrefillContext(context_lengths=snap.context_lengths.clone(), queries=snap.queries, scaling=snap.scaling,
+                         num_query_heads=snap.num_query_heads)
+    inside.prepare(snap.store, ctx)
+    w = max(inside.observation_window(), 1)
+    for i, layer in enumerate(snap.store.layers):
+        keys, values, _ = layer.row_view(0)
+        k = torch.stack([layer.row_view(h)[0] for h in range(layer.kv_heads)], 1)
+        v = torch.stack([layer.row_view(h)[1] for h in range(layer.kv_heads)], 1)
+        assert torch.equal(k[:, 0], keys) and torch.equal(v[:, 0], values)
+        q = snap.queries[i][0, :, -w:].transpose(0, 1)  # [w, Hq, D]
+        expect = inside.score(i, layer, ctx).reshape(layer.kv_heads, -1)
+        got = score_prompt(outside, i, k, v, q, snap.scaling, prepare=i == 0)
+        assert torch.allclose(got, expect, atol=1e-5, equal_nan=True), (name, i)
