@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from kvlab.attention.probs import padded_layer
-from kvlab.cache.store import KVStore, LayerStore
+from kvlab.cache.store import LayerStore
 from kvlab.methods.base import PrefillContext, register
 from kvlab.methods.scorer import ScorerMethod
 
@@ -24,10 +24,10 @@ class RandomEvict(ScorerMethod):
 
     seed: int = 0
 
-    def prepare(self, store: KVStore, ctx: PrefillContext) -> None:
-        self._generator = torch.Generator().manual_seed(self.seed)  # one stream over the layers, in order
-
     def score(self, layer_idx: int, layer: LayerStore, ctx: PrefillContext) -> torch.Tensor:
+        """Uniform scores drawn from ``seed`` and the layer (on the CPU, so every device draws the same numbers):
+        a function of its inputs, so a layer scored alone (inside vLLM, one prompt at a time) draws what it
+        draws in kvlab's own engine."""
         _, pos = padded_layer(layer)
-        # drawn on the CPU (the generator's device), so every device draws the same numbers
-        return torch.rand(pos.shape, generator=self._generator).to(pos.device).masked_fill(pos < 0, float("-inf"))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + layer_idx)
+        return torch.rand(pos.shape, generator=generator).to(pos.device).masked_fill(pos < 0, float("-inf"))
