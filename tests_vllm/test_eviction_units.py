@@ -11,6 +11,7 @@ import torch
 
 from kvlab.methods import make_method
 from kvlab.vllm import eviction, page_layout
+from kvlab.vllm.methods import kv_compress, streaming
 
 H, G, D = 2, 2, 64
 
@@ -43,9 +44,9 @@ def test_gather_and_move_through_the_kernels_own_page_layout(dtype):
 def test_streaming_never_frees_a_page_a_present_or_later_query_reads():
     for n, budget, n_sink, page in itertools.product([40, 300, 1000], [0.1, 0.25, 0.5, 1.0], [0, 4, 40], [32, 128]):
         method = make_method("streaming", budget=budget, n_sink=n_sink)
-        w = eviction.streaming_window(method, n)
+        w = streaming.streaming_window(method, n)
         for processed in range(n - 3, n + 300, 7):
-            first, last = eviction.streaming_free_range(method, n, processed, page)
+            first, last = streaming.streaming_free_range(method, n, processed, page)
             if processed < n or w == 0:
                 assert (first, last) == (0, 0)
                 continue
@@ -56,15 +57,15 @@ def test_streaming_never_frees_a_page_a_present_or_later_query_reads():
             if last > first:  # and it frees everything between the sinks and the window it can
                 assert (last + 1) * page > processed - w
     full = make_method("streaming", budget=1.0)
-    assert eviction.streaming_window(full, 1000) == 0
-    assert eviction.streaming_window(make_method("streaming", budget=0.003, n_sink=4), 1000) == 0  # no window
+    assert streaming.streaming_window(full, 1000) == 0
+    assert streaming.streaming_window(make_method("streaming", budget=0.003, n_sink=4), 1000) == 0  # no window
 
 
 def test_kv_compress_pages_hold_the_protected_tokens_and_a_full_budget_keeps_everything():
     for n, ratio, protected, n_sink, page in itertools.product([100, 777, 3000], [0.0, 0.5, 0.75, 0.97], [8, 64],
                                                                [0, 4], [32, 128]):
         method = make_method("kv-compress", ratio=ratio, protected=protected, n_sink=n_sink, rates="uniform")
-        m = eviction.kv_compress_pages(method, n, page)
+        m = kv_compress.kv_compress_pages(method, n, page)
         if ratio == 0.0:
             assert m is None
             continue
@@ -74,7 +75,7 @@ def test_kv_compress_pages_hold_the_protected_tokens_and_a_full_budget_keeps_eve
         in_full = min(n // page * page, max(0, protected - tail) + n_sink)  # protected tokens in the full pages
         assert m < n // page and m * page >= in_full
         assert m * page + tail <= method.tokens_kept(n) or m == -(-in_full // page)  # the budget, or protection
-    assert eviction.kv_compress_pages(make_method("kv-compress", ratio=0.5), 8, 32) is None  # not beyond the window
+    assert kv_compress.kv_compress_pages(make_method("kv-compress", ratio=0.5), 8, 32) is None  # not beyond the window
 
 
 def test_compacted_rows_read_the_kept_pages_then_the_tail():
@@ -121,13 +122,13 @@ def test_streaming_attention_is_sinks_plus_window_by_brute_force():
     cache, table, kv = paged(seqs, page)
     qsl = torch.tensor([0, *itertools.accumulate(queries)])
     rows = eviction.Rows(["a", "b", "c", "d"], torch.tensor(prompts), torch.tensor(computed), torch.tensor(seqs), qsl)
-    windows = torch.tensor([eviction.streaming_window(method, n) for n in prompts])
-    read, idx, keep, skip_to = eviction.streaming_plan(rows, windows, n_sink, table, page)
+    windows = torch.tensor([streaming.streaming_window(method, n) for n in prompts])
+    read, idx, keep, skip_to = streaming.streaming_plan(rows, windows, n_sink, table, page)
     assert idx.tolist() == [0, 1, 3] and skip_to.tolist() == [400 // 32, 330 // 32, 333 // 32]
     query = torch.randn(int(qsl[-1]), H * G, D)
     out = torch.full((int(qsl[-1]), H * G * D), 7.0)
     maps = page_layout.page_maps(torch.float32, page, D, "vec")
-    eviction.streaming_attention(read, query, cache, maps, 0.125, out)
+    streaming.streaming_attention(read, query, cache, maps, 0.125, out)
     for r in (0, 1, 3):
         k, v = kv[r]
         w = int(windows[r])
@@ -156,7 +157,7 @@ def test_window_scores_equal_kvlab_kv_compress_metric():
     store.layers[0].append(keys.permute(1, 0, 2)[None], values.permute(1, 0, 2)[None], torch.arange(n)[None, :])
     probs = attention_probs(store.layers[0], queries.permute(1, 0, 2)[None], torch.arange(n - w, n)[None], 0.125)
     want = paged_scores(pool_metric(window_metric(probs, "l2").reshape(H, -1), 7)[:, : n // page * page], n, 8, 4)
-    got = eviction.window_scores(method, queries, keys, 0.125, page)
+    got = kv_compress.window_scores(method, queries, keys, 0.125, page)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
     assert bool(torch.isinf(got[:, :4]).all()) and not bool(torch.isinf(got[:, 4:100]).any())
 

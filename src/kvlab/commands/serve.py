@@ -71,17 +71,16 @@ def model_facts(directory: Path) -> dict[str, Any]:
 def kvlab_section(method: str, params: list[str] | None, budget: float | None, ratio: float | None,
                   budget_tokens: int | None, page_size: int, directory: Path | None = None) -> dict[str, Any]:
     """The validated ``"kvlab"`` entry of vLLM's ``--additional-config`` (raises KVLabError)."""
-    from kvlab.methods import METHODS
     from kvlab.vllm import config as kvconfig
+    from kvlab.vllm.methods import adapter_named
 
-    if method not in METHODS or method not in kvconfig.SUPPORTED_METHODS:
-        kvconfig.parse({"method": method}, page_size)  # one line: unknown, or not runnable inside vLLM
+    adapter_named(method)  # one line: unknown, or not runnable inside vLLM
     values = parse_method_params(method, params, budget=budget, ratio=ratio, budget_tokens=budget_tokens)
     cfg = kvconfig.parse({"method": method, **values}, page_size)
-    if cfg.routing and directory is not None:
+    if cfg.active and directory is not None:
         facts = model_facts(directory)
-        if facts["layers"] and method == "block-route":
-            cfg.method.resolve_dense_layers(int(facts["layers"]))
+        if facts["layers"]:
+            cfg.adapter.check_model(int(facts["layers"]))
         check(not facts["sliding"], f"{method} inside vLLM runs on full-attention models only; "
                                     f"{directory.name} has sliding-window layers")
     return cfg.additional_config()
@@ -99,14 +98,14 @@ def _flag(extra: list[str], *names: str) -> str | None:
     return None
 
 
-def eviction_argv(section: dict[str, Any], extra: list[str]) -> list[str]:
-    """vLLM options an eviction method needs (kvlab's worker and scheduler; no prefix cache for kv-compress),
-    after refusing, in one line each, the vLLM options it does not run with."""
+def eviction_argv(section: dict[str, Any], page_size: int, extra: list[str]) -> list[str]:
+    """vLLM options an eviction method needs (kvlab's worker and scheduler; no prefix cache where its adapter
+    says so: kv-compress), after refusing, in one line each, the vLLM options it does not run with."""
     from kvlab.vllm import config as kvconfig
 
-    body = section[kvconfig.CONFIG_KEY]
-    name = body["method"]
-    if name not in kvconfig.EVICTION_METHODS:
+    cfg = kvconfig.parse(section[kvconfig.CONFIG_KEY], page_size)
+    name = cfg.method.name
+    if not cfg.evicts:
         return []
     from kvlab.vllm.plugin import check_eviction_version
 
@@ -121,14 +120,15 @@ def eviction_argv(section: dict[str, Any], extra: list[str]) -> list[str]:
     check(_flag(extra, "--speculative-config") is None, f"{name} inside vLLM does not run with speculative decoding")
     dtype = _flag(extra, "--kv-cache-dtype")
     check(dtype in (None, "auto"), f"{name} moves and reads KV pages: --kv-cache-dtype must be auto, got {dtype}")
-    check(not (body.get("rates") == "layer" and _flag(extra, "--disable-hybrid-kv-cache-manager") is not None),
-          "kv-compress rates=layer gives every layer its own block table: it needs vLLM's hybrid KV cache manager "
+    per_layer = cfg.adapter.group_per_layer()
+    check(not (per_layer and _flag(extra, "--disable-hybrid-kv-cache-manager") is not None),
+          f"{name} {per_layer} gives every layer its own block table: it needs vLLM's hybrid KV cache manager "
           "(drop --disable-hybrid-kv-cache-manager)")
     argv = ["--worker-cls", kvconfig.WORKER_CLS, "--scheduler-cls", kvconfig.SCHEDULER_CLS]
-    if name == "kv-compress":
+    why = cfg.adapter.prefix_cache_off()
+    if why is not None:
         check(_flag(extra, "--enable-prefix-caching") is None,
-              "kv-compress rewrites a request's first KV blocks after prefill, so vLLM's prefix cache cannot share "
-              "them: drop --enable-prefix-caching")
+              f"{name} {why}, so vLLM's prefix cache cannot share them: drop --enable-prefix-caching")
         argv.append("--no-enable-prefix-caching")
     return argv
 
@@ -158,7 +158,7 @@ def vllm_argv(directory: Path, served_name: str, section: dict[str, Any], host: 
               max_model_len: int | None, dtype: str, page_size: int, extra: list[str]) -> list[str]:
     argv = ["--model", str(directory), "--served-model-name", served_name, "--host", host, "--port", str(port),
             "--dtype", dtype, "--block-size", str(page_size), "--additional-config", json.dumps(section),
-            *eviction_argv(section, extra)]
+            *eviction_argv(section, page_size, extra)]
     if max_model_len is not None:
         argv += ["--max-model-len", str(max_model_len)]
     return argv + list(extra)
@@ -269,13 +269,13 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                   f"--kv-cache-gib must be a whole number of GiB >= 1, got {kv_cache_gib}")
             check(dtype in ("bfloat16", "float32", "float16"),
                   f"--dtype must be bfloat16, float32 or float16 with --throughput, got {dtype!r}")
-            for method in ("streaming", "kv-compress"):
+            for method in filter(tp.takes_budget, tp.METHODS):
                 kvlab_section(method, None, budget, None, None, tp.PAGE)
             require_vllm()
             directory, served = resolve_model(model)
             length, blocks = tp.check_options(ctx_tokens, requests, tokens, budget, kv_blocks, max_model_len,
                                               model_facts(directory)["max_len"])
-            for method in ("streaming", "kv-compress"):
+            for method in filter(tp.takes_budget, tp.METHODS):
                 kvlab_section(method, None, budget, None, None, tp.PAGE, directory)
             need = blocks * tp.block_bytes(json.loads((directory / "config.json").read_text()), dtype)
             gib = max(1, -(-need // 2**30)) if kv_cache_gib is None else kv_cache_gib

@@ -49,6 +49,7 @@ from kvlab.errors import KVLabError, check
 from kvlab.experiments.bench_vllm import ANSWER_TOKENS, build_prompts
 from kvlab.experiments.niah import correct
 from kvlab.machine import describe, vllm_version
+from kvlab.methods import METHODS as REGISTRY
 
 PAGE = 128  # tokens per vLLM KV page (kvlab serve's default --block-size)
 HOLD = 2  # vanilla requests the default pool holds
@@ -61,6 +62,11 @@ LOG_TAIL = 3000
 
 
 # ---------------------------------------------------------------- options
+def takes_budget(method: str) -> bool:
+    """Whether a method runs with ``--budget`` (vanilla, ``full``, compresses nothing and takes none)."""
+    return REGISTRY[method].compresses
+
+
 def parse_tokens(text: str) -> int:
     """``"8k"`` -> 8192, ``"6000"`` -> 6000."""
     raw = text.strip().lower()
@@ -234,7 +240,7 @@ def serve_argv(model: str, method: str, budget: float, port: int, max_model_len:
                kv_cache_gib: int, dtype: str, requests: int) -> list[str]:
     """``python -m kvlab serve ...`` for one method; the pool is exactly ``kv_blocks`` pages."""
     argv = [sys.executable, "-m", "kvlab", "serve", "--model", model, "--method", method]
-    if method != "full":
+    if takes_budget(method):
         argv += ["--budget", str(budget)]
     return argv + ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len),
                    "--dtype", dtype, "--block-size", str(PAGE), "--kv-cache-gib", str(kv_cache_gib), "--",
@@ -366,7 +372,7 @@ def run_method(method: str, model: str, served_name: str, tokenizer: Any, prompt
         hits += correct(answer, gold)
         completion += reply.usage.completion_tokens
     preemptions = metric(final, "vllm:num_preemptions_total")
-    return {"method": method, "budget": None if method == "full" else budget, "requests": len(prompts),
+    return {"method": method, "budget": budget if takes_budget(method) else None, "requests": len(prompts),
             "max_running": int(watch.max_running), "max_waiting": int(watch.max_waiting),
             "peak_kv_usage": watch.max_usage, "preemptions": None if preemptions is None else int(preemptions),
             "completion_tokens": completion, "prompt_tokens": sum(r.usage.prompt_tokens for r in replies),
@@ -384,7 +390,7 @@ def run_method(method: str, model: str, served_name: str, tokenizer: Any, prompt
 
 def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each row's max running and output tok/s over vanilla's (``full``), when vanilla ran."""
-    base = next((r for r in rows if r["method"] == "full"), None)
+    base = next((r for r in rows if not takes_budget(r["method"])), None)
     for r in rows:
         ok = base is not None and base["max_running"] > 0
         r["concurrency_vs_vanilla"] = r["max_running"] / base["max_running"] if ok else None

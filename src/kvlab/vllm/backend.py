@@ -1,9 +1,11 @@
-"""kvlab's attention backend for vLLM 0.32: vLLM's own CPU backend, plus block-route on decode steps.
+"""kvlab's attention backend for vLLM 0.32: vLLM's own CPU backend, plus a routing method (block-route) on
+decode steps and an eviction method's reads.
 
 :class:`KVLabCPUAttentionBackend` replaces ``CPU_ATTN`` (vLLM's CPU platform ignores
 ``--attention-backend`` and always picks ``CPU_ATTN``; see ``kvlab.vllm.plugin``). Without a ``"kvlab"``
-entry in ``--additional-config`` it hands back vLLM's own builder and implementation classes, so a plain
-engine runs exactly vLLM's code. With one:
+entry in ``--additional-config`` (or with an inert method, ``full``) it hands back vLLM's own builder and
+implementation classes, so a plain engine runs exactly vLLM's code. With a method that routes (its adapter,
+:mod:`kvlab.vllm.methods`, plans the step, tells routed layers apart, keeps page summaries and selects):
 
 - :class:`KVLabCPUMetadataBuilder` asks vLLM to order decode requests first (``reorder_batch_threshold
   = 1``), builds vLLM's metadata, then kvlab's :class:`~kvlab.vllm.routing.StepPlan` for the step and
@@ -14,11 +16,12 @@ engine runs exactly vLLM's code. With one:
   batch keep their block table and attend densely in the same kernel call.
 
 With an eviction method (``streaming``, ``kv-compress``; :mod:`kvlab.vllm.eviction`) the builder asks
-the worker's eviction records for the step's plan and hands vLLM's own builder a block table and
-``seq_lens`` in which compressed requests read only what they kept, and the layer, after vLLM's kernel,
-replaces the streaming rows' output with attention over their sinks and window, or scores the prompts
-that end in this step (kv-compress). The scheduler side of eviction (which blocks go back to vLLM's
-pool) is :mod:`kvlab.vllm.engine`, the one module that touches vLLM's engine internals.
+the worker's eviction records (and through them the method's adapter) for the step's plan and hands
+vLLM's own builder a block table and ``seq_lens`` in which compressed requests read only what they kept,
+and the layer, after vLLM's kernel, hands its call to the adapter: streaming replaces its rows' output
+with attention over their sinks and window, kv-compress scores the prompts that end in this step. The
+scheduler side of eviction (which blocks go back to vLLM's pool) is :mod:`kvlab.vllm.engine`, the one
+module that touches vLLM's engine internals.
 
 The CUDA variant (:class:`KVLabTritonAttentionBackend`, registered as ``CUSTOM``) wraps vLLM's Triton
 backend the same way, for block-route only. It is written against vLLM 0.32's ``triton_attn.py`` but has
@@ -46,7 +49,8 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from kvlab.errors import check
 from kvlab.vllm import config as kvconfig
-from kvlab.vllm.routing import PageSummaries, StepPlan, compact_block_table, plan_step, select_pages
+from kvlab.vllm.methods import ROUTES
+from kvlab.vllm.routing import PageSummaries, StepPlan, compact_block_table
 
 logger = init_logger("vllm.kvlab")  # under "vllm." so vLLM's log handler prints it
 RECORD_ENV = "KVLAB_VLLM_RECORD"  # diagnostic: keep every decode selection (tests read them)
@@ -54,7 +58,7 @@ _logged = False
 
 
 def engine_config(vllm_config: Any | None = None, log: bool = False) -> kvconfig.ServeConfig | None:
-    """This engine's kvlab configuration when it routes; ``None`` for ``full`` or no kvlab entry.
+    """This engine's kvlab configuration when the plugin acts; ``None`` for an inert method or no kvlab entry.
 
     ``log``: log the configuration once per process (the startup line naming the kvlab method).
     """
@@ -66,7 +70,7 @@ def engine_config(vllm_config: Any | None = None, log: bool = False) -> kvconfig
     if log and cfg is not None and not _logged:
         _logged = True
         logger.info(cfg.log_line())
-    return cfg if cfg is not None and cfg.routing else None
+    return cfg if cfg is not None and cfg.active else None
 
 
 def layer_index(layer_name: str) -> int:
@@ -98,12 +102,11 @@ class KVLabPlanMixin:
                   f"got {vllm_config.cache_config.cache_dtype}")
 
     def _kvlab_plan(self, common: Any, block_table: torch.Tensor, seq_lens: torch.Tensor) -> StepPlan | None:
-        if self.kvlab is None or self.kvlab.method.name != "block-route":
+        if self.kvlab is None or self.kvlab.adapter.role != ROUTES:
             return None
         num_decodes, _, _, _ = split_decodes_and_prefills(common, decode_threshold=1)
         reqs = common.num_reqs
-        return plan_step(self.kvlab.method, block_table[:reqs], seq_lens[:reqs], num_decodes, self.kvlab.page_size,
-                         self.kvlab.method._sub)
+        return self.kvlab.adapter.step_plan(block_table[:reqs], seq_lens[:reqs], num_decodes)
 
 
 class KVLabCPUMetadataBuilder(KVLabPlanMixin, CPUAttentionMetadataBuilder):
@@ -111,7 +114,7 @@ class KVLabCPUMetadataBuilder(KVLabPlanMixin, CPUAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._kvlab_init(vllm_config)
         self.kvlab_evict = None
-        if self.kvlab is not None and self.kvlab.routing:
+        if self.kvlab is not None and self.kvlab.active:
             check(self.window_size == -1, f"kvlab {self.kvlab.method.name} inside vLLM runs on full-attention layers "
                                           "only; this model has sliding-window layers in the same KV group")
         if self.kvlab is not None and self.kvlab.evicts:
@@ -179,11 +182,11 @@ class KVLabImplMixin:
         self.kvlab_selections: list[dict[str, Any]] | None = [] if os.environ.get(RECORD_ENV) else None
 
     def _kvlab_routes(self, layer: Any) -> bool:
-        if self.kvlab is None or self.attn_type != AttentionType.DECODER or self.kvlab.method.name != "block-route":
+        if self.kvlab is None or self.attn_type != AttentionType.DECODER or self.kvlab.adapter.role != ROUTES:
             return False
         if self.kvlab_layer is None:
             self.kvlab_layer = layer_index(layer.layer_name)
-            self.kvlab_dense = self.kvlab_layer in self.kvlab.method.resolve_dense_layers(self.kvlab_num_layers)
+            self.kvlab_dense = not self.kvlab.adapter.routes_layer(self.kvlab_layer, self.kvlab_num_layers)
         return not self.kvlab_dense
 
     def _kvlab_update(self, layer: Any, key: torch.Tensor, kv_cache: torch.Tensor,
@@ -193,17 +196,15 @@ class KVLabImplMixin:
             return
         num_blocks, kv_heads = kv_cache.shape[0], kv_cache.shape[1]
         if self.kvlab_summaries is None or self.kvlab_summaries.num_blocks != num_blocks:
-            cfg = self.kvlab
-            self.kvlab_summaries = PageSummaries(num_blocks, cfg.page_size, cfg.method._sub, kv_heads,
-                                                 self.head_size, bounds=cfg.method.score == "bound",
-                                                 device=kv_cache.device, dtype=key.dtype)
+            self.kvlab_summaries = self.kvlab.adapter.summaries(num_blocks, kv_heads, self.head_size,
+                                                                kv_cache.device, key.dtype)
         self.kvlab_summaries.update(key[: slot_mapping.shape[0]], slot_mapping)
 
     def _kvlab_metadata(self, query: torch.Tensor, md: Any) -> Any:
         """``md`` with this layer's compacted pages for the step's decode requests."""
         plan: StepPlan = md.kvlab_plan
         nd = plan.num_decodes
-        physical, logical = select_pages(query[:nd], plan, self.kvlab_summaries)
+        physical, logical = self.kvlab.adapter.select(query[:nd], plan, self.kvlab_summaries)
         if self.kvlab_selections is not None:
             self.kvlab_selections.append({
                 "layer": self.kvlab_layer, "requests": int(md.query_start_loc.shape[0] - 1),
@@ -237,20 +238,18 @@ class KVLabCPUAttentionImpl(KVLabImplMixin, CPUAttentionBackendImpl):
         return out
 
     def _kvlab_evict(self, layer, query, kv_cache, md, out) -> None:
-        """After vLLM's kernel: streaming rows attend over their sinks and window; kv-compress scores the
-        prompts that end in this step (:mod:`kvlab.vllm.eviction`)."""
-        from kvlab.vllm import eviction, page_layout
+        """After vLLM's kernel: the method's adapter reads the layer's call (streaming rows attend over their
+        sinks and window; kv-compress scores the prompts that end in this step; :mod:`kvlab.vllm.eviction`)."""
+        from kvlab.vllm import page_layout
         from kvlab.vllm.engine import worker_state
+        from kvlab.vllm.eviction import LayerCall
 
-        step = md.kvlab_evict
+        if self.kvlab_layer is None:
+            self.kvlab_layer = layer_index(layer.layer_name)
         maps = page_layout.page_maps(kv_cache.dtype, kv_cache.shape[2], self.head_size, layer.isa)
-        if step.streaming is not None:
-            eviction.streaming_attention(step.streaming, query, kv_cache, maps, self.scale, out)
-        if step.stash or step.compress:
-            if self.kvlab_layer is None:
-                self.kvlab_layer = layer_index(layer.layer_name)
-            worker_state().after_attention(step, layer.layer_name, self.kvlab_layer, md.kvlab_group, query,
-                                           kv_cache, maps, self.scale)
+        call = LayerCall(name=layer.layer_name, layer=self.kvlab_layer, group=md.kvlab_group, query=query,
+                         kv_cache=kv_cache, maps=maps, scale=self.scale, output=out)
+        worker_state().after_attention(md.kvlab_evict, call)
 
 
 class KVLabCPUAttentionBackend(CPUAttentionBackend):

