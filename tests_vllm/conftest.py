@@ -117,3 +117,23 @@ def metrics(url: str) -> dict[str, float]:
         out[name] = out.get(name, 0.0) + value
     out["pool_blocks"] = float(metric_labels(samples, "vllm:cache_config_info")["num_gpu_blocks"])
     return out
+
+
+@pytest.fixture(scope="session")
+def kvlab_model(tiny_model):
+    """The tiny model in transformers, for kvlab's own engine (the reference of the vLLM runs)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The real 0.5B model's tokenizer (the server tests' prompts)."""
+    from transformers import AutoTokenizer
+
+    from kvlab.models.builtin import BUILTIN_MODELS, converted_dir
+
+    return AutoTokenizer.from_pretrained(str(converted_dir(BUILTIN_MODELS["qwen2.5-coder-0.5b"])))
+

@@ -14,8 +14,10 @@ import torch
 
 from kvlab.errors import KVLabError
 from kvlab.methods import METHODS, make_method
+from kvlab.methods.ada_snapkv import AdaSnapKV
 from kvlab.methods.h2o import H2O
 from kvlab.methods.kv_compress import KVCompress, KVCompressW32
+from kvlab.methods.scorer import ScorerMethod
 from kvlab.methods.streaming import Streaming
 from kvlab.vllm import config as kvconfig
 from kvlab.vllm.eviction import Rows, WorkerState
@@ -34,6 +36,7 @@ from kvlab.vllm.methods import (
 from kvlab.vllm.methods.block_route import BlockRouteAdapter
 from kvlab.vllm.methods.full import FullAdapter
 from kvlab.vllm.methods.kv_compress import KVCompressAdapter, PrefillEviction
+from kvlab.vllm.methods.scorers import ScorerAdapter
 from kvlab.vllm.methods.streaming import StreamingAdapter
 
 
@@ -57,11 +60,14 @@ def test_adapters_are_found_by_the_methods_class():
     assert adapter_class(KVCompress) is KVCompressAdapter and KVCompressAdapter.role == EVICTS
     assert adapter_class(KVCompressW32) is KVCompressAdapter  # a subclass is served by its base's adapter
     assert adapter_class(type("Sinks", (Streaming,), {})) is StreamingAdapter
-    assert adapter_class(H2O) is None
+    assert adapter_class(H2O) is ScorerAdapter and adapter_class(ScorerMethod) is ScorerAdapter  # every scorer
     made = adapter_for(make_method("kv-compress-w32", budget=0.25), 32)
     assert isinstance(made, KVCompressAdapter) and made.observed() == 32
+    assert adapter_class(AdaSnapKV) is ScorerAdapter  # which refuses it: per-head budgets
+    with pytest.raises(KVLabError, match="ada-snapkv' cannot run inside vLLM yet .its per-head budgets need per-head"):
+        kvconfig.parse({"method": "ada-snapkv", "budget": 0.25}, 32)
     with pytest.raises(KVLabError, match="cannot run inside vLLM yet"):
-        adapter_for(make_method("h2o", budget=0.25), 32)
+        adapter_for(make_method("cluster-route", budget=0.25), 32)
 
 
 def test_the_nearest_adapter_in_the_mro_wins_and_a_class_has_one():
@@ -79,7 +85,7 @@ def test_the_nearest_adapter_in_the_mro_wins_and_a_class_has_one():
 
 @pytest.mark.parametrize("name, words", [
     ("nope", ["unknown method 'nope'; vLLM runs: "]),
-    ("h2o", ["method 'h2o' cannot run inside vLLM yet (", "no adapter serves this method yet"]),
+    ("oracle-tokens", ["method 'oracle-tokens' cannot run inside vLLM yet (", "block table per request"]),
     ("cluster-route", ["cannot run inside vLLM yet (", "block table per request"]),
     ("low-rank", ["cannot run inside vLLM yet (", "full-width keys and values"]),
 ])
@@ -90,7 +96,8 @@ def test_an_unknown_or_unsupported_method_is_refused_in_one_line_naming_what_run
     assert "\n" not in message and message.endswith(f"vLLM runs: {', '.join(runnable())}")
     assert all(w in message for w in words), message
     assert runnable()[:4] == ["full", "block-route", "streaming", "kv-compress"]
-    assert runnable(EVICTS) == ["streaming", "kv-compress", "kv-compress-w32"]
+    assert runnable(EVICTS) == ["streaming", "kv-compress", "kv-compress-w32", "snapkv", "pyramidkv", "h2o", "tova",
+                                "knorm", "random"]
 
 
 def test_what_each_adapter_asks_of_the_engine():

@@ -9,7 +9,6 @@ also decodes the other two with their compacted block tables.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import LENGTHS, greedy, prompts, start_llm, stop_llm
 
@@ -26,7 +25,7 @@ def start(tiny_model, section, layers=1, **kw):
     return start_llm(tiny_model, section, block_size=PAGE, worker_cls=kvconfig.WORKER_CLS,
                      scheduler_cls=kvconfig.SCHEDULER_CLS, num_gpu_blocks_override=BLOCKS * layers,
                      max_num_batched_tokens=1496, disable_log_stats=False,
-                     enable_prefix_caching=section["method"] != "kv-compress", **kw)
+                     enable_prefix_caching=kvconfig.parse(section, PAGE).adapter.prefix_cache_off() is None, **kw)
 
 
 def blocks_in_use(llm, pool) -> int:
@@ -69,13 +68,6 @@ def run(tiny_model, section, layers=1):
     finally:
         stop_llm(llm)
     return out
-
-
-@pytest.fixture(scope="module")
-def kvlab_model(tiny_model):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32, attn_implementation="sdpa").eval()
 
 
 def kvlab_reference(model, method_name, **params):

@@ -29,15 +29,6 @@ def server(tmp_path_factory):
         yield srv
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from kvlab.models.builtin import BUILTIN_MODELS, converted_dir
-
-    return AutoTokenizer.from_pretrained(str(converted_dir(BUILTIN_MODELS[MODEL])))
-
-
 def blocks_in_use(url: str) -> int:
     """vLLM's gauge ``vllm:kv_cache_usage_perc`` is ``1 - free / (pool - 1)``."""
     m = metrics(url)

@@ -23,7 +23,10 @@ def serve(*args: str):
 @pytest.mark.parametrize("args, words", [
     (["--method", "nope"], ["unknown method 'nope'", "vLLM runs: full, block-route, streaming, kv-compress"]),
     (["--method", "cluster-route", "--budget", "0.1"], ["cannot run inside vLLM", "full, block-route"]),
-    (["--method", "h2o", "--budget", "0.1"], ["cannot run inside vLLM", "streaming, kv-compress"]),
+    (["--method", "ada-snapkv", "--budget", "0.25"], ["cannot run inside vLLM", "per-head block tables"]),
+    (["--method", "h2o", "--budget", "0.25", "-p", "decode_evict=true"], ["decode-time eviction does not run"]),
+    (["--method", "snapkv", "--budget", "0.25", "-p", "page=64"], ["page is vLLM's page size"]),
+    (["--method", "snapkv"], ["snapkv needs a budget"]),
     (["--method", "kv-compress"], ["kv-compress needs a budget"]),
     (["--method", "streaming"], ["streaming needs a budget", "(or window)"]),
     (["--method", "kv-compress", "--budget", "0.25", "-p", "rates=head"], ["rates='head' cannot run inside vLLM",

@@ -29,15 +29,13 @@ class AdaSnapKV(SnapKV):
 
     name: ClassVar[str] = "ada-snapkv"
     summary: ClassVar[str] = "AdaKV + SnapKV: head-adaptive budgets, real per-head lengths"
+    per_head_budgets: ClassVar[bool] = True
 
     safeguard: float = 0.2
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(0 <= self.safeguard <= 1, f"safeguard must be in [0, 1], got {self.safeguard}")
-        check(self.page is None, "ada-snapkv's per-head budgets cannot be kept in whole pages: a page holds every KV "
-                                 "head of a layer, so every head keeps the same count (vLLM 0.32 has one block table "
-                                 "per request and KV-cache group); use snapkv with page")
 
     def prepare(self, store: KVStore, ctx: PrefillContext) -> None:
         S.check_window_fits(self.window, ctx.context_lengths)

@@ -35,6 +35,7 @@ class ScorerMethod(Method):
 
     family: ClassVar[str] = "eviction"
     layer_budgets: ClassVar[bool] = False  # True where ``kept`` differs by layer (then pages differ by layer)
+    per_head_budgets: ClassVar[bool] = False  # True where ``keep`` gives the heads of a layer different counts
 
     page: int | None = None
 
@@ -42,6 +43,9 @@ class ScorerMethod(Method):
         super().__post_init__()
         check(self.page is None or (isinstance(self.page, int) and self.page >= 1),
               f"page must be a positive token count, got {self.page}")
+        check(self.page is None or not self.per_head_budgets,
+              f"{self.name}'s per-head budgets cannot be kept in whole pages: a page holds every KV head of a layer, "
+              "so every head keeps the same count; use snapkv with page")
 
     def score(self, layer_idx: int, layer: LayerStore, ctx: PrefillContext) -> torch.Tensor:
         """Importance of every slot of ``layer``: ``[B, H_kv, T]`` or ``[rows, T]`` (``T``: the longest row),

@@ -21,7 +21,7 @@ method is refused in one line with the reason of its family (:data:`WHY_NOT`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -65,26 +65,31 @@ def adapter_class(method_cls: type[Method]) -> type[Adapter] | None:
 
 def runnable(role: str | None = None) -> list[str]:
     """The kvlab methods vLLM runs (those whose adapter has ``role``, when given), in kvlab's registry order."""
-    found = ((name, adapter_class(cls)) for name, cls in METHODS.items())
-    return [name for name, cls in found if cls is not None and role in (None, cls.role)]
+    found = ((name, cls, adapter_class(cls)) for name, cls in METHODS.items())
+    return [name for name, method_cls, cls in found
+            if cls is not None and cls.why_not(method_cls) is None and role in (None, cls.role)]
+
+
+def serving(method_cls: type[Method]) -> type[Adapter]:
+    """The adapter that serves ``method_cls``, or the one-line refusal saying why none does."""
+    cls = adapter_class(method_cls)
+    why = WHY_NOT.get(method_cls.family, "no adapter serves it") if cls is None else cls.why_not(method_cls)
+    if why is not None:
+        raise KVLabError(f"method {method_cls.name!r} cannot run inside vLLM yet ({why}); vLLM runs: "
+                         f"{', '.join(runnable())}")
+    return cls
 
 
 def adapter_named(name: str) -> type[Adapter]:
     """The adapter of the kvlab method ``name``; one line naming what runs when there is none."""
     if name not in METHODS:
         raise KVLabError(f"unknown method {name!r}; vLLM runs: {', '.join(runnable())}")
-    return adapter_class(METHODS[name]) or refuse(name, METHODS[name].family)
+    return serving(METHODS[name])
 
 
 def adapter_for(method: Method, page_size: int) -> Adapter:
     """The adapter of a made method, by its class (not validated again: :meth:`Adapter.configure` validates)."""
-    cls = adapter_class(type(method)) or refuse(method.name, method.family)
-    return cls(method, page_size)
-
-
-def refuse(name: str, family: str) -> NoReturn:
-    why = WHY_NOT.get(family, "no adapter serves it")
-    raise KVLabError(f"method {name!r} cannot run inside vLLM yet ({why}); vLLM runs: {', '.join(runnable())}")
+    return serving(type(method))(method, page_size)
 
 
 def budget_given(method: Method) -> bool:
@@ -102,6 +107,12 @@ class Adapter:
 
     def __init__(self, method: Method, page_size: int) -> None:
         self.method, self.page_size = method, page_size
+
+    @classmethod
+    def why_not(cls, method_cls: type[Method]) -> str | None:
+        """Why this adapter cannot serve ``method_cls`` after all (a subclass that does what it cannot), or
+        ``None``: it serves it."""
+        return None
 
     # ------------------------------------------------------------ configuration
     @classmethod
