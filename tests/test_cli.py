@@ -48,6 +48,14 @@ def test_methods_are_listed_by_family():
         "reference", "routing", "eviction", "smaller vectors", "architectural")
 
 
+def test_methods_say_what_runs_inside_vllm():
+    rows = {r["method"]: r["in vLLM"] for r in json.loads(runner.invoke(app, ["methods", "--json"]).output)}
+    assert (rows["full"], rows["block-route"]) == ("inert", "routes")
+    assert all(rows[m] == "evicts" for m in ("streaming", "kv-compress", "snapkv", "pyramidkv", "tova", "h2o", "knorm"))
+    assert rows["ada-snapkv"].startswith("no: its per-head budgets") and rows["low-rank"].startswith("no: ")
+    assert all(v.startswith("no: ") for m, v in rows.items() if m in ("cluster-route", "quantize", "cross-layer"))
+
+
 def test_piped_tables_print_every_name_whole():
     """`kvlab models | grep qwen2.5-coder-0.5b` must find the name: no identifier wraps when piped."""
     import re

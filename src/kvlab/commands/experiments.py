@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from kvlab.commands.core import CudaGraphsOpt, JsonOpt, ModelOpt
+from kvlab.commands.options import CudaGraphsOpt, JsonOpt, ModelOpt
 from kvlab.commands.output import print_table
 from kvlab.errors import check
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from kvlab.commands.core import BudgetOpt, BudgetTokensOpt, JsonOpt, ParamOpt, RatioOpt, parse_method_params
+from kvlab.commands.options import BudgetOpt, BudgetTokensOpt, JsonOpt, ParamOpt, RatioOpt, parse_method_params
 from kvlab.errors import KVLabError, check
 
 VLLM_HINT = "kvlab serve needs vLLM 0.32: pip install 'kvlab[vllm]' into its own environment (make serve does)"
@@ -84,6 +84,16 @@ def kvlab_section(method: str, params: list[str] | None, budget: float | None, r
         check(not facts["sliding"], f"{method} inside vLLM runs on full-attention models only; "
                                     f"{directory.name} has sliding-window layers")
     return cfg.additional_config()
+
+
+def vllm_support() -> dict[str, str]:
+    """For every registered kvlab method, whether ``kvlab serve`` runs it inside vLLM and how (``kvlab methods``):
+    its adapter's role, or ``no:`` and why not."""
+    from kvlab.methods import METHODS
+    from kvlab.vllm.methods import adapter_class, why_not
+
+    reasons = {name: why_not(cls) for name, cls in METHODS.items()}
+    return {name: f"no: {why}" if why else adapter_class(METHODS[name]).role for name, why in reasons.items()}
 
 
 def _flag(extra: list[str], *names: str) -> str | None:

@@ -23,12 +23,13 @@ from kvlab.vllm.methods.base import (
     adapter_for,
     adapter_named,
     runnable,
+    why_not,
 )
 
 ADAPTERS_ENV = "KVLAB_VLLM_ADAPTERS"
 
 __all__ = ["ADAPTERS", "ADAPTERS_ENV", "EVICTS", "INERT", "ROUTES", "WHY_NOT", "Adapter", "adapter", "adapter_class",
-           "adapter_for", "adapter_named", "runnable"]
+           "adapter_for", "adapter_named", "runnable", "why_not"]
 
 for _module in filter(None, (m.strip() for m in os.environ.get(ADAPTERS_ENV, "").split(","))):
     importlib.import_module(_module)

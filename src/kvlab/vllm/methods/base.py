@@ -70,14 +70,19 @@ def runnable(role: str | None = None) -> list[str]:
             if cls is not None and cls.why_not(method_cls) is None and role in (None, cls.role)]
 
 
+def why_not(method_cls: type[Method]) -> str | None:
+    """Why vLLM cannot run ``method_cls`` (``None``: an adapter serves it)."""
+    cls = adapter_class(method_cls)
+    return WHY_NOT.get(method_cls.family, "no adapter serves it") if cls is None else cls.why_not(method_cls)
+
+
 def serving(method_cls: type[Method]) -> type[Adapter]:
     """The adapter that serves ``method_cls``, or the one-line refusal saying why none does."""
-    cls = adapter_class(method_cls)
-    why = WHY_NOT.get(method_cls.family, "no adapter serves it") if cls is None else cls.why_not(method_cls)
+    why = why_not(method_cls)
     if why is not None:
         raise KVLabError(f"method {method_cls.name!r} cannot run inside vLLM yet ({why}); vLLM runs: "
                          f"{', '.join(runnable())}")
-    return cls
+    return adapter_class(method_cls)
 
 
 def adapter_named(name: str) -> type[Adapter]:
