@@ -119,6 +119,41 @@ def metrics(url: str) -> dict[str, float]:
     return out
 
 
+def blocks_in_use(url: str) -> int:
+    """vLLM's gauge ``vllm:kv_cache_usage_perc`` is ``1 - free / (pool - 1)``."""
+    m = metrics(url)
+    return round(m["vllm:kv_cache_usage_perc"] * (m["pool_blocks"] - 1))
+
+
+def ask_pass_key(url: str, model: str, tokenizer, tokens: int, at: int, max_tokens: int = 24,
+                 sample_after: int = 3) -> tuple[str, int | None, int | None]:
+    """A pass key (48213) at token ``at`` of ``tokens`` tokens of prose, the question at the end, streamed from
+    the server at ``url`` through the ``openai`` client: ``(answer, blocks in use once ``sample_after`` pieces
+    arrived -- decoding, so the scheduler has freed what eviction reported --, prompt tokens)``."""
+    from openai import OpenAI
+
+    from kvlab.experiments.texts import text_tokens
+
+    client = OpenAI(base_url=url + "/v1", api_key="unused", timeout=600, max_retries=0)
+    hay = text_tokens(tokenizer, "prose", tokens, seed=7)
+    before, after = tokenizer.decode(hay[:at]), tokenizer.decode(hay[at:])
+    content = ("Read the text below. Somewhere in it is a piece of information you will be asked about.\n\n"
+               f"{before}\nThe pass key is 48213. Remember it. 48213 is the pass key.\n{after}\n\n"
+               "What is the pass key? Answer with the number only.")
+    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                            max_tokens=max_tokens, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    pieces, in_use, prompt_tokens = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            prompt_tokens = chunk.usage.prompt_tokens
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+            if len(pieces) == sample_after:
+                in_use = blocks_in_use(url)
+    return "".join(pieces), in_use, prompt_tokens
+
+
 @pytest.fixture(scope="session")
 def kvlab_model(tiny_model):
     """The tiny model in transformers, for kvlab's own engine (the reference of the vLLM runs)."""

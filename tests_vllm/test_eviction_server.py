@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from conftest import kvlab_server, metrics
+from conftest import ask_pass_key, blocks_in_use, kvlab_server, metrics
 
 MODEL = "qwen2.5-coder-0.5b"
 PAGE = 128
@@ -29,12 +29,6 @@ def server(tmp_path_factory):
         yield srv
 
 
-def blocks_in_use(url: str) -> int:
-    """vLLM's gauge ``vllm:kv_cache_usage_perc`` is ``1 - free / (pool - 1)``."""
-    m = metrics(url)
-    return round(m["vllm:kv_cache_usage_perc"] * (m["pool_blocks"] - 1))
-
-
 def test_startup_logs_the_eviction(server):
     log = server["log"].read_text()
     assert "kvlab: kv-compress frees vLLM's KV blocks" in log
@@ -42,31 +36,12 @@ def test_startup_logs_the_eviction(server):
 
 
 def test_needle_at_one_quarter_while_metrics_show_the_evicted_blocks_free(server, tokenizer):
-    from openai import OpenAI
-
-    from kvlab.experiments.texts import text_tokens
-
-    client = OpenAI(base_url=server["url"] + "/v1", api_key="unused", timeout=600, max_retries=0)
-    hay = text_tokens(tokenizer, "prose", 5600, seed=7)
-    before, after = tokenizer.decode(hay[:2600]), tokenizer.decode(hay[2600:])
-    content = ("Read the text below. Somewhere in it is a piece of information you will be asked about.\n\n"
-               f"{before}\nThe pass key is 48213. Remember it. 48213 is the pass key.\n{after}\n\n"
-               "What is the pass key? Answer with the number only.")
     tail = "\n\nWhat is the pass key? Answer with the number only.<|im_end|>\n<|im_start|>assistant\n"
     assert len(tokenizer.encode(tail)) <= WINDOW  # the question and the template's closing tokens are observed
-    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
-                                            max_tokens=40, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
-    pieces, in_use, prompt_tokens = [], None, None
-    for chunk in stream:
-        if chunk.usage is not None:
-            prompt_tokens = chunk.usage.prompt_tokens
-        if chunk.choices and chunk.choices[0].delta.content:
-            pieces.append(chunk.choices[0].delta.content)
-            if len(pieces) == 4:  # decoding: the scheduler has freed what the worker reported after prefill
-                in_use = blocks_in_use(server["url"])
+    answer, in_use, prompt_tokens = ask_pass_key(server["url"], MODEL, tokenizer, 5600, 2600, max_tokens=40,
+                                                 sample_after=4)
     assert prompt_tokens >= 5000
-    assert "48213" in "".join(pieces)
+    assert "48213" in answer
     prompt_pages = -(-prompt_tokens // PAGE)
     unprotected = prompt_tokens // PAGE  # the protected last tokens sit in the partial last page
     assert in_use is not None and 0 < in_use <= prompt_pages - 0.7 * unprotected, (in_use, prompt_pages)
