@@ -133,3 +133,16 @@ def test_the_table_prints(capsys):
     print_table(tp.table_rows(result), title=tp.title(result))
     text = capsys.readouterr().out
     assert "kv-compress" in text and "4.50x" in text
+
+
+def test_methods_are_chosen_from_what_vllm_evicts_with():
+    from kvlab.commands.serve import throughput_methods
+    from kvlab.vllm.methods import EVICTS, runnable
+
+    assert throughput_methods("full,streaming,kv-compress") == ("full", "streaming", "kv-compress")
+    assert throughput_methods("all") == ("full", *runnable(EVICTS)) and "snapkv" in throughput_methods("all")
+    for bad, words in [("block-route", "not a method vLLM evicts with"), ("ada-snapkv", "allowed: full, "),
+                       ("snapkv,snapkv", "twice"), (" , ", "at least one")]:
+        with pytest.raises(KVLabError, match=words):
+            throughput_methods(bad)
+

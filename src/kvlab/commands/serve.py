@@ -96,6 +96,21 @@ def vllm_support() -> dict[str, str]:
     return {name: f"no: {why}" if why else adapter_class(METHODS[name]).role for name, why in reasons.items()}
 
 
+def throughput_methods(text: str) -> tuple[str, ...]:
+    """``kvlab bench vllm --throughput --methods``: a comma list of methods vLLM runs without routing (``full``:
+    vanilla, and the eviction methods), or ``all`` (``full`` and every eviction method); one line otherwise."""
+    from kvlab.vllm.methods import EVICTS, runnable
+
+    evicting = runnable(EVICTS)
+    names = ["full", *evicting] if text.strip() == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    check(names, "--methods needs at least one method")
+    for name in names:
+        check(name == "full" or name in evicting,
+              f"--methods: {name!r} is not a method vLLM evicts with; allowed: full, {', '.join(evicting)} or all")
+    check(len(set(names)) == len(names), f"--methods names a method twice: {text}")
+    return tuple(names)
+
+
 def _flag(extra: list[str], *names: str) -> str | None:
     """The value of a vLLM option in ``extra`` (``--name value`` or ``--name=value``; ``""`` for a bare flag)."""
     for i, arg in enumerate(extra):
@@ -238,7 +253,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     def bench_vllm(
         model: ModelOpt = "qwen2.5-coder-0.5b",
         budget: Annotated[float, typer.Option(
-            help="block-route's budget (fraction read); with --throughput streaming's and kv-compress's")] = 0.125,
+            help="block-route's budget (fraction read); with --throughput the eviction methods' (kept)")] = 0.125,
         contexts: Annotated[str, typer.Option(help="context x batch cases, e.g. 8k:1,8k:4,16k:1,16k:4,32k:1")] =
         "8k:1,8k:4,16k:1,16k:4,32k:1",
         new_tokens: Annotated[int | None, typer.Option(
@@ -249,8 +264,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             "--kv-cache-gib", help="vLLM's KV pool (whole GiB; default 4; with --throughput the least that holds "
                                    "--kv-blocks, at least 1)")] = None,
         throughput: Annotated[bool, typer.Option(
-            "--throughput", help="concurrency and output tok/s of vanilla, streaming and kv-compress through "
-                                 "kvlab serve, on a fixed pool of --kv-blocks pages")] = False,
+            "--throughput", help="concurrency and output tok/s of vanilla and the eviction methods (--methods) "
+                                 "through kvlab serve, on a fixed pool of --kv-blocks pages")] = False,
+        methods: Annotated[str, typer.Option(
+            help="--throughput: comma-separated methods, each one server (full = vanilla vLLM); 'all': full and "
+                 "every method vLLM evicts with (kvlab methods)")] = "full,streaming,kv-compress",
         context: Annotated[str, typer.Option(help="--throughput: prompt tokens per request, e.g. 8k")] = "8k",
         requests: Annotated[int, typer.Option(help="--throughput: requests sent at once")] = 10,
         kv_blocks: Annotated[int | None, typer.Option(
@@ -270,8 +288,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         if throughput:
             from kvlab.experiments import bench_vllm_throughput as tp
 
-            check(not param, "--param sets block-route's parameters; --throughput runs streaming and kv-compress "
-                             "with their defaults")
+            check(not param, "--param sets block-route's parameters; --throughput runs each method with its "
+                             "defaults")
             tokens = 128 if new_tokens is None else new_tokens
             ctx_tokens = tp.parse_tokens(context)
             tp.check_options(ctx_tokens, requests, tokens, budget, kv_blocks, max_model_len, None)
@@ -279,13 +297,14 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                   f"--kv-cache-gib must be a whole number of GiB >= 1, got {kv_cache_gib}")
             check(dtype in ("bfloat16", "float32", "float16"),
                   f"--dtype must be bfloat16, float32 or float16 with --throughput, got {dtype!r}")
-            for method in filter(tp.takes_budget, tp.METHODS):
+            chosen = throughput_methods(methods)
+            for method in filter(tp.takes_budget, chosen):
                 kvlab_section(method, None, budget, None, None, tp.PAGE)
             require_vllm()
             directory, served = resolve_model(model)
             length, blocks = tp.check_options(ctx_tokens, requests, tokens, budget, kv_blocks, max_model_len,
                                               model_facts(directory)["max_len"])
-            for method in filter(tp.takes_budget, tp.METHODS):
+            for method in filter(tp.takes_budget, chosen):
                 kvlab_section(method, None, budget, None, None, tp.PAGE, directory)
             need = blocks * tp.block_bytes(json.loads((directory / "config.json").read_text()), dtype)
             gib = max(1, -(-need // 2**30)) if kv_cache_gib is None else kv_cache_gib
@@ -293,7 +312,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                                        f"({need / 2**30:.2f} GiB)")
             log_dir = None if out is None else out.parent / f"{out.stem}-logs"
             result = tp.run(directory, model, served, ctx_tokens, requests, tokens, budget, blocks, length, gib,
-                            dtype=dtype, log_dir=log_dir)
+                            dtype=dtype, methods=chosen, log_dir=log_dir)
             emit_result(result, tp.table_rows(result), tp.title(result), out, as_json)
             return
         new_tokens = 32 if new_tokens is None else new_tokens
