@@ -146,3 +146,10 @@ def test_methods_are_chosen_from_what_vllm_evicts_with():
         with pytest.raises(KVLabError, match=words):
             throughput_methods(bad)
 
+
+def test_a_method_with_a_block_table_per_layer_gets_the_same_memory_in_layer_pages():
+    from kvlab.commands.serve import pool_groups
+
+    assert pool_groups(("full", "snapkv", "kv-compress", "pyramidkv"), 0.125, 24) == {
+        "full": 1, "snapkv": 1, "kv-compress": 1, "pyramidkv": 24}
+

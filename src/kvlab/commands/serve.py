@@ -111,6 +111,19 @@ def throughput_methods(text: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def pool_groups(methods: tuple[str, ...], budget: float, layers: int) -> dict[str, int]:
+    """KV-cache groups of each method's engine: ``layers`` where its adapter keeps one block table per layer
+    (PyramidKV, kv-compress ``rates=layer``), else 1 (the throughput bench sizes the same memory by it)."""
+    from kvlab.experiments.bench_vllm_throughput import PAGE, takes_budget
+    from kvlab.vllm import config as kvconfig
+
+    def per_layer(method: str) -> bool:
+        return takes_budget(method) and bool(kvconfig.parse({"method": method, "budget": budget}, PAGE)
+                                             .adapter.group_per_layer())
+
+    return {method: layers if per_layer(method) else 1 for method in methods}
+
+
 def _flag(extra: list[str], *names: str) -> str | None:
     """The value of a vLLM option in ``extra`` (``--name value`` or ``--name=value``; ``""`` for a bare flag)."""
     for i, arg in enumerate(extra):
@@ -312,7 +325,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                                        f"({need / 2**30:.2f} GiB)")
             log_dir = None if out is None else out.parent / f"{out.stem}-logs"
             result = tp.run(directory, model, served, ctx_tokens, requests, tokens, budget, blocks, length, gib,
-                            dtype=dtype, methods=chosen, log_dir=log_dir)
+                            dtype=dtype, methods=chosen, log_dir=log_dir,
+                            groups=pool_groups(chosen, budget, int(model_facts(directory)["layers"])))
             emit_result(result, tp.table_rows(result), tp.title(result), out, as_json)
             return
         new_tokens = 32 if new_tokens is None else new_tokens

@@ -347,9 +347,12 @@ def histogram_mean(samples: list[tuple[str, dict[str, str], float]], name: str) 
 
 def run_method(method: str, model: str, served_name: str, tokenizer: Any, prompts: list[tuple[list[int], str]],
                budget: float, new_tokens: int, max_model_len: int, kv_blocks: int, kv_cache_gib: int, dtype: str,
-               log_dir: Path) -> dict[str, Any]:
-    """One server, every request at once: the row of ``method``."""
+               log_dir: Path, groups: int = 1) -> dict[str, Any]:
+    """One server, every request at once: the row of ``method``. ``groups``: KV-cache groups the method's
+    engine keeps (one per layer for per-layer page counts), whose pages are 1/``groups`` of a page each, so
+    the same memory is ``kv_blocks * groups`` of them."""
     log_path = log_dir / f"serve-{method}.log"
+    kv_blocks *= groups
     argv = serve_argv(model, method, budget, free_port(), max_model_len, kv_blocks, kv_cache_gib, dtype, len(prompts))
     load_before = os.getloadavg()
     t_start = time.perf_counter()
@@ -400,8 +403,10 @@ def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def run(directory: Path, model: str, served_name: str, context: int, requests: int, new_tokens: int,
         budget: float, kv_blocks: int, max_model_len: int, kv_cache_gib: int, dtype: str = "bfloat16",
-        methods: tuple[str, ...] = METHODS, log_dir: Path | None = None, seed: int = 0) -> dict[str, Any]:
-    """Every method, one server each, one after the other; the result holds the options, the pool and the rows."""
+        methods: tuple[str, ...] = METHODS, log_dir: Path | None = None, seed: int = 0,
+        groups: dict[str, int] | None = None) -> dict[str, Any]:
+    """Every method, one server each, one after the other; the result holds the options, the pool and the rows.
+    ``groups``: a method's KV-cache groups where it keeps one per layer (see :func:`run_method`)."""
     import json
 
     from transformers import AutoTokenizer
@@ -414,7 +419,7 @@ def run(directory: Path, model: str, served_name: str, context: int, requests: i
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     rows = [run_method(m, model, served_name, tokenizer, prompts, budget, new_tokens, max_model_len, kv_blocks,
-                       kv_cache_gib, dtype, log_dir) for m in methods]
+                       kv_cache_gib, dtype, log_dir, (groups or {}).get(m, 1)) for m in methods]
     bytes_per_page = block_bytes(config, dtype)
     return {"model": served_name, "dtype": dtype, "machine": describe(), "cpu_count": os.cpu_count(),
             "vllm": vllm_version(), "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
