@@ -8,8 +8,9 @@ import torch
 import kvlab
 from kvlab.errors import KVLabError
 from kvlab.generation import decode, prefill
+from kvlab.methods._paged import kept_full_pages
 from kvlab.methods.base import PrefillContext
-from kvlab.methods.kv_compress import kept_full_pages, pages_per_layer
+from kvlab.methods.kv_compress import pages_per_layer
 
 BS = 16
 

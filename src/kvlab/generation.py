@@ -402,21 +402,25 @@ class Decoder:
         if self.eos.numel() and self.n_gen and bool(self.ended.all()):  # stop where every sequence had ended
             generated = min(generated, int(self.ended_at.max()))
         n_out = generated + 1 if self.n_gen else 0
-        forced_steps = -(-self.n_forced // self.forced_chunk)
         return DecodeResult(
             tokens=self.tokens[:, :n_out], logits=self.logits[:, :n_out] if self.logits is not None else None,
             kept_after_prefill=self.kept_after_prefill, kept_at_end=self.store.lengths().clone(),
             bytes_full=self.bytes_full, bytes_after_prefill=self.bytes_after_prefill,
-            bytes_at_end=self.store.kv_bytes_allocated(), decode_seconds=seconds, steps=forced_steps + generated,
+            bytes_at_end=self.store.kv_bytes_allocated(), decode_seconds=seconds, steps=self.forced_steps + generated,
             forced_nll=self.nll[:, :self.n_forced] if self.n_forced else None,
             graphs=len(self.graphs.graphs) if self.graphs else 0, replays=self.graphs.replays if self.graphs else 0,
             step_keys=len(self.keys), steps_run=self.steps_run, compress_seconds=self.compress_seconds,
         )
 
     @property
+    def forced_steps(self) -> int:
+        """Steps that feed the forced tokens (``forced_chunk`` at a time)."""
+        return -(-self.n_forced // self.forced_chunk)
+
+    @property
     def total_steps(self) -> int:
         """Steps the decode runs at most (fewer where every sequence ends first)."""
-        return -(-self.n_forced // self.forced_chunk) + max(0, self.n_gen - 1)
+        return self.forced_steps + max(0, self.n_gen - 1)
 
     # ------------------------------------------------------------ the steps (device work)
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

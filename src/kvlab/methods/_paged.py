@@ -9,7 +9,12 @@ its own best tokens, moved into the first ``m`` pages) and leaves the prompt's p
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+from kvlab.cache.store import KVStore
+from kvlab.methods import _scoring as S
 
 
 def kept_full_pages(n: int, kept_tokens: int, page: int, protected: int, n_sink: int) -> int:
@@ -44,3 +49,21 @@ def scorer_pages(scores: list[torch.Tensor], n: int, kept: list[int], page: int,
         forced = int(torch.isposinf(s[:, : full * page]).sum(1).max()) if full else 0
         counts.append(min(full, max(kept_full_pages(n, k, page, 0, 0), -(-forced // page))))
     return counts if per_layer else [max(counts, default=0)] * len(counts)
+
+
+def evict_to_pages(store: KVStore, lengths: list[int], page: int,
+                   choose: Callable[[int, int], dict[int, tuple[torch.Tensor, int]]]) -> None:
+    """Evict every compressible layer to whole pages. For sequence ``b`` of ``n`` prompt tokens, ``choose(b, n)``
+    gives each layer its full-page scores ``[H, F]`` and page count ``m`` (``{}``: the sequence keeps
+    everything); each KV head keeps its best ``m * page`` tokens of the full pages and the partial last page,
+    then one repack per layer frees the rest."""
+    layers, h = store.compressible_layers(), store.kv_heads
+    keeps = {i: torch.ones(store.layers[i].rows, store.layers[i].max_length, dtype=torch.bool) for i in layers}
+    for b, n in enumerate(lengths):
+        for i, (scores, m) in choose(b, n).items():
+            keep = keeps[i][b * h:(b + 1) * h]
+            keep[:, : n // page * page] = False
+            keep.scatter_(1, keep_per_head(scores, m, page), True)
+    for i in layers:
+        layer = store.layers[i]
+        S.evict(layer, keeps[i].to(layer.device) & layer.in_use(keeps[i].shape[1]))

@@ -41,7 +41,7 @@ from kvlab.attention.probs import attention_probs, padded_layer
 from kvlab.cache.store import KVStore, LayerStore, ceil_div
 from kvlab.errors import KVLabError, check
 from kvlab.methods import _scoring as S
-from kvlab.methods._paged import keep_per_head, kept_full_pages
+from kvlab.methods._paged import evict_to_pages, kept_full_pages
 from kvlab.methods.base import Method, PrefillContext, StepContext, register
 
 
@@ -207,14 +207,12 @@ class KVCompress(Method):
     # ------------------------------------------- paged rates (vLLM's constraint)
     def _compress_paged(self, store: KVStore) -> None:
         """``rates="layer"``/``"uniform"``: whole pages per layer (or sequence), each head its own tokens."""
-        layers = store.compressible_layers()
-        page = store.block_size
-        keeps = {i: torch.ones(store.layers[i].rows, store.layers[i].max_length, dtype=torch.bool) for i in layers}
-        h = store.kv_heads
-        for b, n in enumerate(int(x) for x in self._context.tolist()):
+        layers, h, page = store.compressible_layers(), store.kv_heads, store.block_size
+
+        def choose(b: int, n: int) -> dict[int, tuple[torch.Tensor, int]]:
             uniform = kept_full_pages(n, self.tokens_kept(n), page, self.protected, self.n_sink)
             if uniform >= n // page:
-                continue  # the budget keeps every full page
+                return {}  # the budget keeps every full page
             scores = {}
             for i in layers:
                 layer = store.layers[i]
@@ -229,12 +227,9 @@ class KVCompress(Method):
                 floor = kept_full_pages(n, 1, page, self.protected, self.n_sink)
                 counts = dict(zip(layers, pages_per_layer([scores[i] for i in layers], uniform, floor, page),
                                   strict=True))
-            for i in layers:
-                keep = keeps[i][b * h:(b + 1) * h]
-                keep[:, : n // page * page] = False
-                keep.scatter_(1, keep_per_head(scores[i], counts[i], page), True)
-        for i in layers:
-            S.evict(store.layers[i], keeps[i].to(store.layers[i].device) & store.layers[i].in_use(keeps[i].shape[1]))
+            return {i: (scores[i], counts[i]) for i in layers}
+
+        evict_to_pages(store, [int(x) for x in self._context.tolist()], page, choose)
 
 
 RATES = ("head", "layer", "uniform")

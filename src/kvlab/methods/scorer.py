@@ -20,7 +20,7 @@ import torch
 from kvlab.cache.store import KVStore, LayerStore
 from kvlab.errors import check
 from kvlab.methods import _scoring as S
-from kvlab.methods._paged import keep_per_head, scorer_pages
+from kvlab.methods._paged import evict_to_pages, scorer_pages
 from kvlab.methods.base import Method, PrefillContext, StepContext, StepPlan
 
 
@@ -80,19 +80,14 @@ class ScorerMethod(Method):
         layers, h, page = store.compressible_layers(), store.kv_heads, self.page
         scores = {i: self.score(i, store.layers[i], ctx).reshape(store.layers[i].rows, -1).cpu() for i in layers}
         kept = {i: self.kept(i, store.num_layers, ctx).tolist() for i in layers}
-        keeps = {i: torch.ones(store.layers[i].rows, scores[i].shape[1], dtype=torch.bool) for i in layers}
-        for b, n in enumerate(int(x) for x in ctx.context_lengths.tolist()):
+
+        def choose(b: int, n: int) -> dict[int, tuple[torch.Tensor, int]]:
             rows = slice(b * h, (b + 1) * h)
             counts = scorer_pages([scores[i][rows, :n] for i in layers], n, [int(kept[i][b]) for i in layers], page,
                                   self.layer_budgets)
-            full = n // page * page
-            for i, m in zip(layers, counts, strict=True):
-                keep = keeps[i][rows]
-                keep[:, :full] = False
-                keep.scatter_(1, keep_per_head(scores[i][rows, :full], m, page), True)
-        for i in layers:
-            layer = store.layers[i]
-            S.evict(layer, keeps[i].to(layer.device) & layer.in_use(keeps[i].shape[1]))
+            return {i: (scores[i][rows, : n // page * page], m) for i, m in zip(layers, counts, strict=True)}
+
+        evict_to_pages(store, [int(x) for x in ctx.context_lengths.tolist()], page, choose)
 
 
 @dataclass

@@ -23,10 +23,9 @@ import torch
 
 from kvlab.errors import check
 from kvlab.methods import _scoring as S
+from kvlab.methods._paged import keep_per_head, kept_full_pages
 from kvlab.methods.kv_compress import (
     KVCompress,
-    keep_per_head,
-    kept_full_pages,
     paged_scores,
     pages_per_layer,
     pool_metric,
