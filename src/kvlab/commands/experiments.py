@@ -1,5 +1,5 @@
 """``kvlab validate`` and each experiment as its own command: ``kvlab profile locality|entropy``,
-``kvlab bench access``, ``kvlab niah``, ``kvlab eval ppl|synthetic``."""
+``kvlab bench access``, ``kvlab niah``, ``kvlab eval ppl|synthetic`` (and ``ruler``: :mod:`kvlab.commands.ruler`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from kvlab.commands import ruler
 from kvlab.commands.options import CudaGraphsOpt, JsonOpt, ModelOpt
 from kvlab.commands.output import print_table
 from kvlab.errors import check
@@ -44,9 +45,10 @@ def _print_notes(notes: list[str]) -> None:
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     profile_app = typer.Typer(no_args_is_help=True, help="Attention profiles of a model (H1 locality, H3 entropy).")
-    eval_app = typer.Typer(no_args_is_help=True, help="Quality under compression (perplexity, synthetic tasks).")
+    eval_app = typer.Typer(no_args_is_help=True, help="Quality under compression (perplexity, synthetic tasks, RULER).")
     app.add_typer(profile_app, name="profile")
     app.add_typer(eval_app, name="eval")
+    ruler.register(eval_app)
 
     @app.command()
     def validate(

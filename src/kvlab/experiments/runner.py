@@ -266,15 +266,17 @@ def _reads(info: StepInfo) -> dict[int, list[list[set[int]]]]:
 
 def run_method(model: Any, snapshot: Snapshot, method: Method, forced: list[list[int]] | None = None,
                max_new_tokens: int = 0, eos: Collection[int] | None = None, record_reads: bool = False,
-               compress: bool = True, label: str | None = None, cuda_graphs: bool = True) -> RunResult:
+               compress: bool = True, label: str | None = None, cuda_graphs: bool = True,
+               forced_chunk: int = 1) -> RunResult:
     """Decode from a copy of ``snapshot`` with ``method``: teacher-force ``forced`` (``[B, n]``, every
     step through the method), then generate ``max_new_tokens`` greedily (at least one token; after
     every sequence has ended, its tokens are 0).
 
     ``record_reads``: the token positions each (layer, sequence, KV head) read at the step whose logits
     give the first generated token -- the selection after eviction and routing, for GER and consensus.
-    Runs :func:`kvlab.generation.decode` (forced tokens and a per-step callback; ``cuda_graphs`` is its
-    argument: on CUDA, steps replayed from CUDA graphs where the method allows).
+    Runs :func:`kvlab.generation.decode` (forced tokens and a per-step callback; ``cuda_graphs`` and
+    ``forced_chunk`` are its arguments: on CUDA, steps replayed from CUDA graphs where the method allows;
+    forced tokens fed that many per step, for a method that does not evict during decode).
     """
     batch = snapshot.context_lengths.shape[0]
     n_forced = len(forced[0]) if forced else 0
@@ -286,7 +288,7 @@ def run_method(model: Any, snapshot: Snapshot, method: Method, forced: list[list
 
     result = decode(model, snapshot, method, max(1, max_new_tokens), eos_token_id=sorted(set(eos or ())),
                     forced=forced or None, on_step=record if record_reads and n_forced else None, compress=compress,
-                    label=label or f"decode ({method.name})", cuda_graphs=cuda_graphs)
+                    label=label or f"decode ({method.name})", cuda_graphs=cuda_graphs, forced_chunk=forced_chunk)
     generated = result.tokens.cpu()
     if eos:  # after a sequence's end of sequence its tokens are 0
         ended = torch.isin(generated, torch.tensor(sorted(set(eos)), dtype=torch.long))

@@ -1,0 +1,182 @@
+"""``kvlab eval ruler``: RULER's offline tasks (lm-eval's samples and scoring) in kvlab's engine, in vLLM through
+``kvlab serve`` and lm-eval's client, or in kvpress's pipeline; the leaderboard of every engine in ``--out``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kvlab.commands.options import JsonOpt, ModelOpt
+from kvlab.commands.output import print_table
+from kvlab.errors import check
+
+LEADERBOARD = ("full", "streaming", "snapkv", "pyramidkv", "ada-snapkv", "knorm", "tova", "kv-compress",
+               "block-route", "cluster-route")
+
+
+def ratios_of(ratio: list[float] | None, budget: list[float] | None) -> list[float]:
+    """``--ratio`` (fraction removed) or ``--budget`` (fraction kept), never both; default: kvpress's four."""
+    from kvlab.experiments.ruler import RATIOS
+
+    check(not (ratio and budget), "give --ratio or --budget, not both")
+    out = list(ratio) if ratio else [round(1.0 - b, 6) for b in budget] if budget else list(RATIOS)
+    for r in out:
+        check(0 < r < 1, f"a compression ratio must be in (0, 1) (a budget in (0, 1)), got {r:g}")
+    return sorted(set(out))
+
+
+def engine_methods(engine: str, methods: list[str] | None) -> list[str]:
+    """The methods an engine runs: ``--method`` checked against what it can run, or its leaderboard set."""
+    from kvlab.methods import METHODS
+
+    for m in methods or []:
+        check(m in METHODS, f"unknown method {m!r}; allowed: {', '.join(METHODS)}")
+    if engine == "vllm":
+        from importlib.util import find_spec
+
+        check(find_spec("vllm") is not None, "--engine vllm runs in vLLM's environment: .venv-vllm/bin/kvlab eval "
+                                             "ruler ... (make test builds it)")
+        from kvlab.vllm.methods import adapter_named, runnable
+
+        for m in methods or []:
+            adapter_named(m)  # one line: why vLLM cannot run it
+        return list(methods) if methods else ["full", *[m for m in LEADERBOARD if m in runnable()]]
+    if engine == "kvpress":
+        from kvlab.experiments.ruler_kvpress import check_methods, presses
+
+        check_methods(methods or [])
+        return list(methods) if methods else ["full", *presses()]
+    return list(methods) if methods else list(LEADERBOARD)
+
+
+def all_cells(out: Path) -> list[dict]:
+    """Every finished RULER cell under ``out``, whichever engine wrote it."""
+    cells = []
+    for path in sorted((out / "cells" / "ruler").glob("*.json")):
+        try:
+            cells.append(json.loads(path.read_text()))
+        except json.JSONDecodeError:
+            continue
+    return cells
+
+
+def register(eval_app: typer.Typer) -> None:
+    @eval_app.command("ruler")
+    def eval_ruler(
+        model: ModelOpt = "qwen2.5-coder-0.5b",
+        engine: Annotated[str, typer.Option(help="kvlab (its own engine), vllm (kvlab serve + lm-eval's client; "
+                                                 "run from .venv-vllm) or kvpress (kvpress's pipeline)")] = "kvlab",
+        task: Annotated[list[str] | None, typer.Option(help="RULER task (repeat; default: the six that build "
+                                                            "offline)")] = None,
+        length: Annotated[int, typer.Option(help="prompt length in tokens")] = 4096,
+        samples: Annotated[int, typer.Option(help="samples per task")] = 6,
+        method: Annotated[list[str] | None, typer.Option(help="method (repeat; default: the engine's leaderboard "
+                                                              "set)")] = None,
+        ratio: Annotated[list[float] | None, typer.Option(help="fraction removed (repeat; default 0.25 0.5 0.75 "
+                                                               "0.875)")] = None,
+        budget: Annotated[list[float] | None, typer.Option(help="fraction kept (repeat; instead of --ratio)")] = None,
+        mode: Annotated[list[str] | None, typer.Option(help="kvlab engine: aware (question inside the compressed "
+                                                            "prompt) and/or agnostic (question after); default "
+                                                            "both")] = None,
+        max_new_tokens: Annotated[int | None, typer.Option(
+            "--max-new-tokens", help="cap on the answer's tokens (default: each task's own max_gen_toks)")] = None,
+        dtype: Annotated[str, typer.Option(help="vllm engine: the server's dtype (kvlab's engine runs float32)")] =
+            "float32",
+        out: Annotated[Path, typer.Option(help="directory: samples, one file per cell (resume), ruler.json, "
+                                               "ruler.png; every engine's cells in it are tabled")] = Path(
+            "kvlab-ruler"),
+        as_json: JsonOpt = False,
+    ) -> None:
+        """RULER (lm-eval's tasks and scoring): score per method and compression ratio, full cache on top."""
+        from kvlab.experiments import ruler
+        from kvlab.experiments.runner import Cells
+        from kvlab.experiments.validate import claim_out_dir
+
+        check(engine in ruler.ENGINES, f"unknown --engine {engine!r}; allowed: {', '.join(ruler.ENGINES)}")
+        tasks = ruler.check_tasks(task or list(ruler.TASKS))
+        check(samples >= 1, f"--samples must be at least 1, got {samples}")
+        check(1024 <= length <= 131072, f"--length must be in 1024..131072 (RULER's lengths), got {length}")
+        check(max_new_tokens is None or max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        ratios = ratios_of(ratio, budget)
+        modes = list(dict.fromkeys(mode or ruler.MODES))
+        for m in modes:
+            check(m in ruler.MODES, f"unknown --mode {m!r}; allowed: {', '.join(ruler.MODES)}")
+        check(engine == "kvlab" or mode is None, "--mode is the kvlab engine's: vllm answers question-aware, kvpress "
+                                                 "question-agnostic")
+        methods = engine_methods(engine, method)
+        directory, served_name = _model_dir(model)
+        _check_length(directory, model, length)
+        claim_out_dir(out, served_name, "ruler")
+        cells = Cells(out / "cells")
+        t0 = time.perf_counter()
+        data = ruler.load_samples(out / "samples.json", str(directory), tasks, length, samples)
+        notes: list[str] = []
+        runs = [(m, 0.0) if m == "full" else (m, r) for m in methods for r in ([0.0] if m == "full" else ratios)]
+        if engine == "vllm":
+            from kvlab.experiments.ruler_vllm import run_vllm
+
+            run_vllm(str(directory), served_name, str(directory), data, runs, cells, length, max_new_tokens, dtype,
+                     log_dir=out)
+        else:
+            import kvlab
+
+            m, tok = kvlab.load(str(directory))
+            if engine == "kvpress":
+                from kvlab.experiments.ruler_kvpress import run_kvpress
+
+                run_kvpress(m, tok, served_name, data, runs, cells, length, max_new_tokens)
+            else:
+                from kvlab.experiments.runner import resolve
+
+                specs = resolve(methods, notes)
+                ruler.run_kvlab(m, tok, served_name, data, specs, ratios, modes, cells, notes, length,
+                                max_new_tokens)
+        _report(out, ratios, served_name, length, time.perf_counter() - t0, as_json)
+        for n in dict.fromkeys(notes):
+            typer.secho(f"note: {n}", fg=typer.colors.YELLOW, err=True)
+
+
+def _model_dir(model: str) -> tuple[Path, str]:
+    """The model's directory (its tokenizer sizes the samples) and its name, as ``kvlab serve`` resolves them."""
+    from kvlab.commands.serve import resolve_model
+
+    return resolve_model(model)
+
+
+def _check_length(directory: Path, model: str, length: int) -> None:
+    from kvlab.commands.serve import model_facts
+
+    limit = model_facts(directory)["max_len"]
+    check(limit is None or length + 256 <= limit,
+          f"--length {length} (+ the answer) exceeds {model}'s limit of {limit} tokens")
+
+
+def _report(out: Path, ratios: list[float], model: str, length: int, seconds: float, as_json: bool) -> None:
+    from kvlab.experiments import ruler
+    from kvlab.io import write_atomic
+    from kvlab.machine import describe
+
+    cells = [c for c in all_cells(out) if c["model"] == model and c["length"] == length]
+    board = ruler.leaderboard(cells, ratios)
+    pairs = [(a, b) for a, b in (("kvlab", "vllm"), ("kvlab", "kvpress"))
+             if any(c["engine"] == a for c in cells) and any(c["engine"] == b for c in cells)]
+    agree = {f"{a} vs {b}": ruler.agreement([c for c in cells if c["mode"] == ("aware" if b == "vllm" else
+                                                                                "agnostic")], a, b)
+             for a, b in pairs}
+    result = {"model": model, "length": length, "machine": describe(), "seconds": seconds, "leaderboard": board,
+              "per_task": ruler.per_task(cells), "agreement": agree}
+    write_atomic(out / "ruler.json", json.dumps(result, indent=2))
+    if cells:
+        ruler.plot(cells, ratios, out / "ruler.png", f"RULER {length} · {model}")
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    print_table(board, title=f"RULER {length} · {model} · score ×100, mean of tasks · {seconds:.0f} s")
+    for name, rows in agree.items():
+        if rows:
+            print_table(rows, title=f"agreement {name} (paired, same samples)")
+    typer.echo(f"results: {out / 'ruler.json'}" + (f", plot: {out / 'ruler.png'}" if cells else ""), err=True)

@@ -1,0 +1,82 @@
+"""RULER's ``--engine vllm``: one ``kvlab serve`` per (method, ratio) on 127.0.0.1, asked by lm-eval's own
+``local-completions`` client (:class:`lm_eval.models.openai_completions.LocalCompletionsAPI`, a real OpenAI-style
+HTTP client) with several requests in flight, on the samples :mod:`kvlab.experiments.ruler` saved.
+
+A server answers the whole prompt (the question inside the compressed prompt: question-aware, as in serving).
+It runs in float32 by default, as kvlab's own engine does, so that the two engines' answers can be compared
+token for token (:func:`kvlab.experiments.ruler.agreement`).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from kvlab.errors import KVLabError
+from kvlab.experiments.bench_vllm_throughput import free_port, served
+from kvlab.experiments.ruler import Sample, cell_key, new_tokens, order, score
+from kvlab.experiments.runner import Cells
+from kvlab.progress import track
+
+CONCURRENT = 2  # requests in flight per server
+
+
+def serve_argv(model: str, method: str, ratio: float, port: int, max_model_len: int, dtype: str) -> list[str]:
+    """``python -m kvlab serve`` for one (method, ratio); ``full`` is plain vLLM."""
+    argv = [sys.executable, "-m", "kvlab", "serve", "--model", model, "--method", method]
+    if method != "full":
+        argv += ["--ratio", f"{ratio:g}"]
+    return argv + ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len),
+                   "--dtype", dtype]
+
+
+def client(url: str, served_name: str, tokenizer_dir: str, max_length: int) -> Any:
+    """lm-eval's ``local-completions`` model against ``url`` (the arguments lm-eval's command line takes)."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    return LocalCompletionsAPI(model=served_name, base_url=f"{url}/v1/completions", tokenizer=tokenizer_dir,
+                               tokenized_requests=False, num_concurrent=CONCURRENT, max_retries=2,
+                               max_length=max_length, timeout=900)
+
+
+def ask(lm: Any, samples: list[Sample], max_new: int | None) -> list[str]:
+    """Every sample through lm-eval's ``generate_until`` (greedy, no stop string but the end of text, at most the
+    task's ``max_gen_toks`` or ``max_new`` tokens)."""
+    from lm_eval.api.instance import Instance
+
+    requests = [Instance(request_type="generate_until", doc=s.doc, idx=0,
+                         arguments=(s.prompt, {"until": [], "max_gen_toks": new_tokens(s, max_new),
+                                               "do_sample": False, "temperature": 0.0}))
+                for s in samples]
+    return list(lm.generate_until(requests, disable_tqdm=True))
+
+
+def run_vllm(model: str, served_name: str, tokenizer_dir: str, samples: list[Sample],
+             runs: list[tuple[str, float]], cells: Cells, length: int, max_new: int | None = None,
+             dtype: str = "float32", log_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Every ``(method, ratio)`` of ``runs`` (``full`` at ratio 0): a server, the samples not cached yet, the
+    server stopped; each answer scored by lm-eval and written as its own cell."""
+    log_dir = log_dir or Path(tempfile.mkdtemp(prefix="kvlab-ruler-"))
+    ordered = order(samples)
+    max_len = max(length, 1024) + max(new_tokens(s, max_new) for s in samples) + 64
+    out = []
+    for method, ratio in track(runs, "RULER vllm"):
+        keys = [cell_key("vllm", served_name, s, method, ratio, "aware", length, new_tokens(s, max_new))
+                for s in ordered]
+        cached = [cells.get("ruler", k) for k in keys]
+        todo = [(s, k) for s, k, c in zip(ordered, keys, cached, strict=True) if c is None]
+        if todo:
+            argv = serve_argv(model, method, ratio, free_port(), max_len, dtype)
+            with served(argv, log_dir / f"serve-{method}-{ratio:g}.log", method) as (url, _proc):
+                lm = client(url, served_name, tokenizer_dir, max_len)
+                try:
+                    answers = ask(lm, [s for s, _ in todo], max_new)
+                except Exception as exc:  # the server's reply, in one line
+                    raise KVLabError(f"RULER through kvlab serve --method {method} failed: "
+                                     f"{type(exc).__name__}: {exc}") from None
+            for (s, key), answer in zip(todo, answers, strict=True):
+                cells.put("ruler", key, {**key, "answer": answer, "score": score(s, answer), "seconds": None})
+        out += [cells.get("ruler", k) for k in keys]
+    return [c for c in out if c is not None]
