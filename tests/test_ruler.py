@@ -126,7 +126,8 @@ def test_leaderboard_agreement_and_plot_from_cells(tmp_path):
     cells += [cell("vllm", "snapkv", 0.5, "aware", "a", i, s) for i, s in enumerate([1.0, 1.0])]
     board = ruler.leaderboard(cells, [0.5])
     snap = next(r for r in board if r["engine"] == "kvlab" and r["method"] == "snapkv")
-    assert snap["0.5"] == 75.0 and snap["samples"] == 4  # mean of task means: (50 + 100) / 2
+    assert snap["0.5"] == 75.0 and snap["samples"] == 4 and snap["0"] is None  # mean of task means: (50 + 100) / 2
+    assert board[0]["method"] == "full" and board[0]["0"] == 100.0 and board[0]["0.5"] is None
     rows = ruler.agreement(cells, "kvlab", "vllm")
     assert rows == [{"method": "snapkv", "ratio": 0.5, "mode": "aware", "samples": 2, "differ": 1,
                      "kvlab - vllm": -50.0, "ci95": pytest.approx(98.0), "agree": True}]
@@ -169,6 +170,7 @@ def test_the_command_tables_a_run_and_resumes(tmp_path, samples, model_dir, monk
     data = json.loads(result.stdout)
     assert [(r["method"], r["mode"]) for r in data["leaderboard"]] == [("full", "agnostic"), ("streaming", "agnostic")]
     assert (out / "ruler.png").is_file() and json.loads((out / "ruler.json").read_text())["model"] == MODEL
+    assert "| kvlab | streaming | agnostic |" in (out / "report.md").read_text()
     assert len(list((out / "cells" / "ruler").glob("*.json"))) == 2
     monkeypatch.setattr(ruler, "prefill", lambda *a, **k: pytest.fail("a cached cell was run again"))
     again = CliRunner().invoke(app, argv)

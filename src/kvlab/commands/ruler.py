@@ -87,7 +87,7 @@ def register(eval_app: typer.Typer) -> None:
         dtype: Annotated[str, typer.Option(help="vllm engine: the server's dtype (kvlab's engine runs float32)")] =
             "float32",
         out: Annotated[Path, typer.Option(help="directory: samples, one file per cell (resume), ruler.json, "
-                                               "ruler.png; every engine's cells in it are tabled")] = Path(
+                                               "report.md, ruler.png; every engine's cells in it are tabled")] = Path(
             "kvlab-ruler"),
         as_json: JsonOpt = False,
     ) -> None:
@@ -161,6 +161,7 @@ def _report(out: Path, ratios: list[float], model: str, length: int, seconds: fl
     from kvlab.machine import describe
 
     cells = [c for c in all_cells(out) if c["model"] == model and c["length"] == length]
+    ratios = sorted({c["ratio"] for c in cells if c["ratio"] > 0} | set(ratios))  # every run's, not just this one's
     board = ruler.leaderboard(cells, ratios)
     pairs = [(a, b) for a, b in (("kvlab", "vllm"), ("kvlab", "kvpress"))
              if any(c["engine"] == a for c in cells) and any(c["engine"] == b for c in cells)]
@@ -172,6 +173,7 @@ def _report(out: Path, ratios: list[float], model: str, length: int, seconds: fl
     write_atomic(out / "ruler.json", json.dumps(result, indent=2))
     if cells:
         ruler.plot(cells, ratios, out / "ruler.png", f"RULER {length} · {model}")
+    write_atomic(out / "report.md", ruler.markdown(result, ratios, "ruler.png" if cells else None))
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -179,4 +181,5 @@ def _report(out: Path, ratios: list[float], model: str, length: int, seconds: fl
     for name, rows in agree.items():
         if rows:
             print_table(rows, title=f"agreement {name} (paired, same samples)")
-    typer.echo(f"results: {out / 'ruler.json'}" + (f", plot: {out / 'ruler.png'}" if cells else ""), err=True)
+    typer.echo(f"results: {out / 'ruler.json'}, {out / 'report.md'}" + (f", {out / 'ruler.png'}" if cells else ""),
+               err=True)

@@ -220,7 +220,7 @@ def run_vllm_server(argv: list[str]) -> None:
 
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="built-in name or a model directory")]
-MethodOpt = Annotated[str, typer.Option(help="full (plain vLLM), block-route, streaming or kv-compress")]
+MethodOpt = Annotated[str, typer.Option(help="full (plain vLLM) or a method `kvlab methods` marks as running in vLLM")]
 PageOpt = Annotated[int, typer.Option("--block-size", help="vLLM's page size in tokens (a multiple of 32)")]
 DtypeOpt = Annotated[str, typer.Option(help="weights and KV dtype: bfloat16, float32, float16 or auto")]
 

@@ -131,7 +131,8 @@ def generate(tokenizer_dir: str, tasks: list[str], length: int, n: int, seed: in
 def load_samples(path: Path, tokenizer_dir: str, tasks: list[str], length: int, n: int) -> list[Sample]:
     """The samples for ``(tasks, length, n)``: read from ``path`` when it holds them for this tokenizer, else
     generated and saved there (atomically), so every engine answers the same ones."""
-    meta = {"version": SAMPLES_VERSION, "tokenizer": str(tokenizer_dir), "length": length}
+    meta = {"version": SAMPLES_VERSION, "tokenizer": Path(tokenizer_dir).name, "length": length}  # not the path:
+    # the saved samples stay valid on a machine whose $KVLAB_CACHE is elsewhere
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("meta") == meta:
@@ -253,15 +254,15 @@ def _row_name(c: dict[str, Any]) -> tuple[str, str, str]:
 
 
 def leaderboard(cells: list[dict[str, Any]], ratios: list[float]) -> list[dict[str, Any]]:
-    """One row per (engine, method, mode): the mean score over tasks (each task's mean over its samples) at each
-    ratio, with the full cache as the top row of each engine."""
+    """One row per (engine, method, mode): the mean score over tasks (each task's mean over its samples) at ratio 0
+    (the full cache, a budgetless method) and each of ``ratios``; the full cache is the top row of each engine."""
     table: dict[tuple[str, str, str], dict[float, dict[str, list[float]]]] = {}
     for c in cells:
         table.setdefault(_row_name(c), {}).setdefault(c["ratio"], {}).setdefault(c["task"], []).append(c["score"])
     rows = []
     for (engine, method, mode), by_ratio in table.items():
         row: dict[str, Any] = {"engine": engine, "method": method, "mode": mode}
-        for r in ([0.0] if set(by_ratio) == {0.0} else ratios):
+        for r in [0.0, *ratios]:  # every row has every column (0: a budgetless method), None where not run
             tasks = by_ratio.get(r)
             row[f"{r:g}"] = None if not tasks else 100 * sum(sum(v) / len(v) for v in tasks.values()) / len(tasks)
         row["samples"] = sum(len(v) for t in by_ratio.values() for v in t.values())
@@ -313,7 +314,8 @@ def plot(cells: list[dict[str, Any]], ratios: list[float], path: Path, title: st
     panels = list(dict.fromkeys((r["engine"], r["mode"]) for r in rows))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False, sharey=True)
     for ax, (engine, mode) in zip(axes[0], panels, strict=True):
-        full = next((r for r in rows if r["engine"] == engine and r["method"] == "full"), None)
+        fulls = [r for r in rows if r["engine"] == engine and r["method"] == "full"]
+        full = next((r for r in fulls if r["mode"] == mode), fulls[0] if fulls else None)
         for r in rows:
             if r["engine"] != engine or r["mode"] != mode or r["method"] == "full":
                 continue
@@ -333,3 +335,32 @@ def plot(cells: list[dict[str, Any]], ratios: list[float], path: Path, title: st
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def markdown(result: dict[str, Any], ratios: list[float], plot_name: str | None = "ruler.png") -> str:
+    """The run's report (``report.md`` beside ``ruler.json``): the leaderboard, the per-task scores with their
+    intervals, the engines' agreement and the plot."""
+
+    def table(rows: list[dict[str, Any]], cols: list[str]) -> list[str]:
+        def fmt(v: Any) -> str:
+            return "–" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
+
+        return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
+                *["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]]
+
+    ratio_cols = [f"{r:g}" for r in ratios]
+    lines = [f"# RULER {result['length']} · {result['model']}", "",
+             f"Machine: {result['machine']}. Score ×100 (lm-eval's `string_match_all`), the mean of the tasks' means, "
+             "per compression ratio (0: the full cache).", "",
+             *table(result["leaderboard"], ["engine", "method", "mode", "0", *ratio_cols, "samples"]), ""]
+    if plot_name:
+        lines += [f"![score against compression ratio]({plot_name})", ""]
+    lines += ["## Per task (score ×100 ± 95% interval, n samples)", "",
+              *table([{**r, "score": f"{r['score']:.0f} ± {r['ci95']:.0f}"} for r in result["per_task"]],
+                     ["engine", "method", "mode", "ratio", "task", "score", "n"]), ""]
+    for name, rows in result["agreement"].items():
+        if rows:
+            diff = next(k for k in rows[0] if " - " in k)
+            lines += [f"## Agreement {name} (paired, same samples)", "",
+                      *table(rows, ["method", "ratio", "mode", "samples", "differ", diff, "ci95", "agree"]), ""]
+    return "\n".join(lines)
