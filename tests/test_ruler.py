@@ -109,6 +109,7 @@ def test_kvpress_engine_answers_as_kvlab_does_where_they_keep_the_same_tokens(sa
     assert len(theirs) == len(ours) == 6
     rows = ruler.agreement(theirs + ours, "kvlab", "kvpress")
     assert {(r["method"], r["ratio"]) for r in rows} == {("full", 0.0), ("snapkv", 0.5), ("streaming", 0.5)}
+    assert all(r["same answer"] == r["samples"] == 2 and r["differ"] == 0 for r in rows), rows
     answers = {(c["engine"], c["method"], c["index"]): c["answer"].strip() for c in theirs + ours}
     for method in ("full", "snapkv", "streaming"):
         for i in (0, 1):
@@ -118,7 +119,7 @@ def test_kvpress_engine_answers_as_kvlab_does_where_they_keep_the_same_tokens(sa
 def test_leaderboard_agreement_and_plot_from_cells(tmp_path):
     def cell(engine, method, ratio, mode, task, index, score):
         return {"engine": engine, "method": method, "ratio": ratio, "mode": mode, "task": task, "index": index,
-                "score": score}
+                "score": score, "answer": f"{engine} {score}"}
 
     cells = [cell("kvlab", "full", 0.0, "aware", t, i, 1.0) for t in ("a", "b") for i in range(2)]
     cells += [cell("kvlab", "snapkv", 0.5, "aware", "a", i, s) for i, s in enumerate([1.0, 0.0])]
@@ -129,7 +130,7 @@ def test_leaderboard_agreement_and_plot_from_cells(tmp_path):
     assert snap["0.5"] == 75.0 and snap["samples"] == 4 and snap["0"] is None  # mean of task means: (50 + 100) / 2
     assert board[0]["method"] == "full" and board[0]["0"] == 100.0 and board[0]["0.5"] is None
     rows = ruler.agreement(cells, "kvlab", "vllm")
-    assert rows == [{"method": "snapkv", "ratio": 0.5, "mode": "aware", "samples": 2, "differ": 1,
+    assert rows == [{"method": "snapkv", "ratio": 0.5, "mode": "aware", "samples": 2, "differ": 1, "same answer": 0,
                      "kvlab - vllm": -50.0, "ci95": pytest.approx(98.0), "agree": True}]
     assert ruler.plot(cells, [0.5], tmp_path / "r.png", "t").stat().st_size > 1000
 

@@ -35,8 +35,5 @@ def test_vllm_engine_answers_through_lm_evals_client_as_kvlabs_engine_does(tmp_p
     tok = AutoTokenizer.from_pretrained(directory)
     ours = ruler.run_kvlab(model, tok, MODEL, samples, [spec("full")], [0.5], ["aware"], cells, [], LENGTH, NEW)
     rows = ruler.agreement(served + ours, "kvlab", "vllm")
-    assert rows == [{"method": "full", "ratio": 0.0, "mode": "aware", "samples": 2, "differ": 0,
-                     "kvlab - vllm": 0.0, "ci95": 0.0, "agree": True}]
-    theirs = {c["index"]: c["answer"] for c in served}
-    for c in ours:  # the same greedy answer: its first line (vLLM's and torch's float32 kernels, 12 tokens)
-        assert c["answer"].strip().splitlines()[0] == theirs[c["index"]].strip().splitlines()[0]
+    assert rows == [{"method": "full", "ratio": 0.0, "mode": "aware", "samples": 2, "differ": 0, "same answer": 2,
+                     "kvlab - vllm": 0.0, "ci95": 0.0, "agree": True}]  # the same greedy answers, word for word

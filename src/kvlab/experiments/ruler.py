@@ -282,23 +282,25 @@ def per_task(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def agreement(cells: list[dict[str, Any]], a: str, b: str) -> list[dict[str, Any]]:
     """Engines ``a`` and ``b`` on the same samples, per (method, ratio, mode): samples both ran, samples whose
-    score differs, and the mean score difference with its 95% interval (paired)."""
-    by: dict[tuple, dict[str, dict[str, float]]] = {}
+    score differs, samples with the very same answer text, and the mean score difference with its 95% interval
+    (paired)."""
+    by: dict[tuple, dict[str, dict[str, dict[str, Any]]]] = {}
     for c in cells:
         if c["engine"] in (a, b):
             by.setdefault((c["method"], c["ratio"], c["mode"]), {}).setdefault(c["engine"], {})[
-                f"{c['task']}/{c['index']}"] = c["score"]
+                f"{c['task']}/{c['index']}"] = c
     rows = []
     for (method, ratio, mode), engines in sorted(by.items()):
         shared = sorted(set(engines.get(a, {})) & set(engines.get(b, {})))
         if not shared:
             continue
-        diff = [engines[a][k] - engines[b][k] for k in shared]
+        diff = [engines[a][k]["score"] - engines[b][k]["score"] for k in shared]
         mean = sum(diff) / len(diff)
         ci = interval(diff)
+        same = sum(engines[a][k].get("answer", "").strip() == engines[b][k].get("answer", "").strip() for k in shared)
         rows.append({"method": method, "ratio": ratio, "mode": mode, "samples": len(shared),
-                     "differ": sum(d != 0 for d in diff), f"{a} - {b}": 100 * mean, "ci95": 100 * ci,
-                     "agree": abs(mean) <= ci or all(d == 0 for d in diff)})
+                     "differ": sum(d != 0 for d in diff), "same answer": same, f"{a} - {b}": 100 * mean,
+                     "ci95": 100 * ci, "agree": abs(mean) <= ci or all(d == 0 for d in diff)})
     return rows
 
 
@@ -362,5 +364,6 @@ def markdown(result: dict[str, Any], ratios: list[float], plot_name: str | None 
         if rows:
             diff = next(k for k in rows[0] if " - " in k)
             lines += [f"## Agreement {name} (paired, same samples)", "",
-                      *table(rows, ["method", "ratio", "mode", "samples", "differ", diff, "ci95", "agree"]), ""]
+                      *table(rows, ["method", "ratio", "mode", "samples", "differ", "same answer", diff, "ci95",
+                                    "agree"]), ""]
     return "\n".join(lines)
