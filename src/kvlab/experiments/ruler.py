@@ -314,7 +314,10 @@ def plot(cells: list[dict[str, Any]], ratios: list[float], path: Path, title: st
 
     rows = leaderboard(cells, ratios)
     panels = list(dict.fromkeys((r["engine"], r["mode"]) for r in rows))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False, sharex=True,
+                             sharey=True)
+    names = sorted({r["method"] for r in rows if r["method"] != "full"})
+    color = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(names)}  # a method's color in every panel
     for ax, (engine, mode) in zip(axes[0], panels, strict=True):
         fulls = [r for r in rows if r["engine"] == engine and r["method"] == "full"]
         full = next((r for r in fulls if r["mode"] == mode), fulls[0] if fulls else None)
@@ -323,7 +326,7 @@ def plot(cells: list[dict[str, Any]], ratios: list[float], path: Path, title: st
                 continue
             xs = [x for x in ratios if r.get(f"{x:g}") is not None]
             ax.plot([0.0] + xs if full else xs, ([full["0"]] if full else []) + [r[f"{x:g}"] for x in xs],
-                    marker="o", label=r["method"])
+                    marker="o", label=r["method"], color=color[r["method"]])
         if full:
             ax.axhline(full["0"], color="black", linestyle="--", linewidth=1, label="full")
         ax.set_title(f"{engine} · question-{mode}")
