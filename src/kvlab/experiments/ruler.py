@@ -360,13 +360,18 @@ def markdown(result: dict[str, Any], ratios: list[float], plot_name: str | None 
              *table(result["leaderboard"], ["engine", "method", "mode", "0", *ratio_cols, "samples"]), ""]
     if plot_name:
         lines += [f"![score against compression ratio]({plot_name})", ""]
-    lines += ["## Per task (score ×100 ± 95% interval, n samples)", "",
-              *table([{**r, "score": f"{r['score']:.0f} ± {r['ci95']:.0f}"} for r in result["per_task"]],
-                     ["engine", "method", "mode", "ratio", "task", "score", "n"]), ""]
+    pivot: dict[tuple, dict[str, Any]] = {}
+    for r in result["per_task"]:
+        row = pivot.setdefault((r["engine"], r["method"], r["mode"], r["task"]),
+                               {"engine": r["engine"], "method": r["method"], "mode": r["mode"], "task": r["task"]})
+        row[f"{r['ratio']:g}"] = f"{r['score']:.0f} ± {r['ci95']:.0f} ({r['n']})"
+    lines += ["## Per task (score ×100 ± 95% interval (samples), per compression ratio)", "",
+              *table(list(pivot.values()), ["engine", "method", "mode", "task", "0", *ratio_cols]), ""]
     for name, rows in result["agreement"].items():
         if rows:
             diff = next(k for k in rows[0] if " - " in k)
             lines += [f"## Agreement {name} (paired, same samples)", "",
-                      *table(rows, ["method", "ratio", "mode", "samples", "differ", "same answer", diff, "ci95",
-                                    "agree"]), ""]
+                      *table([{**r, "ratio": f"{r['ratio']:g}"} for r in rows],
+                             ["method", "ratio", "mode", "samples", "differ", "same answer", diff, "ci95", "agree"]),
+                      ""]
     return "\n".join(lines)
