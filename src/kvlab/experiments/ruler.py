@@ -265,7 +265,7 @@ def leaderboard(cells: list[dict[str, Any]], ratios: list[float]) -> list[dict[s
         for r in [0.0, *ratios]:  # every row has every column (0: a budgetless method), None where not run
             tasks = by_ratio.get(r)
             row[f"{r:g}"] = None if not tasks else 100 * sum(sum(v) / len(v) for v in tasks.values()) / len(tasks)
-        row["samples"] = sum(len(v) for t in by_ratio.values() for v in t.values())
+        row["samples"] = max(sum(len(v) for v in t.values()) for t in by_ratio.values())  # per ratio
         rows.append(row)
     rows.sort(key=lambda r: (r["engine"], r["method"] != "full", r["mode"], r["method"]))
     return rows
