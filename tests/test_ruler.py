@@ -3,6 +3,7 @@ the command's refusals, and one task through kvlab's engine and kvpress's pipeli
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -55,6 +56,20 @@ def test_samples_are_lm_evals_prompts_saved_and_reused(samples, model_dir, monke
         assert s.max_new_tokens == 128 and s.scorer.endswith(":process_results")
     monkeypatch.setattr(ruler, "generate", lambda *a, **k: pytest.fail("samples generated again"))
     assert ruler.load_samples(path, model_dir, ["niah_single_1"], LENGTH, 1) == got[:1]
+
+
+def test_saved_samples_are_extended_never_replaced(samples, tmp_path, monkeypatch):
+    got, path = samples
+    copy = tmp_path / "samples.json"
+    copy.write_text(path.read_text())
+    redrawn = [dataclasses.replace(s, prompt="another draw") for s in got]
+    extra = dataclasses.replace(got[0], index=2, prompt="a third sample")
+    monkeypatch.setattr(ruler, "generate", lambda *a, **k: [*redrawn, extra])
+    more = ruler.load_samples(copy, "dir/qwen2.5-coder-0.5b", ["niah_single_1"], LENGTH, 3)
+    assert more == [*got, extra]  # the answered samples kept, the new index added
+    assert ruler.load_samples(copy, "x/qwen2.5-coder-0.5b", ["niah_single_1"], LENGTH, 3) == more  # saved
+    with pytest.raises(KVLabError, match="holds RULER samples for"):
+        ruler.load_samples(copy, "dir/qwen2.5-coder-0.5b", ["niah_single_1"], 2048, 1)
 
 
 def test_lm_evals_scoring_of_a_right_and_a_wrong_answer(samples):

@@ -129,26 +129,22 @@ def generate(tokenizer_dir: str, tasks: list[str], length: int, n: int, seed: in
 
 
 def load_samples(path: Path, tokenizer_dir: str, tasks: list[str], length: int, n: int) -> list[Sample]:
-    """The samples for ``(tasks, length, n)``: read from ``path`` when it holds them for this tokenizer, else
-    generated and saved there (atomically), so every engine answers the same ones."""
+    """The first ``n`` samples of each task: read from ``path``, and any that are missing generated and added
+    there (atomically), so every engine answers the same ones. Saved samples are never replaced (the cells
+    beside them hold their answers): a task extended past what is saved gets only the new indices, and a file
+    made for another tokenizer or length is refused."""
     meta = {"version": SAMPLES_VERSION, "tokenizer": Path(tokenizer_dir).name, "length": length}  # not the path:
     # the saved samples stay valid on a machine whose $KVLAB_CACHE is elsewhere
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("meta") == meta:
-            have = [Sample(**s) for s in saved["samples"]]
-            counts = {t: sum(s.task == t for s in have) for t in tasks}
-            if all(c >= n for c in counts.values()):
-                return [s for t in tasks for s in [x for x in have if x.task == t][:n]]
-            keep = [s for s in have if s.task not in tasks or counts.get(s.task, 0) >= n]
-        else:
-            keep = []
-    else:
-        keep = []
-    fresh = generate(tokenizer_dir, [t for t in tasks if sum(s.task == t for s in keep) < n], length, n)
-    merged = [s for s in keep if s.task not in {f.task for f in fresh}] + fresh
-    write_atomic(path, json.dumps({"meta": meta, "samples": [asdict(s) for s in merged]}))
-    return [s for t in tasks for s in [x for x in merged if x.task == t][:n]]
+    saved = json.loads(path.read_text()) if path.is_file() else {"meta": meta, "samples": []}
+    check(saved.get("meta") == meta, f"{path} holds RULER samples for {saved.get('meta')}, not {meta}; "
+                                     "use another --out")
+    have = [Sample(**s) for s in saved["samples"]]
+    short = [t for t in tasks if sum(s.task == t for s in have) < n]
+    if short:
+        held = {s.key for s in have}
+        have += [s for s in generate(tokenizer_dir, short, length, n) if s.key not in held]
+        write_atomic(path, json.dumps({"meta": meta, "samples": [asdict(s) for s in have]}))
+    return [s for t in tasks for s in sorted((x for x in have if x.task == t), key=lambda x: x.index)[:n]]
 
 
 def score(sample: Sample, answer: str) -> float:
