@@ -159,6 +159,7 @@ def test_leaderboard_agreement_and_plot_from_cells(tmp_path):
     (["--engine", "vllm"], "runs in vLLM's environment"),
     (["--engine", "sglang"], "unknown --engine 'sglang'; allowed: kvlab, vllm, kvpress"),
     (["--samples", "0"], "--samples must be at least 1"),
+    (["--dtype", "int4"], "unknown --dtype 'int4'; allowed: float32"),
     (["--length", "200000"], "--length must be in 1024..131072"),
     (["--method", "nope"], "unknown method 'nope'"),
     (["--model", "no-such-model"], "neither a built-in model"),

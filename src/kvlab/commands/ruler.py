@@ -14,6 +14,7 @@ from kvlab.commands.options import JsonOpt, ModelOpt
 from kvlab.commands.output import print_table
 from kvlab.errors import check
 
+DTYPES = ("float32", "bfloat16", "float16", "auto")  # what kvlab serve takes
 LEADERBOARD = ("full", "streaming", "snapkv", "pyramidkv", "ada-snapkv", "knorm", "tova", "kv-compress",
                "block-route", "cluster-route")
 
@@ -101,6 +102,7 @@ def register(eval_app: typer.Typer) -> None:
         check(samples >= 1, f"--samples must be at least 1, got {samples}")
         check(1024 <= length <= 131072, f"--length must be in 1024..131072 (RULER's lengths), got {length}")
         check(max_new_tokens is None or max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        check(dtype in DTYPES, f"unknown --dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
         ratios = ratios_of(ratio, budget)
         modes = list(dict.fromkeys(mode or ruler.MODES))
         for m in modes:
