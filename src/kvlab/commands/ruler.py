@@ -41,11 +41,9 @@ def engine_methods(engine: str, methods: list[str] | None) -> list[str]:
 
         check(find_spec("vllm") is not None, "--engine vllm runs in vLLM's environment: .venv-vllm/bin/kvlab eval "
                                              "ruler ... (make test builds it)")
-        from kvlab.vllm.methods import adapter_named, runnable
+        from kvlab.commands.serve import vllm_methods
 
-        for m in methods or []:
-            adapter_named(m)  # one line: why vLLM cannot run it
-        return list(methods) if methods else ["full", *[m for m in LEADERBOARD if m in runnable()]]
+        return vllm_methods(methods, LEADERBOARD)
     if engine == "kvpress":
         from kvlab.experiments.ruler_kvpress import check_methods, presses
 

@@ -111,6 +111,16 @@ def throughput_methods(text: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def vllm_methods(methods: list[str] | None, preferred: tuple[str, ...]) -> list[str]:
+    """``kvlab eval ruler --engine vllm``: ``methods``, each checked (one line: why vLLM cannot run it), or
+    ``full`` and the ``preferred`` methods that vLLM runs."""
+    from kvlab.vllm.methods import adapter_named, runnable
+
+    for m in methods or []:
+        adapter_named(m)
+    return list(methods) if methods else ["full", *[m for m in preferred if m in runnable()]]
+
+
 def pool_groups(methods: tuple[str, ...], budget: float, layers: int) -> dict[str, int]:
     """KV-cache groups of each method's engine: ``layers`` where its adapter keeps one block table per layer
     (PyramidKV, kv-compress ``rates=layer``), else 1 (the throughput bench sizes the same memory by it)."""
