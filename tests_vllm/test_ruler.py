@@ -26,7 +26,7 @@ def test_vllm_engine_answers_through_lm_evals_client_as_kvlabs_engine_does(tmp_p
     directory = str(converted_dir(BUILTIN_MODELS[MODEL]))
     samples = ruler.load_samples(tmp_path / "samples.json", directory, ["niah_single_1"], LENGTH, 2)
     cells = Cells(tmp_path / "cells")
-    served = run_vllm(directory, MODEL, directory, samples, [("full", 0.0)], cells, LENGTH, NEW, log_dir=tmp_path)
+    served = run_vllm(directory, MODEL, samples, [("full", 0.0)], cells, LENGTH, NEW, log_dir=tmp_path)
     assert [(c["engine"], c["method"], c["mode"]) for c in served] == [("vllm", "full", "aware")] * 2
     for c, s in zip(served, samples, strict=True):  # lm-eval's score: is the needle in the answer
         assert c["score"] == float(s.doc["outputs"][0] in c["answer"]) == 1.0, c["answer"]

@@ -299,7 +299,7 @@ class Decoder:
         check(self.n_gen >= 1 or (self.n_forced >= 1 and self.n_gen == 0),
               f"max_new_tokens must be >= 1 (or 0 after forced tokens), got {max_new_tokens}")
         check(forced_chunk >= 1, f"forced_chunk must be >= 1, got {forced_chunk}")
-        check(forced_chunk == 1 or type(method).step_end is Method.step_end,
+        check(forced_chunk == 1 or not method.evicts_during_decode(),
               f"forced_chunk > 1 feeds several tokens per step, which {method.name!r} (it evicts during decode) "
               f"cannot take; use forced_chunk=1")
         self.eos_every = eos_every if eos_every is not None else EOS_EVERY if device.type == "cuda" else 1

@@ -12,9 +12,9 @@ import typer
 
 from kvlab.commands.options import JsonOpt, ModelOpt
 from kvlab.commands.output import print_table
+from kvlab.commands.serve import DTYPES
 from kvlab.errors import check
 
-DTYPES = ("float32", "bfloat16", "float16", "auto")  # what kvlab serve takes
 LEADERBOARD = ("full", "streaming", "snapkv", "pyramidkv", "ada-snapkv", "knorm", "tova", "kv-compress",
                "block-route", "cluster-route")
 
@@ -50,17 +50,6 @@ def engine_methods(engine: str, methods: list[str] | None) -> list[str]:
         check_methods(methods or [])
         return list(methods) if methods else ["full", *presses()]
     return list(methods) if methods else list(LEADERBOARD)
-
-
-def all_cells(out: Path) -> list[dict]:
-    """Every finished RULER cell under ``out``, whichever engine wrote it."""
-    cells = []
-    for path in sorted((out / "cells" / "ruler").glob("*.json")):
-        try:
-            cells.append(json.loads(path.read_text()))
-        except json.JSONDecodeError:
-            continue
-    return cells
 
 
 def register(eval_app: typer.Typer) -> None:
@@ -100,7 +89,7 @@ def register(eval_app: typer.Typer) -> None:
         check(samples >= 1, f"--samples must be at least 1, got {samples}")
         check(1024 <= length <= 131072, f"--length must be in 1024..131072 (RULER's lengths), got {length}")
         check(max_new_tokens is None or max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-        check(dtype in DTYPES, f"unknown --dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+        check(dtype in DTYPES, f"unknown --dtype {dtype!r}; allowed: {', '.join(DTYPES)}")  # kvlab serve's
         ratios = ratios_of(ratio, budget)
         modes = list(dict.fromkeys(mode or ruler.MODES))
         for m in modes:
@@ -119,8 +108,7 @@ def register(eval_app: typer.Typer) -> None:
         if engine == "vllm":
             from kvlab.experiments.ruler_vllm import run_vllm
 
-            run_vllm(str(directory), served_name, str(directory), data, runs, cells, length, max_new_tokens, dtype,
-                     log_dir=out)
+            run_vllm(str(directory), served_name, data, runs, cells, length, max_new_tokens, dtype, log_dir=out)
         else:
             import kvlab
 
@@ -157,17 +145,16 @@ def _check_length(directory: Path, model: str, length: int) -> None:
 
 def _report(out: Path, ratios: list[float], model: str, length: int, seconds: float, as_json: bool) -> None:
     from kvlab.experiments import ruler
+    from kvlab.experiments.runner import Cells
     from kvlab.io import write_atomic
     from kvlab.machine import describe
 
-    cells = [c for c in all_cells(out) if c["model"] == model and c["length"] == length]
+    cells = [c for c in Cells(out / "cells").all("ruler") if c["model"] == model and c["length"] == length]
     ratios = sorted({c["ratio"] for c in cells if c["ratio"] > 0} | set(ratios))  # every run's, not just this one's
     board = ruler.leaderboard(cells, ratios)
     pairs = [(a, b) for a, b in (("kvlab", "vllm"), ("kvlab", "kvpress"))
              if any(c["engine"] == a for c in cells) and any(c["engine"] == b for c in cells)]
-    agree = {f"{a} vs {b}": ruler.agreement([c for c in cells if c["mode"] == ("aware" if b == "vllm" else
-                                                                                "agnostic")], a, b)
-             for a, b in pairs}
+    agree = {f"{a} vs {b}": ruler.agreement(cells, a, b) for a, b in pairs}  # paired by mode too
     result = {"model": model, "length": length, "machine": describe(), "seconds": seconds, "leaderboard": board,
               "per_task": ruler.per_task(cells), "agreement": agree}
     write_atomic(out / "ruler.json", json.dumps(result, indent=2))

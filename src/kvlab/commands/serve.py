@@ -19,6 +19,7 @@ import typer
 from kvlab.commands.options import BudgetOpt, BudgetTokensOpt, JsonOpt, ParamOpt, RatioOpt, parse_method_params
 from kvlab.errors import KVLabError, check
 
+DTYPES = ("float32", "bfloat16", "float16", "auto")  # --dtype: the weights' and the KV cache's
 VLLM_HINT = "kvlab serve needs vLLM 0.32: pip install 'kvlab[vllm]' into its own environment (make serve does)"
 
 
@@ -265,8 +266,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         if max_model_len is not None:
             check(max_model_len >= 1 and (limit is None or max_model_len <= limit),
                   f"--max-model-len must be in 1..{limit} for {served}, got {max_model_len}")
-        check(dtype in ("bfloat16", "float32", "float16", "auto"),
-              f"--dtype must be bfloat16, float32, float16 or auto, got {dtype!r}")
+        check(dtype in DTYPES, f"--dtype must be bfloat16, float32, float16 or auto, got {dtype!r}")
         check_port(host, port)
         set_kv_pool(kv_cache_gib)
         run_vllm_server(vllm_argv(directory, served, section, host, port, max_model_len, dtype, block_size,

@@ -191,7 +191,7 @@ def plan(specs: list[MethodSpec], ratios: list[float], modes: list[str]) -> list
 def question_chunk(method: Method) -> int:
     """Forced question tokens per step: all at once (as a prefill chunk) unless the method evicts during decode,
     which takes one token per step."""
-    return 1 if type(method).step_end is not Method.step_end else 1024
+    return 1 if method.evicts_during_decode() else 1024
 
 
 def order(samples: list[Sample]) -> list[Sample]:

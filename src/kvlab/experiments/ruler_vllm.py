@@ -53,11 +53,12 @@ def ask(lm: Any, samples: list[Sample], max_new: int | None) -> list[str]:
     return list(lm.generate_until(requests, disable_tqdm=True))
 
 
-def run_vllm(model: str, served_name: str, tokenizer_dir: str, samples: list[Sample],
-             runs: list[tuple[str, float]], cells: Cells, length: int, max_new: int | None = None,
-             dtype: str = "float32", log_dir: Path | None = None) -> list[dict[str, Any]]:
-    """Every ``(method, ratio)`` of ``runs`` (``full`` at ratio 0): a server, the samples not cached yet, the
-    server stopped; each answer scored by lm-eval and written as its own cell."""
+def run_vllm(directory: str, served_name: str, samples: list[Sample], runs: list[tuple[str, float]], cells: Cells,
+             length: int, max_new: int | None = None, dtype: str = "float32",
+             log_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Every ``(method, ratio)`` of ``runs`` (``full`` at ratio 0): a server of the model in ``directory`` (whose
+    tokenizer the client counts with), the samples not cached yet, the server stopped; each answer scored by
+    lm-eval and written as its own cell."""
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="kvlab-ruler-"))
     ordered = order(samples)
     max_len = max(length, 1024) + max(new_tokens(s, max_new) for s in samples) + 64
@@ -65,18 +66,19 @@ def run_vllm(model: str, served_name: str, tokenizer_dir: str, samples: list[Sam
     for method, ratio in track(runs, "RULER vllm"):
         keys = [cell_key("vllm", served_name, s, method, ratio, "aware", length, new_tokens(s, max_new))
                 for s in ordered]
-        cached = [cells.get("ruler", k) for k in keys]
-        todo = [(s, k) for s, k, c in zip(ordered, keys, cached, strict=True) if c is None]
+        done = [cells.get("ruler", k) for k in keys]
+        todo = [i for i, c in enumerate(done) if c is None]
         if todo:
-            argv = serve_argv(model, method, ratio, free_port(), max_len, dtype)
+            argv = serve_argv(directory, method, ratio, free_port(), max_len, dtype)
             with served(argv, log_dir / f"serve-{method}-{ratio:g}.log", method) as (url, _proc):
-                lm = client(url, served_name, tokenizer_dir, max_len)
+                lm = client(url, served_name, directory, max_len)
                 try:
-                    answers = ask(lm, [s for s, _ in todo], max_new)
+                    answers = ask(lm, [ordered[i] for i in todo], max_new)
                 except Exception as exc:  # the server's reply, in one line
                     raise KVLabError(f"RULER through kvlab serve --method {method} failed: "
                                      f"{type(exc).__name__}: {exc}") from None
-            for (s, key), answer in zip(todo, answers, strict=True):
-                cells.put("ruler", key, {**key, "answer": answer, "score": score(s, answer), "seconds": None})
-        out += [cells.get("ruler", k) for k in keys]
-    return [c for c in out if c is not None]
+            for i, answer in zip(todo, answers, strict=True):
+                done[i] = cells.put("ruler", keys[i], {**keys[i], "answer": answer, "score": score(ordered[i], answer),
+                                                      "seconds": None})
+        out += done
+    return out

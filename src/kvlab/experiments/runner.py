@@ -115,7 +115,7 @@ def hook_kind(method: Method) -> str:
     cls = type(method)
     if cls.decode_plan is not Method.decode_plan:
         return "routing"
-    if cls.prefill_end is not Method.prefill_end or cls.step_end is not Method.step_end:
+    if cls.prefill_end is not Method.prefill_end or method.evicts_during_decode():
         return "eviction"
     return "none" if not cls.compresses else "other"
 
@@ -141,6 +141,18 @@ class Cells:
             return json.loads(path.read_text())
         except json.JSONDecodeError:
             return None
+
+    def all(self, experiment: str) -> list[dict[str, Any]]:
+        """Every finished cell of ``experiment`` (whatever run wrote it), in file order."""
+        if self.root is None:
+            return []
+        out = []
+        for path in sorted((self.root / experiment).glob("*.json")):
+            try:
+                out.append(json.loads(path.read_text()))
+            except json.JSONDecodeError:
+                continue
+        return out
 
     def put(self, experiment: str, key: dict[str, Any], value: dict[str, Any]) -> dict[str, Any]:
         path = self.path(experiment, key)

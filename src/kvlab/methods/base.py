@@ -165,12 +165,16 @@ class Method:
     def decode_end(self, store: KVStore) -> None:
         """After the last decode step (compact what was marked dead, so the store holds what was kept)."""
 
+    def evicts_during_decode(self) -> bool:
+        """Whether the method has a :meth:`step_end` (it changes the cache after each decode step, so a step may
+        append only one token)."""
+        return type(self).step_end is not Method.step_end
+
     def graph_safe(self) -> bool:
         """Whether a decode step with this method may be captured in a CUDA graph: ``decode_plan`` and
         ``step_end`` launch only fixed-shape device work and keep no per-step Python state. Default:
         true for a method that has neither hook (its decode is plain decode)."""
-        cls = type(self)
-        return cls.decode_plan is Method.decode_plan and cls.step_end is Method.step_end
+        return type(self).decode_plan is Method.decode_plan and not self.evicts_during_decode()
 
     # ----------------------------------------------------------- describe
     @classmethod
