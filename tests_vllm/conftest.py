@@ -48,8 +48,8 @@ def start_llm(model: Path, kvlab: dict | None, **kw):
     from vllm import LLM
 
     extra = {"kvlab": kvlab} if kvlab is not None else {}
-    kw = {"block_size": 128, "max_num_seqs": 8, **kw}
-    return LLM(model=str(model), skip_tokenizer_init=True, dtype="float32", max_model_len=4096, enforce_eager=True,
+    kw = {"block_size": 128, "max_num_seqs": 8, "max_model_len": 4096, **kw}
+    return LLM(model=str(model), skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
                seed=0, additional_config=extra, **kw)
 
 

@@ -19,6 +19,7 @@ from kvlab.methods.h2o import H2O
 from kvlab.methods.kv_compress import KVCompress, KVCompressW32
 from kvlab.methods.scorer import ScorerMethod
 from kvlab.methods.streaming import Streaming
+from kvlab.methods.tova import TOVA
 from kvlab.vllm import config as kvconfig
 from kvlab.vllm.eviction import Rows, WorkerState
 from kvlab.vllm.methods import (
@@ -35,6 +36,7 @@ from kvlab.vllm.methods import (
 )
 from kvlab.vllm.methods.block_route import BlockRouteAdapter
 from kvlab.vllm.methods.full import FullAdapter
+from kvlab.vllm.methods.held import HeldScorerAdapter
 from kvlab.vllm.methods.kv_compress import KVCompressAdapter, PrefillEviction
 from kvlab.vllm.methods.scorers import ScorerAdapter
 from kvlab.vllm.methods.streaming import StreamingAdapter
@@ -60,10 +62,17 @@ def test_adapters_are_found_by_the_methods_class():
     assert adapter_class(KVCompress) is KVCompressAdapter and KVCompressAdapter.role == EVICTS
     assert adapter_class(KVCompressW32) is KVCompressAdapter  # a subclass is served by its base's adapter
     assert adapter_class(type("Sinks", (Streaming,), {})) is StreamingAdapter
-    assert adapter_class(H2O) is ScorerAdapter and adapter_class(ScorerMethod) is ScorerAdapter  # every scorer
+    assert adapter_class(ScorerMethod) is ScorerAdapter and adapter_class(AdaSnapKV) is ScorerAdapter  # every scorer
+    assert adapter_class(H2O) is HeldScorerAdapter and adapter_class(TOVA) is HeldScorerAdapter  # decode-time
+    held = kvconfig.parse({"method": "h2o", "budget": 0.25}, 32).adapter
+    assert type(held) is HeldScorerAdapter and held.method.decode_evict and held.pages(1000) == 8  # 250 tokens
+    once = kvconfig.parse({"method": "tova", "budget": 0.25, "decode_evict": False}, 32).adapter
+    assert type(once) is ScorerAdapter and once.method.page == 32  # once, at the prompt's end, whole pages
+    with pytest.raises(KVLabError, match="page keeps whole pages once.*decode_evict=false"):
+        kvconfig.parse({"method": "h2o", "budget": 0.25, "page": 32}, 32)
     made = adapter_for(make_method("kv-compress-w32", budget=0.25), 32)
     assert isinstance(made, KVCompressAdapter) and made.observed() == 32
-    assert adapter_class(AdaSnapKV) is ScorerAdapter  # which refuses it: per-head budgets
+    # ScorerAdapter refuses AdaKV: per-head budgets
     with pytest.raises(KVLabError, match="ada-snapkv' cannot run inside vLLM yet .its per-head budgets need per-head"):
         kvconfig.parse({"method": "ada-snapkv", "budget": 0.25}, 32)
     with pytest.raises(KVLabError, match="cannot run inside vLLM yet"):

@@ -95,12 +95,13 @@ def test_serve_argv_fixes_the_pool():
 
 
 def fake_result():
-    def row(method, running, tok_s, hits, preempt=0):
+    def row(method, running, tok_s, hits, preempt=0, first=((1, 2), (3, 4), (5, 6))):
         return {"method": method, "budget": None if method == "full" else 0.125, "max_running": running,
                 "peak_kv_usage": 0.97, "preemptions": preempt, "output_tok_s": tok_s, "needle": f"{hits}/12",
-                "wall_s": 1536 / tok_s}
+                "wall_s": 1536 / tok_s, "requests": 3, "first_tokens": [list(f) for f in first]}
 
-    rows = tp.add_ratios([row("full", 2, 2.0, 12, 3), row("streaming", 8, 4.5, 1), row("kv-compress", 9, 5.0, 10)])
+    rows = tp.add_ratios([row("full", 2, 2.0, 12, 3), row("streaming", 8, 4.5, 1, first=((1, 2), (3, 5), ())),
+                          row("kv-compress", 9, 5.0, 10)])
     return {"model": "qwen2.5-coder-0.5b", "dtype": "bfloat16", "vllm": "0.32.0", "machine": "cpu, 2 cores",
             "prompt_tokens": 8192, "options": {"requests": 12, "new_tokens": 128},
             "pool": {"pages": 133, "page_tokens": 128, "mib": 199.5, "vanilla_requests_it_holds": 2}, "rows": rows}
@@ -113,7 +114,9 @@ def test_ratios_and_table_rows():
     rows = tp.table_rows(result)
     assert [r["method"] for r in rows] == ["full", "streaming", "kv-compress"]
     assert list(rows[0]) == ["method", "budget", "max running", "peak KV usage %", "preemptions", "output tok/s",
-                             "concurrency vs vanilla", "throughput vs vanilla", "needle", "wall s"]
+                             "concurrency vs vanilla", "throughput vs vanilla", "needle", "first 64 = vanilla",
+                             "wall s"]
+    assert [r["first 64 = vanilla"] for r in rows] == ["3/3", "1/3", "3/3"]
     assert rows[0]["budget"] == "-" and rows[0]["concurrency vs vanilla"] == "1.00x"
     assert rows[2]["concurrency vs vanilla"] == "4.50x" and rows[2]["throughput vs vanilla"] == "2.50x"
     assert rows[1]["peak KV usage %"] == 97.0 and rows[0]["preemptions"] == 3

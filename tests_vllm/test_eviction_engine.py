@@ -19,11 +19,11 @@ NEW = 24
 MEMORY_PROMPT = 1500
 
 
-def start(tiny_model, section, layers=1, **kw):
+def start(tiny_model, section, layers=1, blocks=BLOCKS, **kw):
     from kvlab.vllm import config as kvconfig
 
     return start_llm(tiny_model, section, block_size=PAGE, worker_cls=kvconfig.WORKER_CLS,
-                     scheduler_cls=kvconfig.SCHEDULER_CLS, num_gpu_blocks_override=BLOCKS * layers,
+                     scheduler_cls=kvconfig.SCHEDULER_CLS, num_gpu_blocks_override=blocks * layers,
                      max_num_batched_tokens=1496, disable_log_stats=False,
                      enable_prefix_caching=kvconfig.parse(section, PAGE).adapter.prefix_cache_off() is None, **kw)
 
@@ -70,7 +70,7 @@ def run(tiny_model, section, layers=1):
     return out
 
 
-def kvlab_reference(model, method_name, **params):
+def kvlab_reference(model, method_name, new=NEW, **params):
     """kvlab's own method on the same prompts (each alone): greedy tokens, and for kv-compress the positions
     every layer and KV head keeps after prefill."""
     import kvlab
@@ -78,10 +78,11 @@ def kvlab_reference(model, method_name, **params):
     from kvlab.methods.base import PrefillContext
 
     tokens, kept = [], []
+    observe = max(8, kvlab.make_method(method_name, **params).observation_window())
     for prompt in prompts(EVICT_LENGTHS, seed=5):
         ids = prompt["prompt_token_ids"]
-        snap = prefill(model, [ids], block_size=PAGE, observe=8)
-        result = decode(model, snap, kvlab.make_method(method_name, **params), max_new_tokens=NEW)
+        snap = prefill(model, [ids], block_size=PAGE, observe=observe)
+        result = decode(model, snap, kvlab.make_method(method_name, **params), max_new_tokens=new)
         tokens.append(result.tokens[0].tolist())
         if method_name == "kv-compress":
             store = snap.store.clone()
@@ -190,3 +191,71 @@ def test_kv_compress_at_ratio_zero_is_vanilla_vllm(tiny_model, vanilla_tokens):
         stop_llm(llm)
     assert tokens == vanilla_tokens[1]
     assert record == [] and usage == sorted(usage)  # nothing compressed, nothing freed
+
+
+# ---------------------------------------------------------------- decode-time eviction: tova, h2o
+HELD_NEW = 150  # four compactions (every 32 steps)
+
+
+def held_reference(model, name):
+    """kvlab's own method on :data:`EVICT_LENGTHS` (each alone): greedy tokens, and the first step whose top-2
+    logits are within 1e-3 (float32 summation order decides such a step; after it greedy paths may part)."""
+    import kvlab
+    from kvlab.generation import decode, prefill
+
+    out = []
+    for prompt in prompts(EVICT_LENGTHS, seed=5):
+        snap = prefill(model, [prompt["prompt_token_ids"]], block_size=PAGE, observe=64)
+        result = decode(model, snap, kvlab.make_method(name, budget=0.25), max_new_tokens=HELD_NEW, return_logits=True)
+        top = result.logits[0].topk(2, dim=-1).values
+        near = (top[:, 0] - top[:, 1] < 1e-3).tolist() + [True]
+        out.append((result.tokens[0].tolist(), near.index(True)))
+    return out
+
+
+@pytest.mark.parametrize("name", ["tova", "h2o"])
+def test_decode_time_eviction_gives_kvlabs_tokens_in_flat_memory(tiny_model, kvlab_model, name):
+    """Three prompts decoded together for 150 steps while the method evicts a token per KV head and step:
+    kvlab's own engine's greedy tokens (up to a near-tie of the logits, past a compaction); one
+    request's blocks, by vLLM's own gauge, stay at the kept tokens' pages plus the pages since the last
+    compaction, however long it decodes."""
+    llm = start(tiny_model, {"method": name, "budget": 0.25})
+    try:
+        tokens = greedy(llm, prompts(EVICT_LENGTHS, seed=5), HELD_NEW)
+        usage = step_usage(llm, BLOCKS, max_tokens=HELD_NEW)
+    finally:
+        stop_llm(llm)
+    reference = held_reference(kvlab_model, name)
+    for n, got, (want, tie) in zip(EVICT_LENGTHS, tokens, reference, strict=True):
+        assert tie > 32, (n, tie)  # a compaction at least before greedy decoding meets a near-tie
+        assert got[:tie] == want[:tie], (n, tie)
+    assert max(tie for _, tie in reference) >= 100  # and four in one of them
+    kept_pages = -(-MEMORY_PROMPT // 4 // PAGE)  # 375 tokens per KV head
+    assert max(usage[:2]) == -(-MEMORY_PROMPT // PAGE)
+    held = usage[2:]  # from the first decode step: the prompt's other pages are back in the pool
+    assert len(held) >= HELD_NEW - 2 and max(held) <= kept_pages + 1 + -(-32 // PAGE) + 1, held
+    assert held[-1] <= held[0] + 1  # flat: vanilla would have grown by 150 tokens' pages
+
+
+# ---------------------------------------------------------------- preemption of a compressed request
+def test_a_preempted_compressed_request_is_recomputed_to_the_tokens_it_gives_alone(tiny_model):
+    """Three requests that outgrow a 36-page pool while decoding: vLLM preempts one (its blocks, kept pages
+    included, go back) and recomputes it, prompt and outputs. kvlab's scheduler ends that prefill at the
+    prompt's end, so the prompt is compressed again before the outputs are recomputed against it: every
+    request gives the tokens it gives alone."""
+    from vllm import SamplingParams
+
+    pool = 36
+    llm = start(tiny_model, {"method": "kv-compress", "budget": 0.25}, blocks=pool, max_num_seqs=4,
+                max_model_len=(pool - 1) * PAGE)
+    try:
+        batch, new = prompts((600, 650, 700), seed=11), 300
+        alone = [greedy(llm, [p], new)[0] for p in batch]
+        params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True, detokenize=False)
+        preempted_before = next(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+        together = [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
+        preempted = next(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions") - preempted_before
+    finally:
+        stop_llm(llm)
+    assert preempted >= 1
+    assert [list(t) for t in together] == alone

@@ -3,7 +3,10 @@
 One server for the module (127.0.0.1, a free port, a 1 GiB KV pool): a needle over 5K+ tokens with the
 question inside the observation window, answered while vLLM's own ``/metrics`` shows the request's
 evicted blocks back in the pool; then 32 concurrent completions that are all compressed, all complete,
-never use more blocks than the pool, and leave the server up. Every request is bounded in tokens and time.
+never use more blocks than the pool, and leave the server up; then clients that go away (a stream closed while
+decoding, a request cancelled while its prompt is prefilled in chunks): each request is aborted, its blocks
+and kvlab's records of it are released, and the server keeps answering. Every request is bounded in tokens
+and time.
 """
 
 from __future__ import annotations
@@ -88,3 +91,72 @@ def test_thirty_two_concurrent_requests_all_compressed_within_the_pool(server, t
     assert blocks_in_use(url) == 0  # all finished: every block back in the pool
     with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
         assert r.status == 200
+
+
+def prose_prompt(tokenizer, tokens: int, seed: int) -> str:
+    from kvlab.experiments.texts import text_tokens
+
+    return tokenizer.decode(text_tokens(tokenizer, "prose", tokens, seed=seed)) + "\n\nContinue the text."
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
+        time.sleep(0.25)
+
+
+def idle(url: str) -> bool:
+    m = metrics(url)
+    return m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0 and blocks_in_use(url) == 0
+
+
+def test_clients_that_go_away_are_aborted_and_their_blocks_return(server, tokenizer):
+    from openai import AsyncOpenAI, OpenAI
+
+    url = server["url"]
+    endless = {"temperature": 0, "extra_body": {"ignore_eos": True}}  # with max_tokens: minutes, unless aborted
+    assert idle(url)
+
+    # a stream closed while decoding (a compressed request: its kept pages and kvlab's record of it)
+    client = OpenAI(base_url=url + "/v1", api_key="unused", timeout=600, max_retries=0)
+    stream = client.completions.create(model=MODEL, prompt=prose_prompt(tokenizer, 1500, 1), stream=True,
+                                    max_tokens=4000, **endless)
+    pieces = 0
+    for chunk in stream:
+        pieces += bool(chunk.choices and chunk.choices[0].text)
+        if pieces == 3:
+            break
+    assert blocks_in_use(url) > 0
+    stream.close()
+    wait_until(lambda: idle(url), 60, "the closed stream's request aborted and its blocks back in the pool")
+
+    # a request cancelled while its prompt (longer than one step's token budget) is still being prefilled
+    async def cancel_during_prefill():
+        async with AsyncOpenAI(base_url=url + "/v1", api_key="unused", timeout=600, max_retries=0) as aclient:
+            task = asyncio.create_task(aclient.completions.create(
+                model=MODEL, prompt=prose_prompt(tokenizer, 7000, 2), max_tokens=1000, **endless))
+            await asyncio.to_thread(wait_until, lambda: metrics(url)["vllm:num_requests_running"] == 1, 120,
+                                    "the long prompt scheduled")
+            await asyncio.sleep(1.0)
+            prefilling = metrics(url)["vllm:generation_tokens_total"]
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return prefilling
+
+    generated_before = metrics(url)["vllm:generation_tokens_total"]
+    at_cancel = asyncio.run(cancel_during_prefill())
+    wait_until(lambda: idle(url), 60, "the cancelled request aborted and its blocks back in the pool")
+    assert at_cancel == generated_before  # cancelled before its first token: inside the chunked prefill
+
+    # the server goes on serving, and compressing
+    before = server["log"].read_text().count("served without kv-compress")
+    reply = client.completions.create(model=MODEL, prompt=prose_prompt(tokenizer, 800, 3), max_tokens=8,
+                                      **endless)
+    assert reply.usage.completion_tokens == 8
+    assert server["log"].read_text().count("served without kv-compress") == before
+    assert idle(url)

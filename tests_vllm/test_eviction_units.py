@@ -243,3 +243,31 @@ def test_the_manager_frees_kv_compress_pages_only_once_reported():
     assert pool.get_num_free_blocks() == before + 1000 // 32 - 7
     mgr.free("r")
     assert "r" not in mgr.kvlab_kept and pool.get_num_free_blocks() == before + 32
+
+
+def test_the_manager_frees_a_held_scorers_pages_behind_each_reported_compaction():
+    mgr, pool = manager({"method": "h2o", "budget": 0.25})
+    allocate(mgr, "r", 1000)
+    before = pool.get_num_free_blocks()
+    mgr.remove_skipped_blocks("r", 1000, num_prompt_tokens=1000)
+    assert pool.get_num_free_blocks() == before  # nothing reported yet
+    mgr.kvlab_kept["r"] = (8, 1000)  # 250 tokens kept per KV head, in 8 pages; the rest from position 1000
+    mgr.remove_skipped_blocks("r", 1001, num_prompt_tokens=1000)
+    assert pool.get_num_free_blocks() == before + 1000 // 32 - 8
+    allocate(mgr, "r", 1100)  # decoding on: 3 more pages
+    mgr.kvlab_kept["r"] = (8, 1064)  # compacted at position 1064: pages [8, 33) read by nobody
+    mgr.remove_skipped_blocks("r", 1100, num_prompt_tokens=1000)
+    assert pool.get_num_free_blocks() == before - 3 + 33 - 8
+    blocks = mgr.req_to_blocks["r"]
+    assert all(not b.is_null for b in blocks[:8]) and all(b.is_null for b in blocks[8:33])
+    assert all(not b.is_null for b in blocks[33:])
+
+
+def test_a_resumed_requests_prefill_ends_at_its_prompts_end():
+    from kvlab.vllm.engine import prompt_end_cut
+
+    assert prompt_end_cut(100, 0, 150) == 100  # prompt and outputs: the prompt first
+    assert prompt_end_cut(100, 40, 80) == 60
+    assert prompt_end_cut(100, 0, 80) == 80  # a chunk inside the prompt, as vLLM cut it
+    assert prompt_end_cut(100, 100, 50) == 50  # the outputs, after the prompt's step
+    assert prompt_end_cut(100, 120, 1) == 1  # decoding

@@ -17,13 +17,13 @@ LENGTHS = (1500, 1000, 700)  # test_eviction_engine.EVICT_LENGTHS, which same_ke
 NEW = 8
 SCORERS = [("snapkv", {"window": 16}), ("pyramidkv", {"window": 16, "beta": 4}), ("knorm", {}), ("random", {}),
            ("tova", {}), ("h2o", {"window": 16})]
-HELD = ("tova", "h2o")  # decode-time eviction stays off inside vLLM (issue 21)
+HELD = ("tova", "h2o")  # here at the prompt's end only, in whole pages (decode_evict=false; test_eviction_engine)
 
 
 def run(tiny_model, name, params, ratio):
     from kvlab.vllm.engine import kept_record
 
-    section = {"method": name, "ratio": ratio, **params}
+    section = {"method": name, "ratio": ratio, **params, **({"decode_evict": False} if name in HELD else {})}
     llm = start(tiny_model, section, layers=4 if name == "pyramidkv" else 1)
     try:
         out = {"tokens": greedy(llm, prompts(LENGTHS, seed=5), NEW), "kept": llm.apply_model(kept_record)[0]}

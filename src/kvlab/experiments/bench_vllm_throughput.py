@@ -13,7 +13,9 @@ server's Prometheus ``/metrics`` every 0.25 s for the largest ``vllm:num_request
 ``vllm:kv_cache_usage_perc``; ``vllm:num_preemptions`` is read at the end.
 
 - output tokens/s: completion tokens of all replies / wall time from sending to the last reply;
-- needle: replies whose first :data:`~kvlab.experiments.bench_vllm.ANSWER_TOKENS` tokens hold the key.
+- needle: replies whose first :data:`~kvlab.experiments.bench_vllm.ANSWER_TOKENS` tokens hold the key;
+- drift: replies whose first :data:`DRIFT_TOKENS` token ids are vanilla's for the same prompt (a long
+  generation under decode-time eviction: ``--context 1k --new-tokens 1024 --methods full,h2o,tova,streaming``).
 
 The default pool holds about :data:`HOLD` vanilla requests of the context (prompt + new tokens, plus one
 spare page each, plus vLLM's null block), so an eviction method that keeps 1/8 of a request's pages once
@@ -55,6 +57,7 @@ PAGE = 128  # tokens per vLLM KV page (kvlab serve's default --block-size)
 HOLD = 2  # vanilla requests the default pool holds
 METHODS = ("full", "streaming", "kv-compress")
 METRICS_EVERY_S = 0.25
+DRIFT_TOKENS = 64
 START_TIMEOUT_S = 900  # a vLLM server starts in 30-60 s on an idle 2-core machine, minutes on a loaded one
 STOP_TIMEOUT_S = 60
 STALL_S = 600  # no prompt or generated token for this long while requests are out: the server hangs
@@ -366,10 +369,11 @@ def run_method(method: str, model: str, served_name: str, tokenizer: Any, prompt
                                                  watch, log_path, method))
         final = scrape(url)
     load_after = os.getloadavg()  # the server has stopped (``served`` stops it on the way out)
-    answers, hits, completion = [], 0, 0
+    answers, hits, completion, firsts = [], 0, 0, []
     for reply, (_, gold) in zip(replies, prompts, strict=True):
         choice = reply.choices[0]
         ids = getattr(choice, "token_ids", None)
+        firsts.append(list(ids or [])[:DRIFT_TOKENS])
         answer = tokenizer.decode(ids[:ANSWER_TOKENS]) if ids else (choice.text or "")[:64]
         answers.append(answer)
         hits += correct(answer, gold)
@@ -381,6 +385,7 @@ def run_method(method: str, model: str, served_name: str, tokenizer: Any, prompt
             "completion_tokens": completion, "prompt_tokens": sum(r.usage.prompt_tokens for r in replies),
             "wall_s": wall, "output_tok_s": completion / wall, "needle_hits": hits,
             "needle": f"{hits}/{len(prompts)}", "answers": answers, "golds": [gold for _, gold in prompts],
+            "first_tokens": firsts,
             "mean_queue_s": histogram_mean(final, "vllm:request_queue_time_seconds"),
             "mean_prefill_s": histogram_mean(final, "vllm:request_prefill_time_seconds"),
             "mean_decode_s": histogram_mean(final, "vllm:request_decode_time_seconds"),
@@ -392,12 +397,17 @@ def run_method(method: str, model: str, served_name: str, tokenizer: Any, prompt
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each row's max running and output tok/s over vanilla's (``full``), when vanilla ran."""
+    """Each row's max running and output tok/s over vanilla's (``full``), and how many of its replies begin with
+    vanilla's first :data:`DRIFT_TOKENS` tokens, when vanilla ran."""
     base = next((r for r in rows if not takes_budget(r["method"])), None)
     for r in rows:
         ok = base is not None and base["max_running"] > 0
         r["concurrency_vs_vanilla"] = r["max_running"] / base["max_running"] if ok else None
         r["throughput_vs_vanilla"] = r["output_tok_s"] / base["output_tok_s"] if base is not None else None
+        same = None
+        if base is not None and "first_tokens" in r and "first_tokens" in base:
+            same = sum(a == b and len(a) > 0 for a, b in zip(r["first_tokens"], base["first_tokens"], strict=True))
+        r["same_first_as_vanilla"] = same
     return rows
 
 
@@ -445,7 +455,10 @@ def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
              "output tok/s": round(r["output_tok_s"], 2),
              "concurrency vs vanilla": _ratio(r["concurrency_vs_vanilla"]),
              "throughput vs vanilla": _ratio(r["throughput_vs_vanilla"]),
-             "needle": r["needle"], "wall s": round(r["wall_s"], 1)} for r in result["rows"]]
+             "needle": r["needle"],
+             f"first {DRIFT_TOKENS} = vanilla": "-" if r.get("same_first_as_vanilla") is None
+             else f"{r['same_first_as_vanilla']}/{r['requests']}",
+             "wall s": round(r["wall_s"], 1)} for r in result["rows"]]
 
 
 def title(result: dict[str, Any]) -> str:

@@ -177,14 +177,17 @@ def new_tokens(sample: Sample, cap: int | None) -> int:
 
 def plan(specs: list[MethodSpec], ratios: list[float], modes: list[str]) -> list[tuple[MethodSpec, float, str]]:
     """Every (method, ratio, mode) to run: a budgetless method once at ratio 0; the question-agnostic mode only
-    for methods that change the cache (a router selects per step, with the question, in both)."""
+    for methods that change the cache. A router selects per step, with the question, in either mode: it runs
+    once, question-aware, whichever modes were asked (so ``--mode agnostic`` is kvpress's leaderboard with the
+    routers in it)."""
     out = []
     for s in specs:
         for ratio in ([0.0] if s.budgetless else ratios):
             for mode in modes:
                 if mode == "agnostic" and s.name != "full" and hook_kind(s.make(1.0 - ratio)) != "eviction":
-                    continue
-                out.append((s, ratio, mode))
+                    mode = "aware"
+                if (s, ratio, mode) not in out:
+                    out.append((s, ratio, mode))
     return out
 
 

@@ -147,7 +147,15 @@ class HeldCache(Method):
     def _maintain(self, store: KVStore, every: int) -> None:
         if self.evicting():
             for i in store.compressible_layers():
-                S.maintain(store.layers[i], self._caps, every, self.per_slot(i, store.layers[i]))
+                self.maintain_layer(i, store.layers[i], every)
+
+    def maintain_layer(self, layer_idx: int, layer: LayerStore, every: int | None = None) -> bool:
+        """Before a decode step: compact layer ``layer_idx`` in place once a row holds ``every`` dead slots
+        (default ``compact_every``), its per-slot values with it. Whether it compacted."""
+        every = self.compact_every if every is None else every
+        dead = max((n - c for n, c in zip(layer.lengths_host, self._caps, strict=True)), default=0)
+        S.maintain(layer, self._caps, every, self.per_slot(layer_idx, layer))
+        return dead >= every
 
     def graph_safe(self) -> bool:
         return True

@@ -225,6 +225,14 @@ class KVLabScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         eviction_config(self.vllm_config)
 
+    def _reserve_prefill_lookahead(self, request: Any, num_computed_tokens: int, num_new_tokens: int) -> int:
+        """vLLM's last cut of a request's tokens this step (running and waiting alike), cut again at the prompt's
+        end: a preempted request is recomputed, prompt and outputs in one prefill, and its outputs must be
+        recomputed against the cache the method left at the prompt's end, as they were first computed, not
+        against the whole prompt (kvlab's methods act when a step ends the prompt)."""
+        num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        return prompt_end_cut(request.num_prompt_tokens, num_computed_tokens, num_new_tokens)
+
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
         kept = getattr(model_runner_output, REPORT, None)
         if kept:
@@ -236,6 +244,12 @@ class KVLabScheduler(Scheduler):
                 for group, pages in per_group.items():
                     managers[group].kvlab_kept[req_id] = pages
         return super().update_from_output(scheduler_output, model_runner_output)
+
+
+def prompt_end_cut(prompt: int, computed: int, new: int) -> int:
+    """Tokens to compute this step so that a step that ends the prompt ends there (a resumed request's
+    prefill holds its outputs too)."""
+    return prompt - computed if computed < prompt < computed + new else new
 
 
 def kept_record(model: torch.nn.Module) -> list[dict[str, Any]]:

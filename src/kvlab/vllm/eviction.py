@@ -102,8 +102,8 @@ class WorkerState:
     def __init__(self, adapter: Any, runner: Any) -> None:
         self.adapter, self.runner = adapter, runner
         self.method, self.page = adapter.method, adapter.page_size
-        self.records: dict[str, dict[int, int]] = {}
-        self.report: dict[str, dict[int, int]] = {}
+        self.records: dict[str, dict[int, Any]] = {}  # request -> {group: the adapter's record}
+        self.report: dict[str, dict[int, Any]] = {}
         self.stash: dict[tuple[str, str], torch.Tensor] = {}
         self.pending: dict[str, dict[str, Any]] = {}
         self.failed: set[str] = set()
@@ -148,6 +148,6 @@ class WorkerState:
     def after_forward(self) -> None:
         self.adapter.after_forward(self)
 
-    def take_report(self) -> dict[str, dict[int, int]]:
+    def take_report(self) -> dict[str, dict[int, Any]]:
         report, self.report = self.report, {}
         return report

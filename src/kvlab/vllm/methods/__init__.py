@@ -10,7 +10,7 @@ environment, not what the parent registered.
 import importlib
 import os
 
-from kvlab.vllm.methods import block_route, full, kv_compress, scorers, streaming  # noqa: F401  (registration)
+from kvlab.vllm.methods import block_route, full, held, kv_compress, scorers, streaming  # noqa: F401  (registration)
 from kvlab.vllm.methods.base import (
     ADAPTERS,
     EVICTS,

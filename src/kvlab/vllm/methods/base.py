@@ -173,9 +173,10 @@ class Adapter:
         raise NotImplementedError
 
     # ------------------------------------------------------------ EVICTS: kvlab.vllm.eviction / engine
-    def free_range(self, n: int, processed: int, reported: int | None) -> tuple[int, int] | None:
+    def free_range(self, n: int, processed: int, reported: Any) -> tuple[int, int] | None:
         """Pages ``[first, last)`` of a request with an ``n``-token prompt the scheduler frees once
-        ``processed`` tokens are committed (``reported``: the pages the worker reported kept, ``None`` before)."""
+        ``processed`` tokens are committed (``reported``: what the worker last reported of it, ``None`` before:
+        kv-compress's kept pages, a held scorer's ``(kept pages, last compaction)``)."""
         return None
 
     def plan(self, state: WorkerState, rows: Rows, table: torch.Tensor, seq_lens: torch.Tensor, group: int

@@ -124,7 +124,7 @@ class PrefillEviction(Adapter):
         return "rewrites a request's first KV blocks after prefill"
 
     # ------------------------------------------------------------ the scheduler
-    def free_range(self, n: int, processed: int, reported: int | None) -> tuple[int, int] | None:
+    def free_range(self, n: int, processed: int, reported: Any) -> tuple[int, int] | None:
         return None if reported is None else (reported, n // self.page_size)
 
     # ------------------------------------------------------------ the builder's plan
@@ -140,8 +140,9 @@ class PrefillEviction(Adapter):
             if record is not None:
                 if c >= n and group in record:
                     compact.append(r)
-                    keep.append(record[group])
-                    skip_to.append(n // page)
+                    read = self.read_pages(step, record[group], r, req, n, c, s, int(rows.query_start[r]))
+                    keep.append(read[0])
+                    skip_to.append(read[1])
                 continue
             if req in state.failed or c >= n or (s <= n - w and s < n):
                 continue
@@ -159,6 +160,12 @@ class PrefillEviction(Adapter):
         new_table, new_seq = compact_rows(table, seq_lens, idx, torch.tensor(keep, dtype=torch.long),
                                           torch.tensor(skip_to, dtype=torch.long), page)
         return step, new_table, new_seq
+
+    def read_pages(self, step: EvictStep, record: Any, row: int, req: str, n: int, computed: int, seq: int,
+                   query_start: int) -> tuple[int, int]:
+        """``(keep, skip_to)`` of a compressed request's row past its prompt (:func:`compact_rows`): its first
+        ``record`` pages (the kept tokens), then its pages from the prompt's partial last page on."""
+        return record, n // self.page_size
 
     # ------------------------------------------------------------ per layer, after vLLM's kernel
     def after_attention(self, state: WorkerState, step: EvictStep, call: LayerCall) -> None:
@@ -182,11 +189,17 @@ class PrefillEviction(Adapter):
                 pos = torch.arange(n)
                 table_row = step.table[row.row, : -(-n // page)].clone()
                 keys, values = page_layout.gather(call.kv_cache, call.maps, table_row[pos // page], pos % page)
-                scores = self.scores(call.layer, queries, keys, values, call.scale, n)
-                state.pending.setdefault(row.req_id, {})[call.name] = Pending(call.layer, call.group, scores,
-                                                                              call.kv_cache, call.maps, table_row, n)
+                self.prompt_end(state, call, row, queries, keys, values, table_row)
             except Exception as exc:  # a request's problem must not stop the engine for every client
                 state.fail(row.req_id, f"{type(exc).__name__}: {exc}")
+
+    def prompt_end(self, state: WorkerState, call: LayerCall, row: CompressRow, queries: torch.Tensor,
+                   keys: torch.Tensor, values: torch.Tensor, table_row: torch.Tensor) -> None:
+        """One layer's work on a prompt that ends in this step: its scores, pending until every layer's are in
+        (:meth:`after_forward` chooses)."""
+        scores = self.scores(call.layer, queries, keys, values, call.scale, row.n)
+        state.pending.setdefault(row.req_id, {})[call.name] = Pending(call.layer, call.group, scores, call.kv_cache,
+                                                                      call.maps, table_row, row.n)
 
     # ------------------------------------------------------------ after the forward
     def after_forward(self, state: WorkerState) -> None:

@@ -1,5 +1,6 @@
 """Every scorer press inside vLLM: :class:`~kvlab.methods.scorer.ScorerMethod` (SnapKV, PyramidKV, K-norm,
-TOVA and H2O at prefill end, random, and any scorer added later) on the prefill-end path kv-compress uses.
+random, TOVA and H2O with ``decode_evict=false``, and any scorer added later) on the prefill-end path
+kv-compress uses (TOVA and H2O evict while decoding by default: :mod:`kvlab.vllm.methods.held`).
 
 In the step that completes a prompt, every layer gathers the prompt's keys and values from vLLM's pages and
 runs the method's own :meth:`~kvlab.methods.scorer.ScorerMethod.score` on them
@@ -18,19 +19,18 @@ from typing import Any
 import torch
 
 from kvlab.errors import check
-from kvlab.methods import METHODS
 from kvlab.methods import _scoring as S
 from kvlab.methods._paged import kept_full_pages, scorer_pages
 from kvlab.methods.base import Method, PrefillContext
 from kvlab.methods.scorer import ScorerMethod, score_prompt
-from kvlab.vllm.methods.base import BUDGET_KEYS, Adapter, adapter, budget_given
+from kvlab.vllm.methods.base import BUDGET_KEYS, adapter, budget_given
 from kvlab.vllm.methods.kv_compress import PrefillEviction
 
 
 @adapter(ScorerMethod)
 class ScorerAdapter(PrefillEviction):
     """A scorer press at the end of each prompt, in whole pages of vLLM's page size (the method's ``page``);
-    TOVA and H2O without their decode-time eviction (``decode_evict=false``)."""
+    TOVA and H2O with ``decode_evict=false`` (with it, :mod:`kvlab.vllm.methods.held`)."""
 
     @classmethod
     def why_not(cls, method_cls: type[Method]) -> str | None:
@@ -38,15 +38,6 @@ class ScorerAdapter(PrefillEviction):
             return ("its per-head budgets need per-head block tables; vLLM 0.32 keeps one per request and KV-cache "
                     "group, and a page holds every KV head of a layer")
         return None
-
-    @classmethod
-    def configure(cls, name: str, section: dict[str, Any], page_size: int) -> Adapter:
-        if "decode_evict" in {f.name for f in METHODS[name].parameters()}:
-            check(section.get("decode_evict") in (None, False),
-                  f"{name} evicts at the prompt's end inside vLLM; its decode-time eviction does not run there yet "
-                  "(decode_evict=false)")
-            section = {**section, "decode_evict": False}
-        return super().configure(name, section, page_size)
 
     @classmethod
     def params(cls, section: dict[str, Any], page_size: int) -> dict[str, Any]:

@@ -122,7 +122,7 @@ class StreamingAdapter(Adapter):
     def describe(self) -> dict[str, Any]:
         return {"n_sink": self.method.n_sink, "window": self.method.window}
 
-    def free_range(self, n: int, processed: int, reported: int | None) -> tuple[int, int] | None:
+    def free_range(self, n: int, processed: int, reported: Any) -> tuple[int, int] | None:
         return streaming_free_range(self.method, n, processed, self.page_size)
 
     def plan(self, state: WorkerState, rows: Rows, table: torch.Tensor, seq_lens: torch.Tensor, group: int
