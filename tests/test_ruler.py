@@ -131,6 +131,16 @@ def test_kvpress_engine_answers_as_kvlab_does_where_they_keep_the_same_tokens(sa
             assert answers[("kvlab", method, i)] == answers[("kvpress", method, i)], (method, i)
 
 
+def test_the_plan_runs_a_router_once_question_aware_whichever_modes():
+    specs = [spec("full"), spec("block-route"), spec("snapkv")]
+    names = [(s.label, r, m) for s, r, m in ruler.plan(specs, [0.5, 0.75], ["agnostic"])]
+    assert names == [("full", 0.0, "agnostic"), ("block-route", 0.5, "aware"), ("block-route", 0.75, "aware"),
+                     ("snapkv", 0.5, "agnostic"), ("snapkv", 0.75, "agnostic")]
+    both = [(s.label, r, m) for s, r, m in ruler.plan(specs, [0.5], ["aware", "agnostic"])]
+    assert both == [("full", 0.0, "aware"), ("full", 0.0, "agnostic"), ("block-route", 0.5, "aware"),
+                    ("snapkv", 0.5, "aware"), ("snapkv", 0.5, "agnostic")]
+
+
 def test_leaderboard_agreement_and_plot_from_cells(tmp_path):
     def cell(engine, method, ratio, mode, task, index, score):
         return {"engine": engine, "method": method, "ratio": ratio, "mode": mode, "task": task, "index": index,

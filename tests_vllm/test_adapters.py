@@ -66,6 +66,8 @@ def test_adapters_are_found_by_the_methods_class():
     assert adapter_class(H2O) is HeldScorerAdapter and adapter_class(TOVA) is HeldScorerAdapter  # decode-time
     held = kvconfig.parse({"method": "h2o", "budget": 0.25}, 32).adapter
     assert type(held) is HeldScorerAdapter and held.method.decode_evict and held.pages(1000) == 8  # 250 tokens
+    tokens = kvconfig.parse({"method": "tova", "budget_tokens": 512}, 128).adapter
+    assert tokens.cap(2000) == tokens.cap(300) == 512 and tokens.pages(300) == 4  # a short prompt grows to 512
     once = kvconfig.parse({"method": "tova", "budget": 0.25, "decode_evict": False}, 32).adapter
     assert type(once) is ScorerAdapter and once.method.page == 32  # once, at the prompt's end, whole pages
     with pytest.raises(KVLabError, match="page keeps whole pages once.*decode_evict=false"):

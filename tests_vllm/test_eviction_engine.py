@@ -237,6 +237,19 @@ def test_decode_time_eviction_gives_kvlabs_tokens_in_flat_memory(tiny_model, kvl
     assert held[-1] <= held[0] + 1  # flat: vanilla would have grown by 150 tokens' pages
 
 
+def test_a_prompt_shorter_than_budget_tokens_grows_to_it_then_is_held(tiny_model):
+    """``budget_tokens=128`` and a 64-token prompt: nothing to evict at the prompt's end; the request grows to
+    128 tokens per KV head while decoding, then holds there (vanilla would reach 12 pages in 300 steps)."""
+    llm = start(tiny_model, {"method": "tova", "budget_tokens": 128})
+    try:
+        usage = step_usage(llm, BLOCKS, n=64, max_tokens=300)
+    finally:
+        stop_llm(llm)
+    assert len(usage) >= 298 and usage[0] == 2  # the prompt's 2 pages
+    bound = 128 // PAGE + -(-33 // PAGE) + 1  # the kept pages, the pages since the last compaction, a boundary
+    assert max(usage) >= 128 // PAGE and max(usage) <= bound, usage
+
+
 # ---------------------------------------------------------------- preemption of a compressed request
 def test_a_preempted_compressed_request_is_recomputed_to_the_tokens_it_gives_alone(tiny_model):
     """Three requests that outgrow a 36-page pool while decoding: vLLM preempts one (its blocks, kept pages

@@ -184,8 +184,13 @@ class HeldScorer(ScorerMethod, HeldCache):
             self._capacity = None
 
     def prepare(self, store: KVStore, ctx: PrefillContext) -> None:
-        self.hold(store, S.kept_per_sequence(self, ctx.context_lengths).tolist())
-        self._scaling = ctx.scaling
+        self.hold_at(store, S.kept_per_sequence(self, ctx.context_lengths).tolist(), ctx.scaling)
+
+    def hold_at(self, store: KVStore, caps: list[int], scaling: float) -> None:
+        """Hold each sequence at its count of ``caps`` while decoding, attention scaled by ``scaling`` (a server
+        holds a prompt shorter than ``budget_tokens`` at ``budget_tokens``: it grows to it first)."""
+        self.hold(store, caps)
+        self._scaling = scaling
 
     def kept(self, layer_idx: int, num_layers: int, ctx: PrefillContext) -> torch.Tensor:
         return self._capacity

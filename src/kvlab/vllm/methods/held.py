@@ -143,13 +143,16 @@ class HeldScorerAdapter(ScorerAdapter):
 
     # ------------------------------------------------------------ the prompt's end
     def cap(self, n: int) -> int | None:
-        """Tokens each layer and KV head keeps of an ``n``-token prompt, or ``None``: served as it is."""
+        """Tokens each layer and KV head of a request with an ``n``-token prompt is held at while it decodes
+        (``budget_tokens``, also past a shorter prompt: the request grows to it first; else the budget's share
+        of the prompt), or ``None``: served as it is."""
         method = self.method
         if not S.compresses(method) or n <= self.observed():
             return None
-        return min(n, int(S.kept_per_sequence(method, torch.tensor([n]))[0]))
+        return method.budget_tokens if method.budget_tokens is not None else method.tokens_kept(n)
 
     def pages(self, n: int) -> int | None:
+        """The first pages, which hold the kept tokens."""
         cap = self.cap(n)
         return None if cap is None else -(-cap // self.page_size)
 
@@ -165,16 +168,14 @@ class HeldScorerAdapter(ScorerAdapter):
         ctx = PrefillContext(context_lengths=torch.tensor([n]), queries={call.layer: queries.transpose(0, 1)[None]},
                              scaling=call.scale, num_query_heads=queries.shape[1])
         if held is None:
-            method = copy.deepcopy(self.method)
-            method.prepare(store, ctx)  # the cap of every layer (HeldCache.hold)
-            cap = self.cap(n)
-            held = pending["held"] = Held(method=method, group=call.group, cap=cap, pages=-(-cap // self.page_size),
-                                          base=n)
-        method = held.method
-        kept = method.keep(call.layer, layer, method.score(call.layer, layer, ctx), method.kept(call.layer, 1, ctx))
-        positions = torch.arange(n).expand(heads, n)[kept.view(heads, n)].view(heads, held.cap)
+            method, cap = copy.deepcopy(self.method), self.cap(n)
+            method.hold_at(store, [cap], call.scale)  # as its prepare, with the cap past a shorter prompt
+            held = pending["held"] = Held(method=method, group=call.group, cap=cap, pages=self.pages(n), base=n)
+        method, count = held.method, min(n, held.cap)
+        kept = method.keep(call.layer, layer, method.score(call.layer, layer, ctx), torch.tensor([count]))
+        positions = torch.arange(n).expand(heads, n)[kept.view(heads, n)].view(heads, count)
         page_layout.move_per_head(call.kv_cache, call.maps, table_row, positions, self.page_size)
-        held.layers[call.layer] = HeldLayer(slots=torch.arange(held.cap).expand(heads, held.cap).clone(),
+        held.layers[call.layer] = HeldLayer(slots=torch.arange(count).expand(heads, count).clone(),
                                             positions=positions.clone())
 
     # ------------------------------------------------------------ decode
