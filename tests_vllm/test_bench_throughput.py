@@ -69,7 +69,7 @@ def test_options_are_validated_in_one_line():
            ((8192, 12, 128, 1.5, None, None, None), "--budget must be in (0, 1]"),
            ((8192, 0, 128, 0.125, None, None, None), "--requests must be >= 1"),
            ((8192, 4, 0, 0.125, None, None, None), "--new-tokens must be >= 1"),
-           ((2048, 4, 128, 0.125, None, None, None), "at least 4k"),
+           ((512, 4, 128, 0.125, None, None, None), "at least 1k"),
            ((8192, 4, 128, 0.125, None, 8192, None), "do not fit --max-model-len 8192"),
            ((32768, 4, 128, 0.125, None, None, 32768), "beyond the model's 32768"),
            ((8192, 4, 128, 0.125, 65, None, None), "cannot hold one request")]

@@ -49,8 +49,9 @@ def parse_cases(text: str) -> list[tuple[int, int]]:
 
 
 def build_prompts(tokenizer: Any, cases: list[tuple[int, int]], max_len: int, new_tokens: int,
-                  seed: int = 0) -> dict[tuple[int, int], tuple[list[int], str]]:
-    """``(context, sequence) -> (prompt ids, gold key)``; a context is capped at ``max_len - new_tokens``."""
+                  seed: int = 0, needle_at: int = NEEDLE_AT) -> dict[tuple[int, int], tuple[list[int], str]]:
+    """``(context, sequence) -> (prompt ids, gold key)``; a context is capped at ``max_len - new_tokens``; the
+    needle follows ``needle_at`` tokens of text."""
     longest = max(ctx for ctx, _ in cases)
     batch = max(b for _, b in cases)
     out = {}
@@ -62,7 +63,7 @@ def build_prompts(tokenizer: Any, cases: list[tuple[int, int]], max_len: int, ne
         for ctx, _ in cases:
             length = min(ctx, max_len - new_tokens)
             n_hay = length - len(probe.ids)
-            segs = [(INTRO, False), (hay[:NEEDLE_AT], False), (needle_ids, True), (hay[NEEDLE_AT:n_hay], False)]
+            segs = [(INTRO, False), (hay[:needle_at], False), (needle_ids, True), (hay[needle_at:n_hay], False)]
             out[(ctx, i)] = (build_prompt(tokenizer, segs, question, gold).ids, gold)
     return out
 

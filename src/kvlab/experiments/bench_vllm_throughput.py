@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from kvlab.errors import KVLabError, check
-from kvlab.experiments.bench_vllm import ANSWER_TOKENS, build_prompts
+from kvlab.experiments.bench_vllm import ANSWER_TOKENS, NEEDLE_AT, build_prompts
 from kvlab.experiments.niah import correct
 from kvlab.machine import describe, vllm_version
 from kvlab.methods import METHODS as REGISTRY
@@ -105,7 +105,8 @@ def check_options(context: int, requests: int, new_tokens: int, budget: float, k
     check(0 < budget <= 1, f"--budget must be in (0, 1], got {budget}")
     check(requests >= 1, f"--requests must be >= 1, got {requests}")
     check(new_tokens >= 1, f"--new-tokens must be >= 1, got {new_tokens}")
-    check(context >= 4096, f"--context must be at least 4k tokens (the needle sits 2K tokens in), got {context}")
+    check(context >= 1024, f"--context must be at least 1k tokens (the needle sits up to 2K tokens in, at most "
+                           f"half-way), got {context}")
     need = context + new_tokens
     length = need if max_model_len is None else max_model_len
     check(length >= need, f"--context {context} + --new-tokens {new_tokens} = {need} tokens do not fit "
@@ -423,7 +424,8 @@ def run(directory: Path, model: str, served_name: str, context: int, requests: i
 
     config = json.loads((directory / "config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    built = build_prompts(tokenizer, [(context, requests)], context + new_tokens, new_tokens, seed=seed)
+    built = build_prompts(tokenizer, [(context, requests)], context + new_tokens, new_tokens, seed=seed,
+                          needle_at=min(NEEDLE_AT, context // 2))
     prompts = [built[(context, i)] for i in range(requests)]
     log_dir = Path(tempfile.mkdtemp(prefix="kvlab-bench-throughput-")) if log_dir is None else log_dir
     log_dir.mkdir(parents=True, exist_ok=True)
