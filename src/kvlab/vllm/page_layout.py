@@ -81,14 +81,3 @@ def move_per_head(kv_cache: torch.Tensor, maps: tuple[torch.Tensor, torch.Tensor
     kf[db, h, k_map[do]] = keys
     vf[db, h, v_map[do]] = values
 
-
-def gather_per_head(kv_cache: torch.Tensor, maps: tuple[torch.Tensor, torch.Tensor], table_row: torch.Tensor,
-                    slots: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values ``[H, K, D]``: KV head ``h``'s tokens at logical slots ``slots[h]`` (``[H, K]``) of one
-    request (its ``table_row``)."""
-    k_map, v_map = maps
-    kf, vf = halves(kv_cache)
-    heads = slots.shape[0]
-    h = torch.arange(heads)[:, None, None]
-    b, o = table_row[slots // page].long()[..., None], slots % page
-    return kf[b, h, k_map[o]], vf[b, h, v_map[o]]

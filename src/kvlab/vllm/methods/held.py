@@ -43,17 +43,18 @@ from kvlab.vllm.methods.scorers import ScorerAdapter
 # ---------------------------------------------------------------- one request's live tokens
 @dataclass
 class HeldLayer:
-    """One layer's live tokens of a request, per KV head, in kvlab's slot order: where each lives (``slots``,
-    logical indices into the request's block-table row) and its position (``positions``, -1: dead)."""
+    """One layer's tokens of a request in kvlab's slot order: where slot ``j`` lives (``slots[j]``, a logical
+    index into the request's block-table row: the first pages after a compaction, then each new token at its
+    own position, the same for every KV head) and, per KV head, the position of its token there
+    (``positions``, -1: dead)."""
 
-    slots: torch.Tensor  # [H, L]
+    slots: torch.Tensor  # [L]
     positions: torch.Tensor  # [H, L]
 
     def append(self, position: int) -> None:
         """A new token, at its own position's slot (vLLM wrote it there)."""
-        new = torch.full((self.slots.shape[0], 1), position, dtype=torch.long)
-        self.slots = torch.cat([self.slots, new], 1)
-        self.positions = torch.cat([self.positions, new], 1)
+        self.slots = torch.cat([self.slots, torch.tensor([position])])
+        self.positions = torch.cat([self.positions, torch.full((self.positions.shape[0], 1), position)], 1)
 
 
 @dataclass
@@ -83,13 +84,14 @@ def layer_store(kv_cache: torch.Tensor, maps: tuple[torch.Tensor, torch.Tensor],
                 held: HeldLayer, page: int) -> tuple[LayerStore, torch.Tensor]:
     """A one-layer kvlab store of the live tokens (dead slots kept as dead), with room for one more; and their
     values ``[H, L, D]`` in its slot order."""
-    keys, values = page_layout.gather_per_head(kv_cache, maps, table_row, held.slots, page)  # [H, L, D]
+    keys, values = page_layout.gather(kv_cache, maps, table_row[held.slots // page], held.slots % page)
+    keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [H, L, D]
     heads, length, dim = keys.shape
     layer = KVStore.empty(1, 1, heads, dim, block_size=16, dtype=keys.dtype).layers[0]
+    layer.reserve(length + 1)  # one allocation
     layer.append(keys[None], values[None], torch.arange(length)[None])
     for h in range(heads):
         layer.positions[layer.row_slots(h)] = held.positions[h]
-    layer.reserve(1)
     return layer, values
 
 
@@ -102,11 +104,12 @@ def held_step(held: Held, index: int, call: LayerCall, table_row: torch.Tensor, 
     layer, values = layer_store(call.kv_cache, call.maps, table_row, mine, page)
     compacted = method.maintain_layer(index, layer)
     if compacted:
-        heads = mine.slots.shape[0]
+        heads, length = mine.positions.shape
         live = mine.positions >= 0
-        page_layout.move_per_head(call.kv_cache, call.maps, table_row, mine.slots[live].view(heads, held.cap), page)
+        src = mine.slots.expand(heads, length)[live].view(heads, held.cap)
+        page_layout.move_per_head(call.kv_cache, call.maps, table_row, src, page)
         values = values[live].view(heads, held.cap, -1)
-        mine.slots = torch.arange(held.cap).expand(heads, held.cap).clone()
+        mine.slots = torch.arange(held.cap)
         mine.positions = mine.positions[live].view(heads, held.cap)
     block, offset = table_row[position // page], torch.tensor(position % page)
     key, value = page_layout.gather(call.kv_cache, call.maps, block, offset)  # [H, D]: written by vLLM
@@ -175,8 +178,7 @@ class HeldScorerAdapter(ScorerAdapter):
         kept = method.keep(call.layer, layer, method.score(call.layer, layer, ctx), torch.tensor([count]))
         positions = torch.arange(n).expand(heads, n)[kept.view(heads, n)].view(heads, count)
         page_layout.move_per_head(call.kv_cache, call.maps, table_row, positions, self.page_size)
-        held.layers[call.layer] = HeldLayer(slots=torch.arange(count).expand(heads, count).clone(),
-                                            positions=positions.clone())
+        held.layers[call.layer] = HeldLayer(slots=torch.arange(count), positions=positions.clone())
 
     # ------------------------------------------------------------ decode
     def read_pages(self, step: EvictStep, record: Any, row: int, req: str, n: int, computed: int, seq: int,
