@@ -113,3 +113,11 @@ def test_unconverted_builtin_in_this_environment_writes_nothing(tmp_path):
 
 def test_kv_pool_must_be_a_positive_size():
     assert "--kv-cache-gib must be a whole number of GiB >= 1, got 0" in serve("--kv-cache-gib", "0")
+
+
+def test_a_pool_that_cannot_hold_one_request_is_refused(tiny_model):
+    message = serve("--model", str(tiny_model), "--method", "h2o", "--budget", "0.25", "--max-model-len", "4096",
+                    "--kv-cache-gib", "1", "--", "--num-gpu-blocks-override", "20")
+    assert message == (f"vLLM's KV pool holds 2432 tokens of {tiny_model.name} in bfloat16 (20 pages of 128), fewer "
+                       "than one request of --max-model-len 4096: raise --kv-cache-gib (or "
+                       "--num-gpu-blocks-override) or lower --max-model-len")

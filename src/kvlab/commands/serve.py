@@ -203,6 +203,40 @@ def set_kv_pool(gib: int | None) -> None:
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
 
 
+def option_value(argv: list[str], name: str) -> str | None:
+    """The value of ``name`` among vLLM's options (``NAME VALUE`` or ``NAME=VALUE``; the last wins)."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif arg.startswith(name + "="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
+def check_pool(directory: Path, served_name: str, max_model_len: int | None, dtype: str, page_size: int,
+               extra: list[str]) -> None:
+    """One line when vLLM's KV pool (``VLLM_CPU_KVCACHE_SPACE``, or ``--num-gpu-blocks-override`` after
+    ``--``) cannot hold one request of the longest length: vLLM refuses that only at startup, in a traceback
+    from its engine process."""
+    import os
+
+    from kvlab.experiments.bench_vllm_throughput import block_bytes
+
+    length = max_model_len or model_facts(directory)["max_len"]
+    if not length:
+        return
+    config = json.loads((directory / "config.json").read_text())
+    pages = int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")) * 2**30) // block_bytes(config, dtype, page_size)
+    override = option_value(extra, "--num-gpu-blocks-override")
+    if override is not None and override.isdigit():
+        pages = int(override)
+    tokens = (pages - 1) * page_size  # vLLM keeps one page as its null block
+    check(tokens >= length, f"vLLM's KV pool holds {max(tokens, 0)} tokens of {served_name} in {dtype} "
+                            f"({pages} pages of {page_size}), fewer than one request of --max-model-len {length}: "
+                            "raise --kv-cache-gib (or --num-gpu-blocks-override) or lower --max-model-len")
+
+
 def vllm_argv(directory: Path, served_name: str, section: dict[str, Any], host: str, port: int,
               max_model_len: int | None, dtype: str, page_size: int, extra: list[str]) -> list[str]:
     argv = ["--model", str(directory), "--served-model-name", served_name, "--host", host, "--port", str(port),
@@ -269,6 +303,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         check(dtype in DTYPES, f"--dtype must be bfloat16, float32, float16 or auto, got {dtype!r}")
         check_port(host, port)
         set_kv_pool(kv_cache_gib)
+        check_pool(directory, served, max_model_len, dtype, block_size, list(ctx.args))
         run_vllm_server(vllm_argv(directory, served, section, host, port, max_model_len, dtype, block_size,
                                   list(ctx.args)))
 
