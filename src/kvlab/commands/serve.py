@@ -203,17 +203,6 @@ def set_kv_pool(gib: int | None) -> None:
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
 
 
-def option_value(argv: list[str], name: str) -> str | None:
-    """The value of ``name`` among vLLM's options (``NAME VALUE`` or ``NAME=VALUE``; the last wins)."""
-    found = None
-    for i, arg in enumerate(argv):
-        if arg == name and i + 1 < len(argv):
-            found = argv[i + 1]
-        elif arg.startswith(name + "="):
-            found = arg.split("=", 1)[1]
-    return found
-
-
 def check_pool(directory: Path, served_name: str, max_model_len: int | None, dtype: str, page_size: int,
                extra: list[str]) -> None:
     """One line when vLLM's KV pool (``VLLM_CPU_KVCACHE_SPACE``, or ``--num-gpu-blocks-override`` after
@@ -228,7 +217,7 @@ def check_pool(directory: Path, served_name: str, max_model_len: int | None, dty
         return
     config = json.loads((directory / "config.json").read_text())
     pages = int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")) * 2**30) // block_bytes(config, dtype, page_size)
-    override = option_value(extra, "--num-gpu-blocks-override")
+    override = _flag(extra, "--num-gpu-blocks-override")
     if override is not None and override.isdigit():
         pages = int(override)
     tokens = (pages - 1) * page_size  # vLLM keeps one page as its null block

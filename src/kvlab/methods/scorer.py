@@ -203,19 +203,28 @@ class HeldScorer(ScorerMethod, HeldCache):
         return victim, live.sum(1) > self._row_caps
 
 
-def score_prompt(method: ScorerMethod, layer_idx: int, keys: torch.Tensor, values: torch.Tensor,
-                 queries: torch.Tensor | None, scaling: float, prepare: bool = False) -> torch.Tensor:
-    """``method``'s own scores ``[H, n]`` of one prompt whose post-RoPE keys and values ``[n, H, D]`` (positions
-    0 .. n-1) and last observed queries ``[w, Hq, D]`` live outside kvlab's store (a paged engine's: kvlab.vllm);
-    ``prepare``: run the method's once-per-prefill :meth:`ScorerMethod.prepare` first (the prompt's first layer).
-    The prompt is put in a one-layer store, so :meth:`ScorerMethod.score` runs as in kvlab's own engine."""
+def prompt_store(layer_idx: int, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor | None,
+                 scaling: float) -> tuple[KVStore, PrefillContext]:
+    """One prompt whose post-RoPE keys and values ``[n, H, D]`` (positions 0 .. n-1) and last observed queries
+    ``[w, Hq, D]`` live outside kvlab's store (a paged engine's: kvlab.vllm), as a one-layer store and the
+    prefill context of layer ``layer_idx``: a scorer's own code runs on them as in kvlab's engine."""
     n, heads, dim = keys.shape
     store = KVStore.empty(1, 1, heads, dim, block_size=16, dtype=keys.dtype, device=keys.device)
-    layer = store.layers[0]
-    layer.append(keys.transpose(0, 1)[None], values.transpose(0, 1)[None], torch.arange(n, device=keys.device)[None])
+    store.layers[0].append(keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+                           torch.arange(n, device=keys.device)[None])
     observed = {} if queries is None else {layer_idx: queries.transpose(0, 1)[None]}
     ctx = PrefillContext(context_lengths=torch.tensor([n]), queries=observed, scaling=scaling,
                          num_query_heads=heads if queries is None else queries.shape[1])
+    return store, ctx
+
+
+def score_prompt(method: ScorerMethod, layer_idx: int, keys: torch.Tensor, values: torch.Tensor,
+                 queries: torch.Tensor | None, scaling: float, prepare: bool = False) -> torch.Tensor:
+    """``method``'s own scores ``[H, n]`` of one prompt outside kvlab's store (:func:`prompt_store`); ``prepare``:
+    run the method's once-per-prefill :meth:`ScorerMethod.prepare` first (the prompt's first layer)."""
+    n, heads, _ = keys.shape
+    store, ctx = prompt_store(layer_idx, keys, values, queries, scaling)
+    layer = store.layers[0]
     if prepare:
         method.prepare(store, ctx)
     return method.score(layer_idx, layer, ctx).reshape(heads, -1)[:, :n]

@@ -80,4 +80,3 @@ def move_per_head(kv_cache: torch.Tensor, maps: tuple[torch.Tensor, torch.Tensor
     keys, values = kf[sb, h, k_map[so]], vf[sb, h, v_map[so]]  # gathered copies first: src and dst overlap
     kf[db, h, k_map[do]] = keys
     vf[db, h, v_map[do]] = values
-

@@ -31,8 +31,8 @@ import torch
 from kvlab.attention.probs import attention_probs
 from kvlab.cache.store import KVStore, LayerStore
 from kvlab.methods import _scoring as S
-from kvlab.methods.base import PrefillContext, StepContext
-from kvlab.methods.scorer import HeldScorer
+from kvlab.methods.base import StepContext
+from kvlab.methods.scorer import HeldScorer, prompt_store
 from kvlab.vllm import page_layout
 from kvlab.vllm.eviction import EvictStep, LayerCall, WorkerState
 from kvlab.vllm.methods.base import Adapter, adapter
@@ -165,11 +165,8 @@ class HeldScorerAdapter(ScorerAdapter):
         n, heads = row.n, keys.shape[1]
         pending = state.pending.setdefault(row.req_id, {})
         held = pending.get("held")
-        store = KVStore.empty(1, 1, heads, keys.shape[2], block_size=16, dtype=keys.dtype)
+        store, ctx = prompt_store(call.layer, keys, values, queries, call.scale)
         layer = store.layers[0]
-        layer.append(keys.transpose(0, 1)[None], values.transpose(0, 1)[None], torch.arange(n)[None])
-        ctx = PrefillContext(context_lengths=torch.tensor([n]), queries={call.layer: queries.transpose(0, 1)[None]},
-                             scaling=call.scale, num_query_heads=queries.shape[1])
         if held is None:
             method, cap = copy.deepcopy(self.method), self.cap(n)
             method.hold_at(store, [cap], call.scale)  # as its prepare, with the cap past a shorter prompt
