@@ -47,10 +47,10 @@ test: test-main test-vllm
 
 test-main: $(STAMP)
 	$(BIN)/ruff check src tests tests_vllm benchmarks
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 test-vllm: $(VLLM_STAMP) convert
-	$(VLLM_BIN)/python -m pytest -q -p no:cacheprovider tests_vllm
+	$(VLLM_BIN)/python -m pytest -q -p no:cacheprovider --durations=20 tests_vllm
 
 serve: $(VLLM_STAMP) convert
 	$(VLLM_BIN)/kvlab serve $(SERVE_ARGS)

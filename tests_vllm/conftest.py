@@ -101,7 +101,9 @@ def kvlab_server(log_dir: Path, *args: str, kv_gib: int = 2) -> Iterator[dict]:
     from kvlab.experiments.bench_vllm_throughput import free_port, served
 
     log_path = log_dir / "serve.log"
-    argv = [sys.executable, "-m", "kvlab", "serve", *args, "--port", str(free_port()), "--kv-cache-gib", str(kv_gib)]
+    cut = args.index("--") if "--" in args else len(args)  # vLLM's own options stay last
+    argv = [sys.executable, "-m", "kvlab", "serve", *args[:cut], "--port", str(free_port()), "--kv-cache-gib",
+            str(kv_gib), *args[cut:]]
     with served(argv, log_path, args[args.index("--method") + 1] if "--method" in args else "full") as (url, proc):
         yield {"url": url, "proc": proc, "log": log_path}
 

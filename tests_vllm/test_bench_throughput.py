@@ -92,6 +92,19 @@ def test_serve_argv_fixes_the_pool():
     assert extra[extra.index("--num-gpu-blocks-override") + 1] == "133"
     assert int(extra[extra.index("--max-num-seqs") + 1]) >= 12
     assert "--budget" not in tp.serve_argv("m", "full", 0.125, 8123, 8320, 133, 1, "bfloat16", 12)
+    held = tp.serve_argv("m", "h2o", 0.125, 8123, 8320, 133, 1, "bfloat16", 12, budget_tokens=512)
+    assert held[held.index("--budget-tokens") + 1] == "512" and "--budget" not in held
+
+
+def test_the_budget_one_way():
+    from kvlab.commands.serve import one_budget
+
+    assert one_budget(None, None, None) == 0.125 and one_budget(0.25, None, None) == 0.25
+    assert one_budget(None, 0.75, None) == 0.25 and one_budget(None, None, 512) == 0.125
+    for args, message in [((0.25, 0.5, None), "give the budget one way"), ((None, 1.0, None), r"\[0, 1\)"),
+                          ((None, None, 0), "--budget-tokens must be >= 1")]:
+        with pytest.raises(KVLabError, match=message):
+            one_budget(*args)
 
 
 def fake_result():

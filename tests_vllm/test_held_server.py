@@ -1,5 +1,6 @@
-"""`kvlab serve --method h2o --budget-tokens 256` with the real 0.5B model: decode-time eviction through the
-server. One long generation whose blocks, sampled from vLLM's own ``/metrics`` while it streams, stop growing
+"""`kvlab serve --method h2o --budget-tokens 256 -- --tensor-parallel-size 2` with the real 0.5B model:
+decode-time eviction through the server, on two ranks (one KV head each; kvlab serve binds each rank to a
+core). One long generation whose blocks, sampled from vLLM's own ``/metrics`` while it streams, stop growing
 once the request holds its 256 tokens per KV head; then 32 concurrent completions that all complete, all
 held, and give every block back. One server (127.0.0.1, a free port, a 1 GiB pool); every request bounded in
 tokens and time."""
@@ -19,7 +20,7 @@ BUDGET = 256
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with kvlab_server(tmp_path_factory.mktemp("serve-h2o"), "--model", MODEL, "--method", "h2o", "--budget-tokens",
-                      str(BUDGET), "--max-model-len", "4096", kv_gib=1) as srv:
+                      str(BUDGET), "--max-model-len", "4096", "--", "--tensor-parallel-size", "2", kv_gib=1) as srv:
         yield srv
 
 
@@ -27,7 +28,8 @@ def test_a_long_generation_holds_its_blocks_flat(server, tokenizer):
     from openai import OpenAI
 
     url = server["url"]
-    assert "kvlab: h2o frees vLLM's KV blocks" in server["log"].read_text()
+    log = server["log"].read_text()
+    assert "kvlab: h2o frees vLLM's KV blocks" in log and "Worker_TP1" in log  # the second rank's worker
     client = OpenAI(base_url=url + "/v1", api_key="unused", timeout=900, max_retries=0)
     stream = client.completions.create(model=MODEL, prompt=prose_prompt(tokenizer, 1000, 5), max_tokens=500,
                                        temperature=0, stream=True, stream_options={"include_usage": True},

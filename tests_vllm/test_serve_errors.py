@@ -56,8 +56,9 @@ def test_bad_method_configuration(args, words):
 
 @pytest.mark.parametrize("extra, words", [
     (["--enable-prefix-caching"], ["drop --enable-prefix-caching"]),
-    (["--tensor-parallel-size", "2"], ["runs on one worker", "tensor parallel size must be 1, got 2"]),
-    (["-pp=2"], ["pipeline parallel size must be 1, got 2"]),
+    (["-pp=2"], ["pipeline parallel size 1 (tensor parallel is served), got 2"]),
+    (["--tensor-parallel-size", "two"], ["--tensor-parallel-size must be a whole number >= 1, got 'two'"]),
+    ([f"-tp={len(os.sched_getaffinity(0)) + 1}"], ["needs a core per rank on vLLM's CPU build"]),
     (["--worker-cls", "my.Worker"], ["runs with kvlab's own --worker-cls"]),
     (["--kv-cache-dtype", "fp8"], ["--kv-cache-dtype must be auto, got fp8"]),
 ])
@@ -65,6 +66,12 @@ def test_vllm_options_eviction_does_not_run_with(tiny_model, extra, words):
     message = serve("--model", str(tiny_model), "--method", "kv-compress", "--budget", "0.25", "--", *extra)
     for w in words:
         assert w in message
+
+
+def test_a_method_that_reads_every_kv_head_is_refused_on_two_ranks(tiny_model):
+    message = serve("--model", str(tiny_model), "--method", "tova", "--budget", "0.25", "--", "-tp", "2")
+    assert "tova chooses from the attention of every KV head of a layer" in message
+    assert "--tensor-parallel-size 1" in message
 
 
 def test_eviction_on_a_model_with_sliding_window_layers(tmp_path):

@@ -122,17 +122,30 @@ def vllm_methods(methods: list[str] | None, preferred: tuple[str, ...]) -> list[
     return list(methods) if methods else ["full", *[m for m in preferred if m in runnable()]]
 
 
-def pool_groups(methods: tuple[str, ...], budget: float, layers: int) -> dict[str, int]:
+def pool_groups(methods: tuple[str, ...], budget: float, layers: int, budget_tokens: int | None = None
+                ) -> dict[str, int]:
     """KV-cache groups of each method's engine: ``layers`` where its adapter keeps one block table per layer
     (PyramidKV, kv-compress ``rates=layer``), else 1 (the throughput bench sizes the same memory by it)."""
     from kvlab.experiments.bench_vllm_throughput import PAGE, takes_budget
     from kvlab.vllm import config as kvconfig
 
     def per_layer(method: str) -> bool:
-        return takes_budget(method) and bool(kvconfig.parse({"method": method, "budget": budget}, PAGE)
+        given = {"budget": budget} if budget_tokens is None else {"budget_tokens": budget_tokens}
+        return takes_budget(method) and bool(kvconfig.parse({"method": method, **given}, PAGE)
                                              .adapter.group_per_layer())
 
     return {method: layers if per_layer(method) else 1 for method in methods}
+
+
+def one_budget(budget: float | None, ratio: float | None, budget_tokens: int | None, default: float = 0.125
+               ) -> float:
+    """``kvlab bench vllm``'s budget as the fraction kept (``1 - ratio``; ``default`` when none is given); one
+    line when more than one is given. ``budget_tokens`` is checked here and passed on as it is."""
+    check(sum(x is not None for x in (budget, ratio, budget_tokens)) <= 1,
+          "give the budget one way: --budget (fraction kept), --ratio (fraction removed) or --budget-tokens")
+    check(ratio is None or 0 <= ratio < 1, f"--ratio must be in [0, 1), got {ratio}")
+    check(budget_tokens is None or budget_tokens >= 1, f"--budget-tokens must be >= 1, got {budget_tokens}")
+    return default if budget is None and ratio is None else budget if ratio is None else 1.0 - ratio
 
 
 def _flag(extra: list[str], *names: str) -> str | None:
@@ -161,11 +174,12 @@ def eviction_argv(section: dict[str, Any], page_size: int, extra: list[str]) -> 
     check_eviction_version()
     for option in ("--worker-cls", "--scheduler-cls"):
         check(_flag(extra, option) is None, f"{name} runs with kvlab's own {option}; do not pass {option}")
-    parallel = ((("--tensor-parallel-size", "-tp"), "tensor"), (("--pipeline-parallel-size", "-pp"), "pipeline"))
-    for names, what in parallel:
-        value = _flag(extra, *names)
-        check(value in (None, "1"), f"{name} inside vLLM runs on one worker: {what} parallel size must be 1, "
-                                    f"got {value}")
+    ranks = _flag(extra, "--tensor-parallel-size", "-tp")
+    if ranks is not None and ranks.isdigit():
+        cfg.adapter.check_ranks(int(ranks))
+    value = _flag(extra, "--pipeline-parallel-size", "-pp")
+    check(value in (None, "1"), f"{name} inside vLLM runs with pipeline parallel size 1 (tensor parallel is "
+                                f"served), got {value}")
     check(_flag(extra, "--speculative-config") is None, f"{name} inside vLLM does not run with speculative decoding")
     dtype = _flag(extra, "--kv-cache-dtype")
     check(dtype in (None, "auto"), f"{name} moves and reads KV pages: --kv-cache-dtype must be auto, got {dtype}")
@@ -224,6 +238,29 @@ def check_pool(directory: Path, served_name: str, max_model_len: int | None, dty
     check(tokens >= length, f"vLLM's KV pool holds {max(tokens, 0)} tokens of {served_name} in {dtype} "
                             f"({pages} pages of {page_size}), fewer than one request of --max-model-len {length}: "
                             "raise --kv-cache-gib (or --num-gpu-blocks-override) or lower --max-model-len")
+
+
+def bind_ranks(extra: list[str]) -> None:
+    """``--tensor-parallel-size N`` on vLLM's CPU build: one line when this machine has fewer cores than ranks,
+    and, unless ``VLLM_CPU_OMP_THREADS_BIND`` says otherwise, each rank bound to its share of the cores (vLLM
+    binds ranks by NUMA node and refuses more ranks than nodes, in a traceback)."""
+    import os
+
+    value = _flag(extra, "--tensor-parallel-size", "-tp")
+    if value is None:
+        return
+    check(value.isdigit() and int(value) >= 1, f"--tensor-parallel-size must be a whole number >= 1, got {value!r}")
+    ranks = int(value)
+    from vllm.platforms import current_platform
+
+    if ranks == 1 or not current_platform.is_cpu() or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    check(len(cores) >= ranks, f"--tensor-parallel-size {ranks} needs a core per rank on vLLM's CPU build; this "
+                               f"process may use {len(cores)}")
+    share = len(cores) // ranks
+    groups = [cores[r * share:(r + 1) * share] for r in range(ranks)]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, g)) for g in groups)
 
 
 def vllm_argv(directory: Path, served_name: str, section: dict[str, Any], host: str, port: int,
@@ -293,14 +330,18 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         check_port(host, port)
         set_kv_pool(kv_cache_gib)
         check_pool(directory, served, max_model_len, dtype, block_size, list(ctx.args))
+        bind_ranks(list(ctx.args))
         run_vllm_server(vllm_argv(directory, served, section, host, port, max_model_len, dtype, block_size,
                                   list(ctx.args)))
 
     @bench_app.command("vllm")
     def bench_vllm(
         model: ModelOpt = "qwen2.5-coder-0.5b",
-        budget: Annotated[float, typer.Option(
-            help="block-route's budget (fraction read); with --throughput the eviction methods' (kept)")] = 0.125,
+        budget: Annotated[float | None, typer.Option(
+            help="block-route's budget (fraction read, default 0.125); with --throughput the eviction methods' "
+                 "(kept)")] = None,
+        ratio: RatioOpt = None,
+        budget_tokens: BudgetTokensOpt = None,
         contexts: Annotated[str, typer.Option(help="context x batch cases, e.g. 8k:1,8k:4,16k:1,16k:4,32k:1")] =
         "8k:1,8k:4,16k:1,16k:4,32k:1",
         new_tokens: Annotated[int | None, typer.Option(
@@ -338,6 +379,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             check(not param, "--param sets block-route's parameters; --throughput runs each method with its "
                              "defaults")
             tokens = 128 if new_tokens is None else new_tokens
+            budget = one_budget(budget, ratio, budget_tokens)
+            fraction = None if budget_tokens is not None else budget
             ctx_tokens = tp.parse_tokens(context)
             tp.check_options(ctx_tokens, requests, tokens, budget, kv_blocks, max_model_len, None)
             check(kv_cache_gib is None or kv_cache_gib >= 1,
@@ -346,25 +389,28 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                   f"--dtype must be bfloat16, float32 or float16 with --throughput, got {dtype!r}")
             chosen = throughput_methods(methods)
             for method in filter(tp.takes_budget, chosen):
-                kvlab_section(method, None, budget, None, None, tp.PAGE)
+                kvlab_section(method, None, fraction, None, budget_tokens, tp.PAGE)
             require_vllm()
             directory, served = resolve_model(model)
             length, blocks = tp.check_options(ctx_tokens, requests, tokens, budget, kv_blocks, max_model_len,
                                               model_facts(directory)["max_len"])
             for method in filter(tp.takes_budget, chosen):
-                kvlab_section(method, None, budget, None, None, tp.PAGE, directory)
+                kvlab_section(method, None, fraction, None, budget_tokens, tp.PAGE, directory)
             need = blocks * tp.block_bytes(json.loads((directory / "config.json").read_text()), dtype)
             gib = max(1, -(-need // 2**30)) if kv_cache_gib is None else kv_cache_gib
             check(gib * 2**30 >= need, f"--kv-cache-gib {gib} cannot hold --kv-blocks {blocks} "
                                        f"({need / 2**30:.2f} GiB)")
             log_dir = None if out is None else out.parent / f"{out.stem}-logs"
             result = tp.run(directory, model, served, ctx_tokens, requests, tokens, budget, blocks, length, gib,
-                            dtype=dtype, methods=chosen, log_dir=log_dir,
-                            groups=pool_groups(chosen, budget, int(model_facts(directory)["layers"])))
+                            dtype=dtype, methods=chosen, log_dir=log_dir, budget_tokens=budget_tokens,
+                            groups=pool_groups(chosen, budget, int(model_facts(directory)["layers"]), budget_tokens))
             emit_result(result, tp.table_rows(result), tp.title(result), out, as_json)
             return
         new_tokens = 32 if new_tokens is None else new_tokens
         kv_cache_gib = 4 if kv_cache_gib is None else kv_cache_gib
+        check(budget_tokens is None, "--budget-tokens is for --throughput; block-route's bench reads a fraction: "
+                                     "--budget or --ratio")
+        budget = one_budget(budget, ratio, None)
         cases = bench.parse_cases(contexts)
         section = kvlab_section("block-route", param, budget, None, None, 128)
         require_vllm()

@@ -241,11 +241,12 @@ def free_port() -> int:
 
 
 def serve_argv(model: str, method: str, budget: float, port: int, max_model_len: int, kv_blocks: int,
-               kv_cache_gib: int, dtype: str, requests: int) -> list[str]:
-    """``python -m kvlab serve ...`` for one method; the pool is exactly ``kv_blocks`` pages."""
+               kv_cache_gib: int, dtype: str, requests: int, budget_tokens: int | None = None) -> list[str]:
+    """``python -m kvlab serve ...`` for one method (``budget_tokens``, when given, instead of the fraction
+    ``budget``); the pool is exactly ``kv_blocks`` pages."""
     argv = [sys.executable, "-m", "kvlab", "serve", "--model", model, "--method", method]
     if takes_budget(method):
-        argv += ["--budget", str(budget)]
+        argv += ["--budget", str(budget)] if budget_tokens is None else ["--budget-tokens", str(budget_tokens)]
     return argv + ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len),
                    "--dtype", dtype, "--block-size", str(PAGE), "--kv-cache-gib", str(kv_cache_gib), "--",
                    "--num-gpu-blocks-override", str(kv_blocks), "--max-num-seqs", str(max(requests, 8))]
@@ -351,13 +352,14 @@ def histogram_mean(samples: list[tuple[str, dict[str, str], float]], name: str) 
 
 def run_method(method: str, model: str, served_name: str, tokenizer: Any, prompts: list[tuple[list[int], str]],
                budget: float, new_tokens: int, max_model_len: int, kv_blocks: int, kv_cache_gib: int, dtype: str,
-               log_dir: Path, groups: int = 1) -> dict[str, Any]:
+               log_dir: Path, groups: int = 1, budget_tokens: int | None = None) -> dict[str, Any]:
     """One server, every request at once: the row of ``method``. ``groups``: KV-cache groups the method's
     engine keeps (one per layer for per-layer page counts), whose pages are 1/``groups`` of a page each, so
     the same memory is ``kv_blocks * groups`` of them."""
     log_path = log_dir / f"serve-{method}.log"
     kv_blocks *= groups
-    argv = serve_argv(model, method, budget, free_port(), max_model_len, kv_blocks, kv_cache_gib, dtype, len(prompts))
+    argv = serve_argv(model, method, budget, free_port(), max_model_len, kv_blocks, kv_cache_gib, dtype, len(prompts),
+                      budget_tokens)
     load_before = os.getloadavg()
     t_start = time.perf_counter()
     with served(argv, log_path, method) as (url, proc):
@@ -380,7 +382,9 @@ def run_method(method: str, model: str, served_name: str, tokenizer: Any, prompt
         hits += correct(answer, gold)
         completion += reply.usage.completion_tokens
     preemptions = metric(final, "vllm:num_preemptions_total")
-    return {"method": method, "budget": budget if takes_budget(method) else None, "requests": len(prompts),
+    given = takes_budget(method)
+    return {"method": method, "budget": budget if given and budget_tokens is None else None,
+            "budget_tokens": budget_tokens if given else None, "requests": len(prompts),
             "max_running": int(watch.max_running), "max_waiting": int(watch.max_waiting),
             "peak_kv_usage": watch.max_usage, "preemptions": None if preemptions is None else int(preemptions),
             "completion_tokens": completion, "prompt_tokens": sum(r.usage.prompt_tokens for r in replies),
@@ -415,9 +419,10 @@ def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run(directory: Path, model: str, served_name: str, context: int, requests: int, new_tokens: int,
         budget: float, kv_blocks: int, max_model_len: int, kv_cache_gib: int, dtype: str = "bfloat16",
         methods: tuple[str, ...] = METHODS, log_dir: Path | None = None, seed: int = 0,
-        groups: dict[str, int] | None = None) -> dict[str, Any]:
+        groups: dict[str, int] | None = None, budget_tokens: int | None = None) -> dict[str, Any]:
     """Every method, one server each, one after the other; the result holds the options, the pool and the rows.
-    ``groups``: a method's KV-cache groups where it keeps one per layer (see :func:`run_method`)."""
+    ``groups``: a method's KV-cache groups where it keeps one per layer (see :func:`run_method`);
+    ``budget_tokens``: the methods' budget in tokens per KV head instead of the fraction ``budget``."""
     import json
 
     from transformers import AutoTokenizer
@@ -431,11 +436,12 @@ def run(directory: Path, model: str, served_name: str, context: int, requests: i
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     rows = [run_method(m, model, served_name, tokenizer, prompts, budget, new_tokens, max_model_len, kv_blocks,
-                       kv_cache_gib, dtype, log_dir, (groups or {}).get(m, 1)) for m in methods]
+                       kv_cache_gib, dtype, log_dir, (groups or {}).get(m, 1), budget_tokens) for m in methods]
     bytes_per_page = block_bytes(config, dtype)
     return {"model": served_name, "dtype": dtype, "machine": describe(), "cpu_count": os.cpu_count(),
             "vllm": vllm_version(), "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "options": {"context": context, "requests": requests, "new_tokens": new_tokens, "budget": budget,
+            "options": {"context": context, "requests": requests, "new_tokens": new_tokens,
+                        "budget": budget if budget_tokens is None else None, "budget_tokens": budget_tokens,
                         "kv_blocks": kv_blocks, "max_model_len": max_model_len, "kv_cache_gib": kv_cache_gib,
                         "seed": seed, "methods": list(methods)},
             "pool": {"pages": kv_blocks, "page_tokens": PAGE, "tokens": kv_blocks * PAGE,
@@ -451,7 +457,10 @@ def _ratio(x: float | None) -> str:
 
 
 def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"method": r["method"], "budget": "-" if r["budget"] is None else r["budget"],
+    def budget(r: dict[str, Any]) -> Any:
+        return f"{r['budget_tokens']} tokens" if r.get("budget_tokens") else "-" if r["budget"] is None else r["budget"]
+
+    return [{"method": r["method"], "budget": budget(r),
              "max running": r["max_running"], "peak KV usage %": round(100 * r["peak_kv_usage"], 1),
              "preemptions": "-" if r["preemptions"] is None else r["preemptions"],
              "output tok/s": round(r["output_tok_s"], 2),

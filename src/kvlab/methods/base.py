@@ -93,6 +93,7 @@ class Method:
     summary: ClassVar[str] = ""
     family: ClassVar[str] = ""  # one of FAMILIES: what kind of method it is (tables group by it)
     compresses: ClassVar[bool] = True  # False for methods that never drop or skip anything ("full")
+    mixes_kv_heads: ClassVar[bool] = False  # its choice for one KV head reads the other heads' attention (TOVA)
 
     budget: float | None = None
     ratio: float | None = None

@@ -41,6 +41,7 @@ class TOVA(HeldScorer):
 
     name: ClassVar[str] = "tova"
     summary: ClassVar[str] = "TOVA: newest query's head-averaged attention; fixed-size cache in decode"
+    mixes_kv_heads: ClassVar[bool] = True
 
     def observation_window(self) -> int:
         return 1

@@ -132,8 +132,9 @@ def refuse_unsupported(vllm_config: Any, cfg: kvconfig.ServeConfig) -> None:
     """One line for every engine setting kvlab eviction does not run with."""
     par, cache, sched = vllm_config.parallel_config, vllm_config.cache_config, vllm_config.scheduler_config
     name = cfg.method.name
-    check(par.tensor_parallel_size == 1 and par.pipeline_parallel_size == 1,
-          f"kvlab {name} inside vLLM runs on one worker (tensor and pipeline parallel size 1)")
+    cfg.adapter.check_ranks(par.tensor_parallel_size)
+    check(par.pipeline_parallel_size == 1, f"kvlab {name} inside vLLM runs with pipeline parallel size 1 (tensor "
+                                           "parallel is served)")
     check(vllm_config.speculative_config is None, f"kvlab {name} inside vLLM does not run with speculative decoding")
     check(cache.cache_dtype == "auto", f"kvlab {name} moves and reads KV pages: --kv-cache-dtype must be auto, "
                                        f"got {cache.cache_dtype}")
@@ -159,7 +160,9 @@ class KVLabCPUWorker(CPUWorker):
     def init_device(self) -> None:
         super().init_device()
         cfg = eviction_config(self.vllm_config)
-        KVLabCPUWorker.kvlab_state = eviction.WorkerState(cfg.adapter, self.model_runner)
+        KVLabCPUWorker.kvlab_state = state = eviction.WorkerState(cfg.adapter, self.model_runner)
+        if self.vllm_config.parallel_config.tensor_parallel_size > 1:
+            state.ranks = TensorRanks()
         logger.info("kvlab: %s frees vLLM's KV blocks (%s)", cfg.method.name, cfg.log_line())
         why = cfg.adapter.prefix_cache_off()
         if why is not None:
@@ -194,9 +197,10 @@ class KVLabCPUWorker(CPUWorker):
         state.forget(scheduler_output.preempted_req_ids)
         state.forget(cached.resumed_req_ids)
         out = super().execute_model(scheduler_output)
-        if state.pending:
+        if state.pending or state.ranks.size > 1:  # every rank every step: the ranks agree inside
             with torch.inference_mode():
                 state.after_forward()
+        state.agree()
         return self._kvlab_attach(out)
 
     def sample_tokens(self, grammar_output: Any) -> Any:
@@ -208,6 +212,21 @@ class KVLabCPUWorker(CPUWorker):
             return out
         out = copy.copy(out)
         setattr(out, REPORT, state.take_report())
+        return out
+
+
+class TensorRanks(eviction.Ranks):
+    """The tensor-parallel ranks of this worker (vLLM's TP group, its CPU process group)."""
+
+    def __init__(self) -> None:
+        from vllm.distributed.parallel_state import get_tp_group
+
+        self.group = get_tp_group()
+        self.size, self.rank = self.group.world_size, self.group.rank_in_group
+
+    def gather(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.size
+        torch.distributed.all_gather_object(out, obj, group=self.group.cpu_group)
         return out
 
 

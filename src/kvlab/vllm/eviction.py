@@ -10,12 +10,20 @@ plan of each step, the work after each layer's attention and after the forward. 
 (:class:`Rows`), the compacted block table decode reads (:func:`compact_rows`), the step's plan
 (:class:`EvictStep`), one layer's call (:class:`LayerCall`), and the worker's records
 (:class:`WorkerState`), which the adapter reads and fills.
+
+**Two or more ranks** (tensor parallel): each rank's worker holds its own KV heads and makes its own choices
+over them, but vLLM's scheduler hears only the output rank and frees once for all. So the ranks agree
+(:class:`Ranks`): a choice whose page counts depend on scores reads every rank's scores (kv-compress's
+per-layer rates: the same counts as one rank), and each step's report is agreed before it is sent
+(:func:`agree_reports`): a request is reported only if every rank reported it, with the adapter's
+:meth:`~kvlab.vllm.methods.base.Adapter.agree` of the values (the pages no rank still reads).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +96,31 @@ class LayerCall:
     output: torch.Tensor  # [tokens, Hq * D], the kernel's
 
 
+class Ranks:
+    """The ranks of one model (tensor parallel) as the worker sees them: one, unless the engine says more."""
+
+    size = 1
+    rank = 0
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``obj`` from every rank, in rank order (every rank must call it, in the same order)."""
+        return [obj]
+
+
+def agree_reports(reports: list[dict[str, dict[int, Any]]], agree: Callable[[list[Any]], Any]
+                  ) -> dict[str, dict[int, Any]]:
+    """One report from every rank's: a request and group that every rank reported, its values agreed with
+    ``agree``; a request some rank did not report is left out (logged: its pages stay allocated)."""
+    first, out = reports[0], {}
+    for req in sorted(set().union(*reports)):
+        per_rank = [r.get(req) for r in reports]
+        if any(p is None or set(p) != set(first.get(req) or {}) for p in per_rank):
+            logger.warning("kvlab: the ranks did not all report request %s: its pages stay allocated", req)
+            continue
+        out[req] = {group: agree([p[group] for p in per_rank]) for group in per_rank[0]}
+    return out
+
+
 class WorkerState:
     """The worker's eviction records (one per worker process, held by ``kvlab.vllm.engine.KVLabCPUWorker``);
     the method's adapter reads and fills them.
@@ -107,6 +140,7 @@ class WorkerState:
         self.stash: dict[tuple[str, str], torch.Tensor] = {}
         self.pending: dict[str, dict[str, Any]] = {}
         self.failed: set[str] = set()
+        self.ranks = Ranks()  # the engine's (kvlab.vllm.engine) when tensor parallel
         self.num_layers = 0  # attention layers that must score a request before it is compressed
         self.group_of: dict[str, int] = {}  # layer name -> KV-cache group
         # diagnostic (KVLAB_VLLM_RECORD=1, tests): every compression's kept positions, by prompt length
@@ -147,6 +181,11 @@ class WorkerState:
 
     def after_forward(self) -> None:
         self.adapter.after_forward(self)
+
+    def agree(self) -> None:
+        """Replace this step's report by the one every rank agrees on (every rank calls it every step)."""
+        if self.ranks.size > 1:
+            self.report = agree_reports(self.ranks.gather(self.report), self.adapter.agree)
 
     def take_report(self) -> dict[str, dict[int, Any]]:
         report, self.report = self.report, {}

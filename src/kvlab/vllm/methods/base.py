@@ -11,9 +11,9 @@ subclass that has none of its own. An adapter answers, for one validated method 
 - its **role**: :data:`INERT` (vLLM as it is), :data:`ROUTES` (kvlab's attention backend picks the pages
   vLLM's kernel reads: :meth:`Adapter.step_plan`, :meth:`Adapter.routes_layer`, :meth:`Adapter.summaries`,
   :meth:`Adapter.select`) or :data:`EVICTS` (kvlab's worker and scheduler free vLLM's KV blocks:
-  :meth:`Adapter.free_range`, :meth:`Adapter.plan`, :meth:`Adapter.after_attention`,
-  :meth:`Adapter.after_forward`, and what the engine must be: :meth:`Adapter.prefix_cache_off`,
-  :meth:`Adapter.group_per_layer`).
+  :meth:`Adapter.free_range`, :meth:`Adapter.agree` (the ranks' reports made one), :meth:`Adapter.plan`,
+  :meth:`Adapter.after_attention`, :meth:`Adapter.after_forward`, and what the engine must be:
+  :meth:`Adapter.prefix_cache_off`, :meth:`Adapter.group_per_layer`).
 
 What runs is :func:`runnable` (every registered kvlab method whose class has an adapter); every other
 method is refused in one line with the reason of its family (:data:`WHY_NOT`).
@@ -145,6 +145,14 @@ class Adapter:
     def check_model(self, num_layers: int) -> None:
         """Checks against the served model (``kvlab serve``, before vLLM starts)."""
 
+    def check_ranks(self, ranks: int) -> None:
+        """Checks against ``ranks`` tensor-parallel ranks, each holding its own KV heads (``kvlab serve`` before
+        vLLM starts, and the engine)."""
+        name = self.method.name
+        check(ranks == 1 or not self.method.mixes_kv_heads,
+              f"{name} chooses from the attention of every KV head of a layer, and over {ranks} tensor-parallel "
+              f"ranks each rank holds only its own heads: serve {name} with --tensor-parallel-size 1")
+
     # ------------------------------------------------------------ what the engine must be
     def prefix_cache_off(self) -> str | None:
         """Why vLLM's prefix cache must be off (a verb phrase: "rewrites ..."), or ``None``: it may stay on."""
@@ -178,6 +186,11 @@ class Adapter:
         ``processed`` tokens are committed (``reported``: what the worker last reported of it, ``None`` before:
         kv-compress's kept pages, a held scorer's ``(kept pages, last compaction)``)."""
         return None
+
+    def agree(self, reported: list[Any]) -> Any:
+        """What every rank reported of one request and group, made one (tensor parallel): what frees only pages
+        no rank reads. Default: the most pages kept."""
+        return max(reported)
 
     def plan(self, state: WorkerState, rows: Rows, table: torch.Tensor, seq_lens: torch.Tensor, group: int
              ) -> tuple[EvictStep | None, torch.Tensor, torch.Tensor]:

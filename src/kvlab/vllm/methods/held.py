@@ -225,6 +225,10 @@ class HeldScorerAdapter(ScorerAdapter):
                 state.kept_log.append({"req": req, "steps": held.steps, "base": held.base,
                                        "kept": {i: lay.positions.tolist() for i, lay in held.layers.items()}})
 
+    def agree(self, reported: list[Any]) -> Any:
+        """The most kept pages and the earliest compaction: the pages between are free on every rank."""
+        return max(p for p, _ in reported), min(b for _, b in reported)
+
     def free_range(self, n: int, processed: int, reported: Any) -> tuple[int, int] | None:
         if reported is None:
             return None

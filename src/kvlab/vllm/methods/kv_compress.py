@@ -206,15 +206,22 @@ class PrefillEviction(Adapter):
         """Choose each pending request's kept tokens, move them into the request's first pages, and record
         and report the kept pages per KV-cache group."""
         pending, state.pending = state.pending, {}
+        scored: dict[str, list[Pending]] = {}
         for req, layers in pending.items():
             if req in state.failed:
                 continue
             if len(layers) != state.num_layers:
                 state.fail(req, f"{len(layers)} of {state.num_layers} layers scored it")
                 continue
-            items = sorted(layers.values(), key=lambda p: p.layer)
+            scored[req] = sorted(layers.values(), key=lambda p: p.layer)
+        every_rank = every_ranks_scores(state, scored)
+        for req, items in scored.items():
             n = items[0].n
-            counts = self.layer_pages([p.scores for p in items], n)
+            scores = every_rank.get(req)
+            if scores is None:
+                state.fail(req, "another rank could not score it")
+                continue
+            counts = self.layer_pages(scores, n)
             try:
                 keeps = [keep_per_head(p.scores, m, self.page_size) for p, m in zip(items, counts, strict=True)]
             except Exception as exc:
@@ -229,6 +236,18 @@ class PrefillEviction(Adapter):
             if state.kept_log is not None:
                 state.kept_log.append({"n": n, "pages": dict(record),
                                        "kept": {p.layer: keep.tolist() for p, keep in zip(items, keeps, strict=True)}})
+
+
+def every_ranks_scores(state: WorkerState, scored: dict[str, list[Pending]]) -> dict[str, list[torch.Tensor]]:
+    """Each scored request's scores per layer over every rank's KV heads (tensor parallel: each rank scored its
+    own), so that page counts that depend on scores are the same on every rank, and those of one rank; only
+    the requests every rank scored."""
+    mine = {req: [p.scores for p in items] for req, items in scored.items()}
+    if state.ranks.size == 1:
+        return mine
+    every = state.ranks.gather(mine)
+    return {req: [torch.cat(heads) for heads in zip(*(r[req] for r in every), strict=True)]
+            for req in mine if all(req in r for r in every)}
 
 
 # ---------------------------------------------------------------- kv-compress
