@@ -123,7 +123,22 @@ def test_what_each_adapter_asks_of_the_engine():
     assert routed.active and not routed.evicts and routed.adapter.routes_layer(2, 4)
     assert not routed.adapter.routes_layer(1, 4)  # dense_layers=2
     full = kvconfig.parse({"method": "full"}, 128)
-    assert not full.active and full.adapter.step_plan(torch.zeros(1, 1), torch.ones(1), 1) is None
+    assert not full.active and full.adapter.step_plan(torch.zeros(1, 1), torch.ones(1), 1, 2) is None
+
+
+def test_an_adapter_option_is_validated_and_carried_in_the_kvlab_entry():
+    """block-route's ``per_head`` is the adapter's, not the method's: checked, in the startup line, and in the
+    entry the workers parse again; per request (one group) unless given."""
+    plain = kvconfig.parse({"method": "block-route", "budget": 0.125}, 128)
+    assert plain.adapter.head_groups(2) == 1 and "per_head" not in plain.additional_config()["kvlab"]
+    heads = kvconfig.parse({"method": "block-route", "budget": 0.125, "per_head": True}, 128)
+    assert heads.adapter.head_groups(2) == 2 and heads.describe()["per_head"] is True
+    again = kvconfig.parse(heads.additional_config()["kvlab"], 128)
+    assert again.adapter.option == {"per_head": True} and again.method == heads.method
+    with pytest.raises(KVLabError, match="per_head takes a bool, got 'yes'"):
+        kvconfig.parse({"method": "block-route", "budget": 0.125, "per_head": "yes"}, 128)
+    with pytest.raises(KVLabError, match="has no parameter per_head"):
+        kvconfig.parse({"method": "streaming", "budget": 0.25, "per_head": True}, 128)
 
 
 def test_the_prefill_end_plan_with_and_without_observed_queries():

@@ -85,58 +85,70 @@ def test_summaries_from_written_keys_equal_a_recomputation(bounds):
         torch.testing.assert_close(s.view("ksum")[page, 0], torch.full((H, D), 5.0))
 
 
+@pytest.mark.parametrize("groups", [1, H])
 @pytest.mark.parametrize("score", ["centroid", "bound"])
-def test_selection_is_the_top_pages_by_brute_force_score_with_sink_and_newest(score):
+def test_selection_is_the_top_pages_by_brute_force_score_with_sink_and_newest(score, groups):
+    """One page list per request (scores summed over the KV heads) or one per KV head (``per_head``)."""
     lengths = [2000, 1100, 3000, 700]
     keys, table = paged_cache(lengths, seed=2)
     seq = torch.tensor(lengths, dtype=torch.int32)
     m = method(budget=0.25, score=score)
-    plan = plan_step(m, table, seq, num_decodes=len(lengths), page_size=PAGE, score_block=SB)
+    plan = plan_step(m, table, seq, num_decodes=len(lengths), page_size=PAGE, score_block=SB, head_groups=groups)
     assert plan is not None
     s = summarise(lengths, keys, table, bounds=score == "bound")
     query = torch.randn(len(lengths), H * G, D, generator=torch.Generator().manual_seed(3))
     physical, logical = select_pages(query, plan, s)
+    assert logical.shape[:2] == (len(lengths), groups)
+    differ = 0
     for r, n in enumerate(lengths):
         npages = -(-n // PAGE)
         k = int(plan.k[r])
         budget_pages = int(0.25 * n) // PAGE
         assert k == min(npages, max(budget_pages, 2))
-        chosen = logical[r, :k].tolist()
-        assert chosen == sorted(set(chosen)) and chosen[0] == 0 and chosen[-1] == npages - 1
-        # brute force: per sub-page score from the raw keys, max over a page's sub-pages, top k of the middle
-        q = query[r].view(H, G, D)
         kk = logical_keys(keys, table, r, n)
-        sub_scores = []
-        for j in range(-(-n // SB)):
-            chunk = kk[j * SB:(j + 1) * SB]  # [t, H, D]
-            if score == "centroid":
-                sub_scores.append(float((chunk.mean(0) * q.sum(1)).sum()))
-            else:
-                lo, hi = chunk.amin(0), chunk.amax(0)
-                sub_scores.append(float(torch.maximum(q * lo[:, None], q * hi[:, None]).sum()))
-        page_scores = [max(sub_scores[p * 4:(p + 1) * 4]) for p in range(npages)]
-        middle = sorted(range(1, npages - 1), key=lambda p: -page_scores[p])[: k - 2]
-        assert chosen == sorted([0, *middle, npages - 1])
-        assert physical[r, :k].tolist() == table[r, chosen].tolist()
+        for g in range(groups):
+            heads = slice(g * H // groups, (g + 1) * H // groups)
+            chosen = logical[r, g, :k].tolist()
+            assert chosen == sorted(set(chosen)) and chosen[0] == 0 and chosen[-1] == npages - 1
+            # brute force: per sub-page score from the raw keys of the group's heads, max over a page's
+            # sub-pages, top k of the middle
+            q = query[r].view(H, G, D)[heads]
+            sub_scores = []
+            for j in range(-(-n // SB)):
+                chunk = kk[j * SB:(j + 1) * SB, heads]  # [t, heads, D]
+                if score == "centroid":
+                    sub_scores.append(float((chunk.mean(0) * q.sum(1)).sum()))
+                else:
+                    lo, hi = chunk.amin(0), chunk.amax(0)
+                    sub_scores.append(float(torch.maximum(q * lo[:, None], q * hi[:, None]).sum()))
+            page_scores = [max(sub_scores[p * 4:(p + 1) * 4]) for p in range(npages)]
+            middle = sorted(range(1, npages - 1), key=lambda p: -page_scores[p])[: k - 2]
+            assert chosen == sorted([0, *middle, npages - 1])
+            assert physical[r, g, :k].tolist() == table[r, chosen].tolist()
+        differ += groups > 1 and logical[r, 0, :k].tolist() != logical[r, 1, :k].tolist()
         assert int(plan.seq_lens[r]) == (k - 1) * PAGE + (n - (npages - 1) * PAGE)
+    assert groups == 1 or differ > 0  # the heads chose apart
 
 
-def kvlab_selection(query, keys, table, lengths, plan, m, score):
+def kvlab_selection(query, keys, table, lengths, plan, m, score, groups=1):
     """kvlab's own block-route selection (:func:`kvlab.kernels.reference.block_select_ref`: row_block_scores,
-    forced_blocks, top_blocks) with one row per request over its KV heads, vLLM's semantics: the summaries of
-    its keys in logical order (key_summaries, as kvlab's BlockMeta makes them) and its queries laid out alike."""
-    nd, width = len(lengths), max(-(-n // PAGE) for n in lengths)
+    forced_blocks, top_blocks) with one row per request and group of KV heads (one group: all of them, vLLM's
+    per-request page list; ``H`` groups: kvlab's row per KV head), the summaries of its keys in logical order
+    (key_summaries, as kvlab's BlockMeta makes them) and its queries laid out alike: ``[nd, groups, width]``."""
+    nd, width, per = len(lengths), max(-(-n // PAGE) for n in lengths), H // groups
     units = []
     for r, n in enumerate(lengths):
-        k = torch.zeros(width * PAGE, H * D)
-        k[:n] = logical_keys(keys, table, r, n).reshape(n, H * D)
-        units.append(key_summaries(k.view(-1, SB, H * D), (torch.arange(width * PAGE) < n).view(-1, SB, 1)))
+        for g in range(groups):
+            k = torch.zeros(width * PAGE, per * D)
+            k[:n] = logical_keys(keys, table, r, n)[:, g * per:(g + 1) * per].reshape(n, per * D)
+            units.append(key_summaries(k.view(-1, SB, per * D), (torch.arange(width * PAGE) < n).view(-1, SB, 1)))
     centroids, kmin, kmax = (torch.stack(x) for x in zip(*units, strict=True))
     summaries = {"centroids": centroids} if score == "centroid" else {"kmin": kmin, "kmax": kmax}
-    q = query.view(nd, H, G, D).transpose(1, 2).reshape(nd, 1, G, H * D)
-    index, _ = block_select_ref(q, torch.tensor(lengths), plan.k, plan.keep.shape[1], PAGE, unit=SB,
-                                sink_blocks=m.sink_blocks, local_blocks=m.local_blocks, **summaries)
-    return index
+    q = query.view(nd * groups, per, G, D).transpose(1, 2).reshape(nd * groups, 1, G, per * D)
+    index, _ = block_select_ref(q, torch.tensor(lengths).repeat_interleave(groups), plan.k.repeat_interleave(groups),
+                                plan.keep.shape[1], PAGE, unit=SB, sink_blocks=m.sink_blocks,
+                                local_blocks=m.local_blocks, **summaries)
+    return index.view(nd, groups, -1)
 
 
 def tied_keys(keys, table, lengths):
@@ -150,8 +162,9 @@ def tied_keys(keys, table, lengths):
     return tied
 
 
+@pytest.mark.parametrize("groups", [1, H])
 @pytest.mark.parametrize("score", ["centroid", "bound"])
-def test_tied_pages_are_the_pages_kvlab_block_route_picks(score):
+def test_tied_pages_are_the_pages_kvlab_block_route_picks(score, groups):
     """Equal scores pick equal pages in both engines: with integer queries (of positive sum) and keys of
     0.25 and 0.5, tied pages score exactly alike and every budget cuts through a tie; vLLM's selection equals
     kvlab's, which breaks ties to the lowest page."""
@@ -162,12 +175,14 @@ def test_tied_pages_are_the_pages_kvlab_block_route_picks(score):
     query = query * torch.where(query.sum((1, 2)) < 0, -1.0, 1.0)[:, None, None]
     m = method(budget=0.5, score=score)
     plan = plan_step(m, table, torch.tensor(lengths, dtype=torch.int32), num_decodes=len(lengths), page_size=PAGE,
-                     score_block=SB)
+                     score_block=SB, head_groups=groups)
     _, logical = select_pages(query, plan, summarise(lengths, keys, table, bounds=score == "bound"))
-    kvlab = kvlab_selection(query, keys, table, lengths, plan, m, score)
-    chosen = [logical[r, :k].tolist() for r, k in enumerate(plan.k.tolist())]
-    assert chosen == [kvlab[r, :k].tolist() for r, k in enumerate(plan.k.tolist())]
-    assert chosen[:3] == [[0, 1, 2, 3, 4, 5, 15], [0, 1, 3, 8], [0, 1, 3, 5, 7, 9, 11, 13, 15, 17, 23]]
+    kvlab = kvlab_selection(query, keys, table, lengths, plan, m, score, groups)
+    for g in range(groups):
+        chosen = [logical[r, g, :k].tolist() for r, k in enumerate(plan.k.tolist())]
+        assert chosen == [kvlab[r, g, :k].tolist() for r, k in enumerate(plan.k.tolist())]
+        if groups == 1:
+            assert chosen[:3] == [[0, 1, 2, 3, 4, 5, 15], [0, 1, 3, 8], [0, 1, 3, 5, 7, 9, 11, 13, 15, 17, 23]]
 
 
 def test_compacted_table_keeps_prefill_rows_and_a_covering_budget_does_not_route():

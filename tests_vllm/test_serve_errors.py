@@ -47,6 +47,8 @@ def serve(*args: str):
     (["--method", "block-route", "--budget", "0.1", "--block-size", "48"], ["multiple of 32"]),
     (["--method", "block-route", "--budget", "0.1", "-p", "refresh=4"], ["refresh=4 is not supported"]),
     (["--method", "block-route", "--budget", "0.1", "-p", "colour=red"], ["has no parameter 'colour'"]),
+    (["--method", "block-route", "--budget", "0.1", "-p", "per_head=maybe"], ["per_head takes true or false"]),
+    (["--method", "streaming", "--budget", "0.1", "-p", "per_head=true"], ["has no parameter 'per_head'"]),
 ])
 def test_bad_method_configuration(args, words):
     message = serve(*args)

@@ -100,8 +100,9 @@ def test_h2o_on_two_ranks_holds_memory_and_gives_kvlabs_tokens(tiny_model, kvlab
 
 def test_block_route_on_two_ranks_selects_per_rank(tiny_model, vanilla_tokens):
     """Each rank routes over its own KV head: at a covering budget vanilla's tokens; at 1/4 every selection
-    keeps the sink, the newest page and the budget, and the two ranks choose different pages somewhere (one
-    rank summing both heads' scores would choose the same)."""
+    keeps the sink, the newest page and the budget, the two ranks choose different pages somewhere (one rank
+    summing both heads' scores would choose the same), and one rank with ``per_head`` chooses and reads the
+    same pages per head, giving the same tokens."""
     from kvlab.vllm.backend import recorded_selections, reset_records
 
     with bound_ranks():
@@ -114,7 +115,7 @@ def test_block_route_on_two_ranks_selects_per_rank(tiny_model, vanilla_tokens):
         llm = start_llm(tiny_model, {"method": "block-route", "budget": 0.25}, tensor_parallel_size=RANKS)
     try:
         llm.apply_model(reset_records)
-        greedy(llm, prompts(LENGTHS, seed=0))
+        tokens = greedy(llm, prompts(LENGTHS, seed=0))
         per_rank = llm.apply_model(recorded_selections)
     finally:
         stop_llm(llm)
@@ -126,6 +127,21 @@ def test_block_route_on_two_ranks_selects_per_rank(tiny_model, vanilla_tokens):
             assert pages[0] == 0 and pages[-1] == -(-n // 128) - 1
         differ += a["pages"] != b["pages"]
     assert differ > 0
+    # One rank choosing per KV head (one kernel call per head on its slice of the cache) reads what the two
+    # ranks read, each its one head: the same pages per head at every step, the same tokens.
+    llm = start_llm(tiny_model, {"method": "block-route", "budget": 0.25, "per_head": True})
+    try:
+        llm.apply_model(reset_records)
+        per_head_tokens = greedy(llm, prompts(LENGTHS, seed=0))
+        records = llm.apply_model(recorded_selections)[0]
+    finally:
+        stop_llm(llm)
+    def reads(recs, head=None):  # (layer, tokens of the request) -> pages: the steps batch differently per run
+        return {(r["layer"], n): pages if head is None else pages[head]
+                for r in recs for n, pages in zip(r["seq_lens"], r["pages"], strict=True)}
+
+    assert [reads(records, h) for h in range(RANKS)] == [reads(recs) for recs in per_rank]
+    assert per_head_tokens == tokens
 
 
 def test_agreed_reports_free_only_what_every_rank_frees():

@@ -58,6 +58,16 @@ def resolve_model(model: str) -> tuple[Path, str]:
     return path.resolve(), path.name
 
 
+def adapter_option(item: str, options: dict[str, Any]) -> tuple[str, Any]:
+    """``-p per_head=true`` for an option of the method's vLLM adapter: ``(name, typed value)``."""
+    name, raw = item.split("=", 1)
+    name = name.strip().replace("-", "_")
+    if isinstance(options[name], bool):
+        check(raw.lower() in ("true", "false", "1", "0"), f"{name} takes true or false, got {raw!r}")
+        return name, raw.lower() in ("true", "1")
+    return name, type(options[name])(raw)
+
+
 def model_facts(directory: Path) -> dict[str, Any]:
     """The few config.json fields serve checks: layers, context limit, sliding window."""
     try:
@@ -75,8 +85,11 @@ def kvlab_section(method: str, params: list[str] | None, budget: float | None, r
     from kvlab.vllm import config as kvconfig
     from kvlab.vllm.methods import adapter_named
 
-    adapter_named(method)  # one line: unknown, or not runnable inside vLLM
-    values = parse_method_params(method, params, budget=budget, ratio=ratio, budget_tokens=budget_tokens)
+    options = adapter_named(method).options  # one line: unknown, or not runnable inside vLLM
+    own = [p for p in params or [] if p.split("=", 1)[0].strip().replace("-", "_") in options]
+    values = parse_method_params(method, [p for p in params or [] if p not in own], budget=budget, ratio=ratio,
+                                 budget_tokens=budget_tokens)
+    values.update(adapter_option(p, options) for p in own)
     cfg = kvconfig.parse({"method": method, **values}, page_size)
     if cfg.active and directory is not None:
         facts = model_facts(directory)

@@ -101,12 +101,13 @@ class KVLabPlanMixin:
                   f"kvlab block-route reads keys to score pages: --kv-cache-dtype must be auto, "
                   f"got {vllm_config.cache_config.cache_dtype}")
 
-    def _kvlab_plan(self, common: Any, block_table: torch.Tensor, seq_lens: torch.Tensor) -> StepPlan | None:
+    def _kvlab_plan(self, common: Any, block_table: torch.Tensor, seq_lens: torch.Tensor, kv_heads: int
+                    ) -> StepPlan | None:
         if self.kvlab is None or self.kvlab.adapter.role != ROUTES:
             return None
         num_decodes, _, _, _ = split_decodes_and_prefills(common, decode_threshold=1)
         reqs = common.num_reqs
-        return self.kvlab.adapter.step_plan(block_table[:reqs], seq_lens[:reqs], num_decodes)
+        return self.kvlab.adapter.step_plan(block_table[:reqs], seq_lens[:reqs], num_decodes, kv_heads)
 
 
 class KVLabCPUMetadataBuilder(KVLabPlanMixin, CPUAttentionMetadataBuilder):
@@ -131,14 +132,16 @@ class KVLabCPUMetadataBuilder(KVLabPlanMixin, CPUAttentionMetadataBuilder):
             return self._kvlab_build_eviction(common_prefix_len, common_attn_metadata, fast_build)
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
         plan = self._kvlab_plan(common_attn_metadata, common_attn_metadata.block_table_tensor,
-                                common_attn_metadata.seq_lens)
+                                common_attn_metadata.seq_lens, self.num_kv_heads)
         if plan is None:
             return md
         from vllm import _custom_ops as ops
         from vllm import envs
 
+        groups = plan.head_groups  # one kernel call per group of KV heads, on its slice of the cache
         sched = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=common_attn_metadata.num_reqs, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            num_reqs=common_attn_metadata.num_reqs, num_heads=self.num_heads // groups,
+            num_kv_heads=self.num_kv_heads // groups,
             head_dim=self.head_dim, seq_lens=plan.seq_lens, dtype=self.dtype, query_start_loc=md.query_start_loc,
             causal=md.causal, sliding_window_size=self.window_size, isa=self.isa,
             enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=md.dynamic_causal,
@@ -200,18 +203,21 @@ class KVLabImplMixin:
                                                                 kv_cache.device, key.dtype)
         self.kvlab_summaries.update(key[: slot_mapping.shape[0]], slot_mapping)
 
-    def _kvlab_metadata(self, query: torch.Tensor, md: Any) -> Any:
-        """``md`` with this layer's compacted pages for the step's decode requests."""
+    def _kvlab_metadata(self, query: torch.Tensor, md: Any) -> list[Any]:
+        """``md`` with this layer's compacted pages for the step's decode requests, one per group of KV heads
+        (``plan.head_groups``: the group's kernel call reads its slice of the query heads and the cache)."""
         plan: StepPlan = md.kvlab_plan
         nd = plan.num_decodes
         physical, logical = self.kvlab.adapter.select(query[:nd], plan, self.kvlab_summaries)
         if self.kvlab_selections is not None:
+            k = plan.k.tolist()
+            per_group = [[row[:n] for row in rows] for rows, n in zip(logical.tolist(), k, strict=True)]
             self.kvlab_selections.append({
                 "layer": self.kvlab_layer, "requests": int(md.query_start_loc.shape[0] - 1),
-                "seq_lens": md.seq_lens[:nd].tolist(), "k": plan.k.tolist(),
-                "read_seq_lens": plan.seq_lens[:nd].tolist(),
-                "pages": [row[:k] for row, k in zip(logical.tolist(), plan.k.tolist(), strict=True)]})
-        return self._kvlab_replace(md, compact_block_table(md.block_table, physical), plan)
+                "seq_lens": md.seq_lens[:nd].tolist(), "k": k, "read_seq_lens": plan.seq_lens[:nd].tolist(),
+                "pages": [rows[0] for rows in per_group] if plan.head_groups == 1 else per_group})
+        return [self._kvlab_replace(md, compact_block_table(md.block_table, physical[:, g]), plan)
+                for g in range(plan.head_groups)]
 
     def _kvlab_replace(self, md: Any, table: torch.Tensor, plan: StepPlan) -> Any:
         return dataclasses.replace(md, block_table=table, seq_lens=plan.seq_lens,
@@ -230,12 +236,29 @@ class KVLabCPUAttentionImpl(KVLabImplMixin, CPUAttentionBackendImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         if isinstance(attn_metadata, KVLabCPUMetadata) and self._kvlab_routes(layer):
-            attn_metadata = self._kvlab_metadata(query, attn_metadata)
+            reads = self._kvlab_metadata(query, attn_metadata)
+            if len(reads) > 1:
+                return self._kvlab_per_group(layer, query, key, value, kv_cache, reads, output)
+            attn_metadata = reads[0]
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                               output_block_scale)
         if isinstance(attn_metadata, KVLabCPUMetadata) and attn_metadata.kvlab_evict is not None:
             self._kvlab_evict(layer, query, kv_cache, attn_metadata, out)
         return out
+
+    def _kvlab_per_group(self, layer, query, key, value, kv_cache, reads, output) -> torch.Tensor:
+        """vLLM's kernel once per group of KV heads, each on its slices of the query heads and the cache (the
+        kernel reads a strided head slice as it is) with the group's own block table."""
+        groups, tokens = len(reads), query.shape[0]
+        hq, hk = query.shape[1] // groups, kv_cache.shape[1] // groups
+        out = output.view(tokens, query.shape[1], -1)
+        part = torch.empty((tokens, hq * out.shape[2]) if output.dim() == 2 else (tokens, hq, out.shape[2]),
+                           dtype=output.dtype, device=output.device)
+        for g, md in enumerate(reads):
+            super().forward(layer, query[:, g * hq:(g + 1) * hq].contiguous(), key, value,
+                            kv_cache[:, g * hk:(g + 1) * hk], md, part)
+            out[:, g * hq:(g + 1) * hq] = part.view(tokens, hq, -1)
+        return output
 
     def _kvlab_evict(self, layer, query, kv_cache, md, out) -> None:
         """After vLLM's kernel: the method's adapter reads the layer's call (streaming rows attend over their
@@ -286,13 +309,16 @@ def _triton_classes() -> tuple[type, type, type]:
         def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
             super().__init__(kv_cache_spec, layer_names, vllm_config, device)
             self._kvlab_init(vllm_config)
+            check(self.kvlab is None or self.kvlab.adapter.head_groups(self.num_heads_kv) == 1,
+                  "block-route per_head=true runs on vLLM's CPU backend; on CUDA pages are chosen per request")
 
         def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
             md = super().build(common_prefix_len, common_attn_metadata, fast_build)
             reqs = common_attn_metadata.num_reqs
             table = common_attn_metadata.block_table_tensor[:reqs]
             # One host copy of the step's lengths and pages, not one per layer.
-            plan = self._kvlab_plan(common_attn_metadata, table.cpu(), common_attn_metadata.seq_lens[:reqs].cpu())
+            plan = self._kvlab_plan(common_attn_metadata, table.cpu(), common_attn_metadata.seq_lens[:reqs].cpu(),
+                                    self.num_heads_kv)
             if plan is None:
                 return md
             device = table.device
@@ -317,7 +343,7 @@ def _triton_classes() -> tuple[type, type, type]:
         def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                     output_block_scale=None):
             if isinstance(attn_metadata, KVLabTritonMetadata) and self._kvlab_routes(layer):
-                attn_metadata = self._kvlab_metadata(query, attn_metadata)
+                attn_metadata = self._kvlab_metadata(query, attn_metadata)[0]
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
 

@@ -72,7 +72,8 @@ class ServeConfig:
         defaults = {f.name: f.default for f in self.method.parameters()}
         body = {k: v for k, v in params.items() if v != defaults[k] or k in self.adapter.defaults}
         body.pop("block_size", None)
-        return {CONFIG_KEY: {"method": self.method.name, **body}}
+        options = {k: v for k, v in self.adapter.option.items() if v != self.adapter.options[k]}
+        return {CONFIG_KEY: {"method": self.method.name, **body, **options}}
 
 
 def parse(section: Any, page_size: int) -> ServeConfig:

@@ -57,10 +57,11 @@ class StepPlan:
     keep: torch.Tensor
     k: torch.Tensor
     seq_lens: torch.Tensor
+    head_groups: int = 1  # pages chosen per group of KV heads: 1 (one list a request) or every KV head its own
 
 
 def plan_step(method: BlockRoute, block_table: torch.Tensor, seq_lens: torch.Tensor, num_decodes: int,
-              page_size: int, score_block: int) -> StepPlan | None:
+              page_size: int, score_block: int, head_groups: int = 1) -> StepPlan | None:
     """The plan of one step for ``block-route`` (``method``: a validated :class:`BlockRoute` whose
     ``block_size`` is the page size), or ``None`` when no decode request reads less than everything (vLLM's
     own call then runs unchanged).
@@ -93,7 +94,8 @@ def plan_step(method: BlockRoute, block_table: torch.Tensor, seq_lens: torch.Ten
         forced=forced,
         keep=torch.arange(int(k.max()))[None, :] < k[:, None],
         k=k,
-        seq_lens=compact)
+        seq_lens=compact,
+        head_groups=head_groups)
 
 
 class PageSummaries:
@@ -128,15 +130,20 @@ class PageSummaries:
         t = getattr(self, name)[:-1]
         return t.view(self.num_blocks, self.r, *t.shape[1:])
 
-    def rows(self, pages: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The summaries of the sub-pages of ``pages`` ``[rows, P]`` (physical ids), one row per request over
-        all KV heads, as :func:`kvlab.kernels.reference.row_block_scores` takes them: ``centroids`` (the key
-        sum over the count) or ``kmin``/``kmax``, each ``[rows, P * R, H * D]``."""
+    def rows(self, pages: torch.Tensor, groups: int = 1) -> dict[str, torch.Tensor]:
+        """The summaries of the sub-pages of ``pages`` ``[rows, P]`` (physical ids), one row per request and
+        group of ``H / groups`` KV heads (request-major), as :func:`kvlab.kernels.reference.row_block_scores`
+        takes them: ``centroids`` (the key sum over the count) or ``kmin``/``kmax``, each
+        ``[rows * groups, P * R, H / groups * D]``."""
         rows, width = pages.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(rows, width * self.r, groups, -1).transpose(1, 2).reshape(rows * groups, width * self.r, -1)
+
         if self.bounds:
-            return {name: self.view(name)[pages].view(rows, width * self.r, -1) for name in ("kmin", "kmax")}
+            return {name: split(self.view(name)[pages]) for name in ("kmin", "kmax")}
         count = self.view("count")[pages].clamp(min=1)[..., None, None]
-        return {"centroids": self.view("ksum")[pages].div_(count).view(rows, width * self.r, -1)}
+        return {"centroids": split(self.view("ksum")[pages].div_(count))}
 
     def tokens(self) -> torch.Tensor:
         """``[num_blocks]``: tokens summarised in each physical page."""
@@ -180,34 +187,42 @@ class PageSummaries:
 
 
 def select_pages(query: torch.Tensor, plan: StepPlan, summaries: PageSummaries) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pages each decode request reads at this layer: ``(physical ids int32, logical indices)``, both
-    ``[nd, kmax]`` in logical order; a request with budget ``k`` uses its first ``k`` entries (past them the
-    logical indices are -1 and the physical ids its first page, never read).
+    """The pages each decode request reads at this layer, per group of its KV heads (``plan.head_groups``:
+    1, one list for every head, or one per KV head): ``(physical ids int32, logical indices)``, both
+    ``[nd, groups, kmax]`` in logical order; a request with budget ``k`` uses its first ``k`` entries (past
+    them the logical indices are -1 and the physical ids its first page, never read).
 
     ``query``: ``[nd, H_q, D]``, the decode queries of the routed requests. kvlab's block-route selection
     on one row per request (:func:`kvlab.kernels.reference.block_select_ref`'s steps):
     :func:`~kvlab.kernels.reference.row_block_scores`, then :func:`~kvlab.kernels.selection.top_blocks` with
     the plan's forced pages -- ties to the lowest page. Device work only: no value is read back.
     """
-    device = query.device
-    pages = plan.pages.to(device)
-    keep = plan.keep.to(device)
+    device, groups = query.device, plan.head_groups
+    nd = query.shape[0]
+
+    def per_row(t: torch.Tensor) -> torch.Tensor:  # one row per request and head group
+        return t.to(device).repeat_interleave(groups, 0)
+
+    pages = per_row(plan.pages)
+    keep = per_row(plan.keep)
     # row_block_scores keeps sub-page j iff j * score_block < length: the sub-pages that hold tokens
-    lengths = plan.sub_valid.to(device).sum(1) * summaries.score_block
-    scores = row_block_scores(request_rows(query, summaries.kv_heads), lengths, summaries.page_size,
-                              unit=summaries.score_block, **summaries.rows(pages))
-    logical = top_blocks(scores, plan.page_valid.to(device).sum(1), keep.sum(1), keep.shape[1],
-                         plan.forced.to(device))
-    return pages.gather(1, logical.clamp(min=0)).to(torch.int32), logical
+    lengths = per_row(plan.sub_valid).sum(1) * summaries.score_block
+    scores = row_block_scores(request_rows(query, summaries.kv_heads, groups), lengths, summaries.page_size,
+                              unit=summaries.score_block, **summaries.rows(plan.pages.to(device), groups))
+    logical = top_blocks(scores, per_row(plan.page_valid).sum(1), keep.sum(1), keep.shape[1], per_row(plan.forced))
+    physical = pages.gather(1, logical.clamp(min=0)).to(torch.int32)
+    return physical.view(nd, groups, -1), logical.view(nd, groups, -1)
 
 
-def request_rows(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """``[nd, H_q, D]`` -> ``[nd, 1, G, H_kv * D]``: each request's queries as one GQA row over all KV heads
-    (query head ``h * G + g`` serves KV head ``h``, as :func:`kvlab.attention.gqa.group_queries`), so a
-    row's score sums the group's query heads and the KV heads."""
+def request_rows(query: torch.Tensor, kv_heads: int, groups: int = 1) -> torch.Tensor:
+    """``[nd, H_q, D]`` -> ``[nd * groups, 1, G, H_kv / groups * D]``: each request's queries as one GQA row
+    per group of KV heads (query head ``h * G + g`` serves KV head ``h``, as
+    :func:`kvlab.attention.gqa.group_queries`), so a row's score sums the group's query heads and its KV
+    heads."""
     nd, hq, d = query.shape
     g = hq // kv_heads
-    return query.view(nd, kv_heads, g, d).transpose(1, 2).reshape(nd, 1, g, kv_heads * d)
+    per = kv_heads // groups
+    return query.view(nd, groups, per, g, d).transpose(2, 3).reshape(nd * groups, 1, g, per * d)
 
 
 def compact_block_table(block_table: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:

@@ -109,9 +109,11 @@ class Adapter:
     role: ClassVar[str] = INERT
     defaults: ClassVar[dict[str, Any]] = {}  # parameter -> its value inside vLLM unless the user gives one
     fixed: ClassVar[dict[str, Any]] = {}  # parameter -> the only value vLLM runs
+    options: ClassVar[dict[str, Any]] = {}  # the adapter's own parameters (how vLLM runs it) -> their defaults
 
-    def __init__(self, method: Method, page_size: int) -> None:
+    def __init__(self, method: Method, page_size: int, options: dict[str, Any] | None = None) -> None:
         self.method, self.page_size = method, page_size
+        self.option = {**self.options, **(options or {})}
 
     @classmethod
     def why_not(cls, method_cls: type[Method]) -> str | None:
@@ -123,10 +125,15 @@ class Adapter:
     @classmethod
     def configure(cls, name: str, section: dict[str, Any], page_size: int) -> Adapter:
         """Validate the user's parameters (the ``"kvlab"`` entry less ``method``) and make the method."""
+        section = dict(section)
         for key, only in cls.fixed.items():
             if key in section:
                 check(section[key] == only, f"{key}={section[key]!r} is not supported inside vLLM (only {only!r})")
-        made = cls(make_method(name, **cls.params(dict(section), page_size)), page_size)
+        options = {key: section.pop(key) for key in list(section) if key in cls.options}
+        for key, value in options.items():
+            kind = type(cls.options[key])
+            check(type(value) is kind, f"{key} takes a {kind.__name__}, got {value!r}")
+        made = cls(make_method(name, **cls.params(section, page_size)), page_size, options)
         made.validate()
         return made
 
@@ -163,9 +170,15 @@ class Adapter:
         return None
 
     # ------------------------------------------------------------ ROUTES: kvlab.vllm.backend
-    def step_plan(self, block_table: torch.Tensor, seq_lens: torch.Tensor, num_decodes: int) -> Any | None:
-        """The host plan of one engine step (the first ``num_decodes`` rows decode), or ``None``: vLLM's call."""
+    def step_plan(self, block_table: torch.Tensor, seq_lens: torch.Tensor, num_decodes: int, kv_heads: int
+                  ) -> Any | None:
+        """The host plan of one engine step (the first ``num_decodes`` rows decode; ``kv_heads`` in this
+        rank's cache), or ``None``: vLLM's call."""
         return None
+
+    def head_groups(self, kv_heads: int) -> int:
+        """Groups of KV heads that read their own pages (one kernel call each): 1, or ``kv_heads``."""
+        return 1
 
     def routes_layer(self, layer: int, num_layers: int) -> bool:
         """Whether layer ``layer`` of ``num_layers`` reads part of the cache."""

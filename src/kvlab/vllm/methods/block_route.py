@@ -27,6 +27,9 @@ class BlockRouteAdapter(Adapter):
     # bound found 4 of 4 keys, the centroid 2).
     defaults = {"local_blocks": 1, "score_block": 16, "score": "bound"}
     fixed = {"refresh": 1, "record_recall": False}
+    # per_head: every KV head chooses its own pages (one kernel call per KV head, on its slice of the cache),
+    # as kvlab's own block-route does; false: one page list per request and layer, scores summed over heads.
+    options = {"per_head": False}
 
     @classmethod
     def params(cls, section: dict[str, Any], page_size: int) -> dict[str, Any]:
@@ -49,13 +52,18 @@ class BlockRouteAdapter(Adapter):
     def describe(self) -> dict[str, Any]:
         m = self.method
         return {"score": m.score, "score_block": m._sub, "sink_blocks": m.sink_blocks, "local_blocks": m.local_blocks,
-                "dense_layers": m.dense_layers}
+                "dense_layers": m.dense_layers, "per_head": self.option["per_head"]}
 
     def check_model(self, num_layers: int) -> None:
         self.method.resolve_dense_layers(num_layers)
 
-    def step_plan(self, block_table: torch.Tensor, seq_lens: torch.Tensor, num_decodes: int) -> StepPlan | None:
-        return plan_step(self.method, block_table, seq_lens, num_decodes, self.page_size, self.method._sub)
+    def head_groups(self, kv_heads: int) -> int:
+        return kv_heads if self.option["per_head"] else 1
+
+    def step_plan(self, block_table: torch.Tensor, seq_lens: torch.Tensor, num_decodes: int, kv_heads: int
+                  ) -> StepPlan | None:
+        return plan_step(self.method, block_table, seq_lens, num_decodes, self.page_size, self.method._sub,
+                         self.head_groups(kv_heads))
 
     def routes_layer(self, layer: int, num_layers: int) -> bool:
         return layer not in self.method.resolve_dense_layers(num_layers)
