@@ -173,6 +173,7 @@ def test_leaderboard_agreement_and_plot_from_cells(tmp_path):
     (["--length", "200000"], "--length must be in 1024..131072"),
     (["--method", "nope"], "unknown method 'nope'"),
     (["--model", "no-such-model"], "neither a built-in model"),
+    (["--method", "snapkv", "-p", "per_head=true"], "--param is the vllm engine's"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(args, message, tmp_path):
     out = tmp_path / "out"
@@ -202,3 +203,11 @@ def test_the_command_tables_a_run_and_resumes(tmp_path, samples, model_dir, monk
     monkeypatch.setattr(ruler, "prefill", lambda *a, **k: pytest.fail("a cached cell was run again"))
     again = CliRunner().invoke(app, argv)
     assert again.exit_code == 0 and json.loads(again.stdout)["leaderboard"] == data["leaderboard"]
+
+
+def test_the_vllm_engine_serves_each_method_with_its_params():
+    from kvlab.experiments.ruler_vllm import serve_argv
+
+    argv = serve_argv("m", "block-route", 0.875, 1, 4200, "float32", ["per_head=true"])
+    assert argv[argv.index("--ratio") + 1] == "0.875" and argv[argv.index("-p") + 1] == "per_head=true"
+    assert "-p" not in serve_argv("m", "full", 0.0, 1, 4200, "float32")

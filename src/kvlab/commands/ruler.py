@@ -74,6 +74,9 @@ def register(eval_app: typer.Typer) -> None:
             "--max-new-tokens", help="cap on the answer's tokens (default: each task's own max_gen_toks)")] = None,
         dtype: Annotated[str, typer.Option(help="vllm engine: the server's dtype (kvlab's engine runs float32)")] =
             "float32",
+        param: Annotated[list[str] | None, typer.Option(
+            "--param", "-p", help="vllm engine: NAME=VALUE given to every method's server (kvlab serve -p; the "
+                                  "method's row is named with it)")] = None,
         out: Annotated[Path, typer.Option(help="directory: samples, one file per cell (resume), ruler.json, "
                                                "report.md, ruler.png; every engine's cells in it are tabled")] = Path(
             "kvlab-ruler"),
@@ -90,6 +93,8 @@ def register(eval_app: typer.Typer) -> None:
         check(1024 <= length <= 131072, f"--length must be in 1024..131072 (RULER's lengths), got {length}")
         check(max_new_tokens is None or max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         check(dtype in DTYPES, f"unknown --dtype {dtype!r}; allowed: {', '.join(DTYPES)}")  # kvlab serve's
+        check(engine == "vllm" or not param, "--param is the vllm engine's (the kvlab engine takes a preset name as "
+                                             "--method)")
         ratios = ratios_of(ratio, budget)
         modes = list(dict.fromkeys(mode or ruler.MODES))
         for m in modes:
@@ -97,6 +102,11 @@ def register(eval_app: typer.Typer) -> None:
         check(engine == "kvlab" or mode is None, "--mode is the kvlab engine's: vllm answers question-aware, kvpress "
                                                  "question-agnostic")
         methods = engine_methods(engine, method)
+        if param:
+            from kvlab.commands.serve import kvlab_section
+
+            for m in (m for m in methods if m != "full"):  # one line: a parameter a method does not take
+                kvlab_section(m, param, None, 0.5, None, 128)
         directory, served_name = _model_dir(model)
         _check_length(directory, model, length)
         claim_out_dir(out, served_name, "ruler")
@@ -108,7 +118,8 @@ def register(eval_app: typer.Typer) -> None:
         if engine == "vllm":
             from kvlab.experiments.ruler_vllm import run_vllm
 
-            run_vllm(str(directory), served_name, data, runs, cells, length, max_new_tokens, dtype, log_dir=out)
+            run_vllm(str(directory), served_name, data, runs, cells, length, max_new_tokens, dtype, log_dir=out,
+                     params=param or [])
         else:
             import kvlab
 

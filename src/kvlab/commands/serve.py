@@ -361,6 +361,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             "--new-tokens", help="tokens decoded per sequence (default 32; 128 with --throughput)")] = None,
         param: ParamOpt = None,
         dtype: DtypeOpt = "bfloat16",
+        block_size: Annotated[int, typer.Option("--block-size", help="vLLM's page size in tokens, both engines "
+                                                                     "(block-route bench; 32, 64, 128 or 256)")] = 128,
         kv_cache_gib: Annotated[int | None, typer.Option(
             "--kv-cache-gib", help="vLLM's KV pool (whole GiB; default 4; with --throughput the least that holds "
                                    "--kv-blocks, at least 1)")] = None,
@@ -425,11 +427,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                                      "--budget or --ratio")
         budget = one_budget(budget, ratio, None)
         cases = bench.parse_cases(contexts)
-        section = kvlab_section("block-route", param, budget, None, None, 128)
+        section = kvlab_section("block-route", param, budget, None, None, block_size)
         require_vllm()
         directory, served = resolve_model(model)
-        section = kvlab_section("block-route", param, budget, None, None, 128, directory)
+        section = kvlab_section("block-route", param, budget, None, None, block_size, directory)
         check(new_tokens >= 2, f"--new-tokens must be >= 2 (decode speed needs two tokens), got {new_tokens}")
         result = bench.run(directory, served, section, cases, new_tokens=new_tokens, dtype=dtype,
-                           kv_cache_gib=kv_cache_gib)
+                           kv_cache_gib=kv_cache_gib, page_size=block_size)
         emit_result(result, bench.table_rows(result), bench.title(result), out, as_json)

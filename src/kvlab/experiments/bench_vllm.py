@@ -68,21 +68,21 @@ def build_prompts(tokenizer: Any, cases: list[tuple[int, int]], max_len: int, ne
     return out
 
 
-def _engine(directory: Path, section: dict[str, Any], dtype: str, max_len: int) -> Any:
+def _engine(directory: Path, section: dict[str, Any], dtype: str, max_len: int, page_size: int = 128) -> Any:
     from vllm import LLM
 
-    return LLM(model=str(directory), dtype=dtype, max_model_len=max_len, block_size=128, additional_config=section,
-               enable_prefix_caching=True, disable_log_stats=False, max_num_seqs=8, seed=0)
+    return LLM(model=str(directory), dtype=dtype, max_model_len=max_len, block_size=page_size,
+               additional_config=section, enable_prefix_caching=True, disable_log_stats=False, max_num_seqs=8, seed=0)
 
 
 def run_engine(directory: Path, section: dict[str, Any], prompts: dict, cases: list[tuple[int, int]],
-               new_tokens: int, dtype: str, max_len: int) -> list[dict[str, Any]]:
+               new_tokens: int, dtype: str, max_len: int, page_size: int = 128) -> list[dict[str, Any]]:
     """One engine, every case: prefill (cached), then ``new_tokens`` greedy tokens per sequence."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     start = time.perf_counter()
-    llm = _engine(directory, section, dtype, max_len)
+    llm = _engine(directory, section, dtype, max_len, page_size)
     startup = time.perf_counter() - start
     rows = []
     try:
@@ -112,8 +112,9 @@ def run_engine(directory: Path, section: dict[str, Any], prompts: dict, cases: l
 
 
 def run(directory: Path, served: str, section: dict[str, Any], cases: list[tuple[int, int]], new_tokens: int = 32,
-        dtype: str = "bfloat16", kv_cache_gib: int = 4) -> dict[str, Any]:
-    """Both engines over every case; the result holds both row sets and their speed ratios."""
+        dtype: str = "bfloat16", kv_cache_gib: int = 4, page_size: int = 128) -> dict[str, Any]:
+    """Both engines over every case, both on ``page_size``-token pages; the result holds both row sets and
+    their speed ratios."""
     from transformers import AutoTokenizer
 
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
@@ -123,8 +124,9 @@ def run(directory: Path, served: str, section: dict[str, Any], cases: list[tuple
     max_len = int(config.get("max_position_embeddings", 32768))
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     prompts = build_prompts(tokenizer, cases, max_len, new_tokens)
-    vanilla = run_engine(directory, {"kvlab": {"method": "full"}}, prompts, cases, new_tokens, dtype, max_len)
-    routed = run_engine(directory, section, prompts, cases, new_tokens, dtype, max_len)
+    vanilla = run_engine(directory, {"kvlab": {"method": "full"}}, prompts, cases, new_tokens, dtype, max_len,
+                         page_size)
+    routed = run_engine(directory, section, prompts, cases, new_tokens, dtype, max_len, page_size)
     rows = []
     for v, r in zip(vanilla, routed, strict=True):
         rows.append({"context": v["context"], "prompt_tokens": v["prompt_tokens"], "batch": v["batch"],
@@ -135,7 +137,7 @@ def run(directory: Path, served: str, section: dict[str, Any], cases: list[tuple
     import vllm
 
     return {"model": served, "dtype": dtype, "machine": describe(), "vllm": vllm.__version__,
-            "kvlab": section["kvlab"], "new_tokens": new_tokens, "kv_cache_gib": kv_cache_gib,
+            "kvlab": section["kvlab"], "new_tokens": new_tokens, "kv_cache_gib": kv_cache_gib, "page_size": page_size,
             "engine_startup_s": {"vanilla": vanilla[0]["startup_s"], "block_route": routed[0]["startup_s"]},
             "rows": rows}
 
@@ -150,4 +152,4 @@ def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 def title(result: dict[str, Any]) -> str:
     budget = result["kvlab"].get("budget")
     return (f"vLLM {result['vllm']} decode tok/s per sequence · {result['model']} {result['dtype']} · block-route "
-            f"budget {budget} · {result['machine']}")
+            f"budget {budget} · pages of {result.get('page_size', 128)} · {result['machine']}")
