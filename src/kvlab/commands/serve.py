@@ -187,9 +187,7 @@ def eviction_argv(section: dict[str, Any], page_size: int, extra: list[str]) -> 
     check_eviction_version()
     for option in ("--worker-cls", "--scheduler-cls"):
         check(_flag(extra, option) is None, f"{name} runs with kvlab's own {option}; do not pass {option}")
-    ranks = _flag(extra, "--tensor-parallel-size", "-tp")
-    if ranks is not None and ranks.isdigit():
-        cfg.adapter.check_ranks(int(ranks))
+    cfg.adapter.check_ranks(tensor_ranks(extra))
     value = _flag(extra, "--pipeline-parallel-size", "-pp")
     check(value in (None, "1"), f"{name} inside vLLM runs with pipeline parallel size 1 (tensor parallel is "
                                 f"served), got {value}")
@@ -253,20 +251,27 @@ def check_pool(directory: Path, served_name: str, max_model_len: int | None, dty
                             "raise --kv-cache-gib (or --num-gpu-blocks-override) or lower --max-model-len")
 
 
+def tensor_ranks(extra: list[str]) -> int:
+    """``--tensor-parallel-size`` (or ``-tp``) among vLLM's options, 1 when absent; one line when not a number."""
+    value = _flag(extra, "--tensor-parallel-size", "-tp")
+    if value is None:
+        return 1
+    check(value.isdigit() and int(value) >= 1, f"--tensor-parallel-size must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
 def bind_ranks(extra: list[str]) -> None:
     """``--tensor-parallel-size N`` on vLLM's CPU build: one line when this machine has fewer cores than ranks,
     and, unless ``VLLM_CPU_OMP_THREADS_BIND`` says otherwise, each rank bound to its share of the cores (vLLM
     binds ranks by NUMA node and refuses more ranks than nodes, in a traceback)."""
     import os
 
-    value = _flag(extra, "--tensor-parallel-size", "-tp")
-    if value is None:
+    ranks = tensor_ranks(extra)
+    if ranks == 1:
         return
-    check(value.isdigit() and int(value) >= 1, f"--tensor-parallel-size must be a whole number >= 1, got {value!r}")
-    ranks = int(value)
     from vllm.platforms import current_platform
 
-    if ranks == 1 or not current_platform.is_cpu() or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+    if not current_platform.is_cpu() or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
         return
     cores = sorted(os.sched_getaffinity(0))
     check(len(cores) >= ranks, f"--tensor-parallel-size {ranks} needs a core per rank on vLLM's CPU build; this "

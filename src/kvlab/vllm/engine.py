@@ -222,7 +222,7 @@ class TensorRanks(eviction.Ranks):
         from vllm.distributed.parallel_state import get_tp_group
 
         self.group = get_tp_group()
-        self.size, self.rank = self.group.world_size, self.group.rank_in_group
+        self.size = self.group.world_size
 
     def gather(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.size

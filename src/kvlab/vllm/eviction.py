@@ -100,7 +100,6 @@ class Ranks:
     """The ranks of one model (tensor parallel) as the worker sees them: one, unless the engine says more."""
 
     size = 1
-    rank = 0
 
     def gather(self, obj: Any) -> list[Any]:
         """``obj`` from every rank, in rank order (every rank must call it, in the same order)."""
