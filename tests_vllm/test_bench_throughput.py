@@ -169,3 +169,30 @@ def test_a_method_with_a_block_table_per_layer_gets_the_same_memory_in_layer_pag
     assert pool_groups(("full", "snapkv", "kv-compress", "pyramidkv"), 0.125, 24) == {
         "full": 1, "snapkv": 1, "kv-compress": 1, "pyramidkv": 24}
 
+
+
+def test_a_measured_row_is_saved_and_reused_only_for_the_same_options(tmp_path):
+    """A long run resumes: a method's row measured with the same options is read back, not measured again."""
+    calls = []
+
+    def measure(value):
+        def go():
+            calls.append(value)
+            return {"method": "snapkv", "output_tok_s": value}
+        return go
+
+    path = tmp_path / "row-snapkv.json"
+    key = {"context": 4096, "budget": 0.125}
+    assert tp.saved_row(path, key, measure(1.0)) == {"method": "snapkv", "output_tok_s": 1.0}
+    assert tp.saved_row(path, key, measure(2.0))["output_tok_s"] == 1.0 and calls == [1.0]
+    assert tp.saved_row(path, {**key, "budget": 0.25}, measure(3.0))["output_tok_s"] == 3.0
+    assert calls == [1.0, 3.0] and not path.with_suffix(".part").exists()
+
+
+def test_a_failed_measurement_saves_nothing(tmp_path):
+    def fail():
+        raise KVLabError("the server died")
+
+    with pytest.raises(KVLabError):
+        tp.saved_row(tmp_path / "row-h2o.json", {}, fail)
+    assert list(tmp_path.iterdir()) == []

@@ -272,3 +272,26 @@ def test_a_preempted_compressed_request_is_recomputed_to_the_tokens_it_gives_alo
         stop_llm(llm)
     assert preempted >= 1
     assert [list(t) for t in together] == alone
+
+
+def test_a_preempted_held_request_is_replayed_to_the_tokens_it_gives_alone(tiny_model):
+    """H2O held at 256 tokens per KV head, three prompts shorter than that growing to it: the 200-token one is
+    held (evicting a token per head and step) well before the other two outgrow the 28-page pool, and vLLM
+    preempts it (the last to arrive); recomputed, its prompt ends a step, then its outputs are replayed through
+    the method's own steps, victims included: every request gives the tokens it gives alone."""
+    from vllm import SamplingParams
+
+    pool = 28
+    llm = start(tiny_model, {"method": "h2o", "budget_tokens": 256}, blocks=pool, max_num_seqs=4,
+                max_model_len=(pool - 1) * PAGE)
+    try:
+        batch, new = prompts((100, 150, 200), seed=13), 300
+        alone = [greedy(llm, [p], new)[0] for p in batch]
+        params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True, detokenize=False)
+        preempted_before = next(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+        together = [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
+        preempted = next(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions") - preempted_before
+    finally:
+        stop_llm(llm)
+    assert preempted >= 1
+    assert [list(t) for t in together] == alone

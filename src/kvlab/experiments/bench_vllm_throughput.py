@@ -17,6 +17,9 @@ server's Prometheus ``/metrics`` every 0.25 s for the largest ``vllm:num_request
 - drift: replies whose first :data:`DRIFT_TOKENS` token ids are vanilla's for the same prompt (a long
   generation under decode-time eviction: ``--context 1k --new-tokens 1024 --methods full,h2o,tova,streaming``).
 
+Each method's row is saved as it ends (``row-<method>.json`` in the log folder, ``<out>-logs`` beside
+``--out``): the same command again reads back the rows measured with the same options and runs only the rest.
+
 The default pool holds about :data:`HOLD` vanilla requests of the context (prompt + new tokens, plus one
 spare page each, plus vLLM's null block), so an eviction method that keeps 1/8 of a request's pages once
 its prompt is done can hold several times as many. A request still needs its whole prompt's pages while
@@ -416,6 +419,23 @@ def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def saved_row(path: Path, key: dict[str, Any], measure: Any) -> dict[str, Any]:
+    """The row saved at ``path`` by an earlier run with the same options (``key``), else ``measure()``, saved
+    there whole (written aside, then renamed), so a long run over many methods resumes where it stopped."""
+    import json
+
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            print(f"{saved['row']['method']}: the row measured {saved['saved']} ({path})", file=sys.stderr)
+            return saved["row"]
+    row = measure()
+    part = path.with_suffix(".part")
+    part.write_text(json.dumps({"key": key, "saved": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "row": row}))
+    part.replace(path)
+    return row
+
+
 def run(directory: Path, model: str, served_name: str, context: int, requests: int, new_tokens: int,
         budget: float, kv_blocks: int, max_model_len: int, kv_cache_gib: int, dtype: str = "bfloat16",
         methods: tuple[str, ...] = METHODS, log_dir: Path | None = None, seed: int = 0,
@@ -435,8 +455,15 @@ def run(directory: Path, model: str, served_name: str, context: int, requests: i
     log_dir = Path(tempfile.mkdtemp(prefix="kvlab-bench-throughput-")) if log_dir is None else log_dir
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    rows = [run_method(m, model, served_name, tokenizer, prompts, budget, new_tokens, max_model_len, kv_blocks,
-                       kv_cache_gib, dtype, log_dir, (groups or {}).get(m, 1), budget_tokens) for m in methods]
+    rows = []
+    for m in methods:
+        key = {"model": served_name, "dtype": dtype, "context": context, "requests": requests,
+               "new_tokens": new_tokens, "budget": budget, "budget_tokens": budget_tokens, "kv_blocks": kv_blocks,
+               "max_model_len": max_model_len, "kv_cache_gib": kv_cache_gib, "seed": seed,
+               "groups": (groups or {}).get(m, 1)}
+        rows.append(saved_row(log_dir / f"row-{m}.json", key, lambda m=m, key=key: run_method(
+            m, model, served_name, tokenizer, prompts, budget, new_tokens, max_model_len, kv_blocks, kv_cache_gib,
+            dtype, log_dir, key["groups"], budget_tokens)))
     bytes_per_page = block_bytes(config, dtype)
     return {"model": served_name, "dtype": dtype, "machine": describe(), "cpu_count": os.cpu_count(),
             "vllm": vllm_version(), "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
