@@ -13,10 +13,13 @@ engine runs them.
   however long it decodes.
 
 The method's state (H2O's accumulated attention, the cap) lives in one copy of the method per request, and
-each step the method runs on a one-layer kvlab store of the request's live tokens gathered from vLLM's pages,
-so what decides is kvlab's own code. A resumed (preempted) request is recomputed prompt first (the scheduler
-ends that step at the prompt's end), then its outputs are replayed through the same steps, one token at a
-time. ``decode_evict=false`` runs the scorer once at the prompt's end in whole pages
+each step the method runs on a one-layer kvlab store of the request's live tokens, so what decides is kvlab's
+own code. The store is gathered from vLLM's pages at the request's first decode step and then kept beside
+them (each new token appended, each compaction mirrored): a host copy of the held tokens, ``cap +
+compact_every`` per layer and KV head, outside vLLM's pool, in place of a gather of every live token per step
+(gathered anew only when full). A resumed (preempted) request is recomputed prompt first (the scheduler ends
+that step at the prompt's end), then its outputs are replayed through the same steps, one token at a time.
+``decode_evict=false`` runs the scorer once at the prompt's end in whole pages
 (:class:`~kvlab.vllm.methods.scorers.ScorerAdapter`).
 """
 
@@ -50,6 +53,8 @@ class HeldLayer:
 
     slots: torch.Tensor  # [L]
     positions: torch.Tensor  # [H, L]
+    store: LayerStore | None = None  # kvlab's copy of the live tokens, gathered at the first step, then kept
+    values: torch.Tensor | None = None  # [H, L, D]: the same tokens' values in slot order
 
     def append(self, position: int) -> None:
         """A new token, at its own position's slot (vLLM wrote it there)."""
@@ -81,18 +86,23 @@ class HeldRow:
 
 
 def layer_store(kv_cache: torch.Tensor, maps: tuple[torch.Tensor, torch.Tensor], table_row: torch.Tensor,
-                held: HeldLayer, page: int) -> tuple[LayerStore, torch.Tensor]:
-    """A one-layer kvlab store of the live tokens (dead slots kept as dead), with room for one more; and their
-    values ``[H, L, D]`` in its slot order."""
+                held: HeldLayer, page: int, room: int = 1) -> tuple[LayerStore, torch.Tensor]:
+    """A one-layer kvlab store of the live tokens (dead slots kept as dead), with room for ``room`` more; and
+    their values ``[H, L, D]`` in its slot order."""
     keys, values = page_layout.gather(kv_cache, maps, table_row[held.slots // page], held.slots % page)
     keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [H, L, D]
     heads, length, dim = keys.shape
     layer = KVStore.empty(1, 1, heads, dim, block_size=16, dtype=keys.dtype).layers[0]
-    layer.reserve(length + 1)  # one allocation
+    layer.reserve(length + room)  # one allocation
     layer.append(keys[None], values[None], torch.arange(length)[None])
     for h in range(heads):
         layer.positions[layer.row_slots(h)] = held.positions[h]
     return layer, values
+
+
+def full(layer: LayerStore) -> bool:
+    """No room for one more token: the store is gathered anew (growing it in place would drop its dead slots)."""
+    return any(n >= c * layer.block_size for n, c in zip(layer.lengths_host, layer.capacity_host, strict=True))
 
 
 def held_step(held: Held, index: int, call: LayerCall, table_row: torch.Tensor, position: int, token: int,
@@ -101,7 +111,10 @@ def held_step(held: Held, index: int, call: LayerCall, table_row: torch.Tensor, 
     the step's query (``call.query[token]``) over the live tokens and the new one (written into
     ``call.output``), and mark each KV head's victim dead. Whether it compacted."""
     method, mine = held.method, held.layers[index]
-    layer, values = layer_store(call.kv_cache, call.maps, table_row, mine, page)
+    if mine.store is None or full(mine.store):  # later steps append the new token, compact as vLLM's pages move
+        mine.store, mine.values = layer_store(call.kv_cache, call.maps, table_row, mine, page,
+                                              room=method.compact_every + 1)
+    layer, values = mine.store, mine.values
     compacted = method.maintain_layer(index, layer)
     if compacted:
         heads, length = mine.positions.shape
@@ -115,7 +128,7 @@ def held_step(held: Held, index: int, call: LayerCall, table_row: torch.Tensor, 
     key, value = page_layout.gather(call.kv_cache, call.maps, block, offset)  # [H, D]: written by vLLM
     layer.append(key[None, :, None], value[None, :, None], torch.tensor([[position]]))
     mine.append(position)
-    values = torch.cat([values, value[:, None]], 1)  # [H, T, D]
+    values = mine.values = torch.cat([values, value[:, None]], 1)  # [H, T, D]
     query = call.query[token].float()  # [Hq, D]
     hq, dim = query.shape
     q = query.to(layer.keys.dtype)[None, :, None, :]  # [1, Hq, 1, D]
@@ -126,6 +139,7 @@ def held_step(held: Held, index: int, call: LayerCall, table_row: torch.Tensor, 
                                                              queries={index: q}))
     dead = torch.where(evict, -1, mine.positions.gather(1, victim[:, None])[:, 0])
     mine.positions.scatter_(1, victim[:, None], dead[:, None])
+    S.mark_dead(layer, victim, evict)
     return compacted
 
 
