@@ -109,9 +109,11 @@ def test_the_budget_one_way():
 
 def fake_result():
     def row(method, running, tok_s, hits, preempt=0, first=((1, 2), (3, 4), (5, 6))):
+        timeline = [[0.0, 0, 0, 0.0], [1.0, running, 1, 0.5], [2.0, running // 2, 0, 0.5], [3.0, 0, 0, 0.0]]
         return {"method": method, "budget": None if method == "full" else 0.125, "max_running": running,
                 "peak_kv_usage": 0.97, "preemptions": preempt, "output_tok_s": tok_s, "needle": f"{hits}/12",
-                "wall_s": 1536 / tok_s, "requests": 3, "first_tokens": [list(f) for f in first]}
+                "wall_s": 1536 / tok_s, "requests": 3, "first_tokens": [list(f) for f in first],
+                "timeline": timeline}
 
     rows = tp.add_ratios([row("full", 2, 2.0, 12, 3), row("streaming", 8, 4.5, 1, first=((1, 2), (3, 5), ())),
                           row("kv-compress", 9, 5.0, 10)])
@@ -126,9 +128,11 @@ def test_ratios_and_table_rows():
     assert kv["concurrency_vs_vanilla"] == 4.5 and kv["throughput_vs_vanilla"] == 2.5
     rows = tp.table_rows(result)
     assert [r["method"] for r in rows] == ["full", "streaming", "kv-compress"]
-    assert list(rows[0]) == ["method", "budget", "max running", "peak KV usage %", "preemptions", "output tok/s",
-                             "concurrency vs vanilla", "throughput vs vanilla", "needle", "first 64 = vanilla",
-                             "wall s"]
+    assert list(rows[0]) == ["method", "budget", "max running", "mean running", "peak KV usage %", "preemptions",
+                             "output tok/s", "concurrency vs vanilla", "mean running vs vanilla",
+                             "throughput vs vanilla", "needle", "first 64 = vanilla", "wall s"]
+    assert [r["mean running"] for r in rows] == [1.5, 6.0, 6.5]  # samples with requests out: (2 + 1) / 2 ...
+    assert rows[2]["mean running vs vanilla"] == "4.33x"
     assert [r["first 64 = vanilla"] for r in rows] == ["3/3", "1/3", "3/3"]
     assert rows[0]["budget"] == "-" and rows[0]["concurrency vs vanilla"] == "1.00x"
     assert rows[2]["concurrency vs vanilla"] == "4.50x" and rows[2]["throughput vs vanilla"] == "2.50x"
@@ -140,6 +144,12 @@ def test_ratios_and_table_rows():
 def test_ratios_without_vanilla_are_left_out():
     rows = tp.add_ratios([{"method": "kv-compress", "max_running": 5, "output_tok_s": 3.0}])
     assert rows[0]["concurrency_vs_vanilla"] is None and rows[0]["throughput_vs_vanilla"] is None
+    assert rows[0]["mean_running"] is None and rows[0]["mean_running_vs_vanilla"] is None
+
+
+def test_mean_running_counts_only_while_requests_are_out():
+    timeline = [[0.0, 0, 0, 0.0], [1.0, 0, 4, 0.1], [2.0, 4, 0, 0.9], [3.0, 2, 0, 0.5], [4.0, 0, 0, 0.0]]
+    assert tp.mean_running(timeline) == 2.0 and tp.mean_running([]) is None
 
 
 def test_the_table_prints(capsys):

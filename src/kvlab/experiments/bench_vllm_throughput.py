@@ -10,7 +10,8 @@ completion requests of ``context``-token needle prompts (:func:`kvlab.experiment
 prose with a pass key and the question at the end) asking for ``new_tokens`` greedy tokens each
 (``ignore_eos``) are sent at once through ``openai.AsyncOpenAI``. While they run, a thread reads the
 server's Prometheus ``/metrics`` every 0.25 s for the largest ``vllm:num_requests_running`` and
-``vllm:kv_cache_usage_perc``; ``vllm:num_preemptions`` is read at the end.
+``vllm:kv_cache_usage_perc``, and their mean over the run (:func:`mean_running`); ``vllm:num_preemptions`` is
+read at the end.
 
 - output tokens/s: completion tokens of all replies / wall time from sending to the last reply;
 - needle: replies whose first :data:`~kvlab.experiments.bench_vllm.ANSWER_TOKENS` tokens hold the key;
@@ -404,13 +405,25 @@ def run_method(method: str, model: str, served_name: str, tokenizer: Any, prompt
             "log": str(log_path), "timeline": watch.timeline}
 
 
+def mean_running(timeline: list[list[float]]) -> float | None:
+    """Requests running, averaged over the timeline's samples (about one a second) while any request was running
+    or waiting: how many a pool serves at once over a whole run. The peak alone flatters vanilla, whose requests
+    are shortest (their prompts alone) just when they start together."""
+    busy = [running for _, running, waiting, *_ in timeline if running + waiting > 0]
+    return sum(busy) / len(busy) if busy else None
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each row's max running and output tok/s over vanilla's (``full``), and how many of its replies begin with
-    vanilla's first :data:`DRIFT_TOKENS` tokens, when vanilla ran."""
+    """Each row's max and mean running and output tok/s over vanilla's (``full``), and how many of its replies
+    begin with vanilla's first :data:`DRIFT_TOKENS` tokens, when vanilla ran."""
     base = next((r for r in rows if not takes_budget(r["method"])), None)
+    for r in rows:
+        r["mean_running"] = mean_running(r.get("timeline", []))
     for r in rows:
         ok = base is not None and base["max_running"] > 0
         r["concurrency_vs_vanilla"] = r["max_running"] / base["max_running"] if ok else None
+        mean_ok = base is not None and base["mean_running"] and r["mean_running"] is not None
+        r["mean_running_vs_vanilla"] = r["mean_running"] / base["mean_running"] if mean_ok else None
         r["throughput_vs_vanilla"] = r["output_tok_s"] / base["output_tok_s"] if base is not None else None
         same = None
         if base is not None and "first_tokens" in r and "first_tokens" in base:
@@ -488,10 +501,13 @@ def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         return f"{r['budget_tokens']} tokens" if r.get("budget_tokens") else "-" if r["budget"] is None else r["budget"]
 
     return [{"method": r["method"], "budget": budget(r),
-             "max running": r["max_running"], "peak KV usage %": round(100 * r["peak_kv_usage"], 1),
+             "max running": r["max_running"],
+             "mean running": "-" if r.get("mean_running") is None else round(r["mean_running"], 2),
+             "peak KV usage %": round(100 * r["peak_kv_usage"], 1),
              "preemptions": "-" if r["preemptions"] is None else r["preemptions"],
              "output tok/s": round(r["output_tok_s"], 2),
              "concurrency vs vanilla": _ratio(r["concurrency_vs_vanilla"]),
+             "mean running vs vanilla": _ratio(r.get("mean_running_vs_vanilla")),
              "throughput vs vanilla": _ratio(r["throughput_vs_vanilla"]),
              "needle": r["needle"],
              f"first {DRIFT_TOKENS} = vanilla": "-" if r.get("same_first_as_vanilla") is None
