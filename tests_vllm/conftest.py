@@ -23,6 +23,23 @@ os.environ["KVLAB_VLLM_RECORD"] = "1"
 os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 os.environ.setdefault("KVLAB_QUIET", "1")
 
+
+def pin_worker() -> None:
+    """Under pytest-xdist (``make test``: two workers), worker ``gwN`` runs on its own core, its vLLM engines'
+    threads bound there too: two engines sharing a core stall each other past vLLM's execute-model timeout.
+    The tests marked ``both_cores`` (two ranks) run afterwards in one process over every core."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    core = cores[int(worker.removeprefix("gw")) % len(cores)]
+    os.sched_setaffinity(0, {core})
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(core)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+pin_worker()
+
 TINY_VOCAB = 512
 
 

@@ -14,6 +14,8 @@ from test_eviction_server import MODEL, PAGE, prose_prompt, wait_until
 
 from conftest import blocks_in_use, kvlab_server, metrics
 
+pytestmark = pytest.mark.both_cores  # two ranks, a core each
+
 BUDGET = 256
 
 

@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 from kvlab.cli import app
 from kvlab.errors import KVLabError
 
+pytestmark = pytest.mark.both_cores  # the cores a rank needs, and the rank binding, are this process's
+
 
 def serve(*args: str):
     result = CliRunner().invoke(app, ["serve", *args])

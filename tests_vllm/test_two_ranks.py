@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+import pytest
 from test_eviction_engine import (
     BLOCKS,
     EVICT_LENGTHS,
@@ -25,6 +26,8 @@ from test_eviction_engine import (
 )
 
 from conftest import LENGTHS, greedy, prompts, start_llm, stop_llm
+
+pytestmark = pytest.mark.both_cores  # a rank a core
 
 RANKS = 2
 
