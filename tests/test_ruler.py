@@ -174,6 +174,7 @@ def test_leaderboard_agreement_and_plot_from_cells(tmp_path):
     (["--method", "nope"], "unknown method 'nope'"),
     (["--model", "no-such-model"], "neither a built-in model"),
     (["--method", "snapkv", "-p", "per_head=true"], "--param is the vllm engine's"),
+    (["--method", "block-route", "--block-size", "64"], "--block-size is the vllm engine's"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(args, message, tmp_path):
     out = tmp_path / "out"
@@ -211,3 +212,6 @@ def test_the_vllm_engine_serves_each_method_with_its_params():
     argv = serve_argv("m", "block-route", 0.875, 1, 4200, "float32", ["per_head=true"])
     assert argv[argv.index("--ratio") + 1] == "0.875" and argv[argv.index("-p") + 1] == "per_head=true"
     assert "-p" not in serve_argv("m", "full", 0.0, 1, 4200, "float32")
+    assert "--block-size" not in argv and "--block-size" not in serve_argv("m", "full", 0.0, 1, 4200, "float32", (), 64)
+    paged = serve_argv("m", "block-route", 0.875, 1, 4200, "float32", (), 64)
+    assert paged[paged.index("--block-size") + 1] == "64"

@@ -37,3 +37,20 @@ def test_vllm_engine_answers_through_lm_evals_client_as_kvlabs_engine_does(tmp_p
     rows = ruler.agreement(served + ours, "kvlab", "vllm")
     assert rows == [{"method": "full", "ratio": 0.0, "mode": "aware", "samples": 2, "differ": 0, "same answer": 2,
                      "kvlab - vllm": 0.0, "ci95": 0.0, "agree": True}]  # the same greedy answers, word for word
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--block-size", "48"], "multiple of 32"),
+    (["-p", "per_head=maybe"], "per_head takes true or false"),
+])
+def test_a_page_or_parameter_the_server_refuses_is_one_line_before_any_server(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from kvlab.cli import app
+    from kvlab.errors import KVLabError
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["eval", "ruler", "--engine", "vllm", "--method", "block-route", "--out",
+                                      str(out), *args])
+    assert isinstance(result.exception, KVLabError) and message in str(result.exception)
+    assert not out.exists()

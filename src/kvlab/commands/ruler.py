@@ -77,6 +77,9 @@ def register(eval_app: typer.Typer) -> None:
         param: Annotated[list[str] | None, typer.Option(
             "--param", "-p", help="vllm engine: NAME=VALUE given to every method's server (kvlab serve -p; the "
                                   "method's row is named with it)")] = None,
+        block_size: Annotated[int, typer.Option(
+            "--block-size", help="vllm engine: the methods' page size in tokens (kvlab serve --block-size; rows "
+                                 "named page=N when not 128; full runs on 128)")] = 128,
         out: Annotated[Path, typer.Option(help="directory: samples, one file per cell (resume), ruler.json, "
                                                "report.md, ruler.png; every engine's cells in it are tabled")] = Path(
             "kvlab-ruler"),
@@ -95,6 +98,7 @@ def register(eval_app: typer.Typer) -> None:
         check(dtype in DTYPES, f"unknown --dtype {dtype!r}; allowed: {', '.join(DTYPES)}")  # kvlab serve's
         check(engine == "vllm" or not param, "--param is the vllm engine's (the kvlab engine takes a preset name as "
                                              "--method)")
+        check(engine == "vllm" or block_size == 128, "--block-size is the vllm engine's (vLLM's page size)")
         ratios = ratios_of(ratio, budget)
         modes = list(dict.fromkeys(mode or ruler.MODES))
         for m in modes:
@@ -102,11 +106,11 @@ def register(eval_app: typer.Typer) -> None:
         check(engine == "kvlab" or mode is None, "--mode is the kvlab engine's: vllm answers question-aware, kvpress "
                                                  "question-agnostic")
         methods = engine_methods(engine, method)
-        if param:
+        if param or block_size != 128:
             from kvlab.commands.serve import kvlab_section
 
-            for m in (m for m in methods if m != "full"):  # one line: a parameter a method does not take
-                kvlab_section(m, param, None, 0.5, None, 128)
+            for m in (m for m in methods if m != "full"):  # one line: a parameter or page a method does not take
+                kvlab_section(m, param, None, 0.5, None, block_size)
         directory, served_name = _model_dir(model)
         _check_length(directory, model, length)
         claim_out_dir(out, served_name, "ruler")
@@ -119,7 +123,7 @@ def register(eval_app: typer.Typer) -> None:
             from kvlab.experiments.ruler_vllm import run_vllm
 
             run_vllm(str(directory), served_name, data, runs, cells, length, max_new_tokens, dtype, log_dir=out,
-                     params=param or [])
+                     params=param or [], page_size=block_size)
         else:
             import kvlab
 

@@ -21,15 +21,17 @@ from kvlab.experiments.runner import Cells
 from kvlab.progress import track
 
 CONCURRENT = 2  # requests in flight per server
+PAGE = 128  # kvlab serve's default page size in tokens
 
 
 def serve_argv(model: str, method: str, ratio: float, port: int, max_model_len: int, dtype: str,
-               params: list[str] = ()) -> list[str]:
-    """``python -m kvlab serve`` for one (method, ratio) with ``params`` (``-p NAME=VALUE``); ``full`` is plain
-    vLLM."""
+               params: list[str] = (), page_size: int = PAGE) -> list[str]:
+    """``python -m kvlab serve`` for one (method, ratio) with ``params`` (``-p NAME=VALUE``) on ``page_size``-token
+    pages; ``full`` is plain vLLM on kvlab serve's default pages."""
     argv = [sys.executable, "-m", "kvlab", "serve", "--model", model, "--method", method]
     if method != "full":
         argv += ["--ratio", f"{ratio:g}", *[x for p in params for x in ("-p", p)]]
+        argv += ["--block-size", str(page_size)] if page_size != PAGE else []
     return argv + ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len),
                    "--dtype", dtype]
 
@@ -57,22 +59,25 @@ def ask(lm: Any, samples: list[Sample], max_new: int | None) -> list[str]:
 
 def run_vllm(directory: str, served_name: str, samples: list[Sample], runs: list[tuple[str, float]], cells: Cells,
              length: int, max_new: int | None = None, dtype: str = "float32",
-             log_dir: Path | None = None, params: list[str] = ()) -> list[dict[str, Any]]:
+             log_dir: Path | None = None, params: list[str] = (), page_size: int = PAGE) -> list[dict[str, Any]]:
     """Every ``(method, ratio)`` of ``runs`` (``full`` at ratio 0): a server of the model in ``directory`` (whose
     tokenizer the client counts with), the samples not cached yet, the server stopped; each answer scored by
-    lm-eval and written as its own cell, under the method's name and ``params`` (``block-route per_head=true``)."""
+    lm-eval and written as its own cell, under the method's name, ``params`` and a page size other than
+    :data:`PAGE` (``block-route per_head=true page=64``)."""
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="kvlab-ruler-"))
     ordered = order(samples)
     max_len = max(length, 1024) + max(new_tokens(s, max_new) for s in samples) + 64
     out = []
     for method, ratio in track(runs, "RULER vllm"):
-        label = " ".join([method, *params]) if method != "full" else method
+        pages = [f"page={page_size}"] if page_size != PAGE else []
+        label = " ".join([method, *params, *pages]) if method != "full" else method
         keys = [cell_key("vllm", served_name, s, label, ratio, "aware", length, new_tokens(s, max_new))
                 for s in ordered]
         done = [cells.get("ruler", k) for k in keys]
         todo = [i for i, c in enumerate(done) if c is None]
         if todo:
-            argv = serve_argv(directory, method, ratio, free_port(), max_len, dtype, params if method != "full" else ())
+            argv = serve_argv(directory, method, ratio, free_port(), max_len, dtype, params if method != "full" else (),
+                              page_size)
             with served(argv, log_dir / f"serve-{method}-{ratio:g}.log", method) as (url, _proc):
                 lm = client(url, served_name, directory, max_len)
                 try:
