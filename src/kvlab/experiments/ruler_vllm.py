@@ -78,7 +78,8 @@ def run_vllm(directory: str, served_name: str, samples: list[Sample], runs: list
         if todo:
             argv = serve_argv(directory, method, ratio, free_port(), max_len, dtype, params if method != "full" else (),
                               page_size)
-            with served(argv, log_dir / f"serve-{method}-{ratio:g}.log", method) as (url, _proc):
+            log = log_dir / f"serve-{label.replace(' ', '-').replace('=', '')}-{ratio:g}.log"
+            with served(argv, log, method) as (url, _proc):
                 lm = client(url, served_name, directory, max_len)
                 try:
                     answers = ask(lm, [ordered[i] for i in todo], max_new)
