@@ -251,27 +251,33 @@ def test_a_prompt_shorter_than_budget_tokens_grows_to_it_then_is_held(tiny_model
 
 
 # ---------------------------------------------------------------- preemption of a compressed request
+def alone_and_together(tiny_model, section, pool, lengths, seed, new=300):
+    """Greedy tokens of each prompt alone, then of all at once on a ``pool``-page engine, and how many
+    preemptions vLLM counted while they ran together."""
+    from vllm import SamplingParams
+
+    llm = start(tiny_model, section, blocks=pool, max_num_seqs=4, max_model_len=(pool - 1) * PAGE)
+    try:
+        batch = prompts(lengths, seed=seed)
+        alone = [greedy(llm, [p], new)[0] for p in batch]
+        params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True, detokenize=False)
+        before = next(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+        together = [list(o.outputs[0].token_ids) for o in llm.generate(batch, params, use_tqdm=False)]
+        preempted = next(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions") - before
+    finally:
+        stop_llm(llm)
+    return alone, together, preempted
+
+
 def test_a_preempted_compressed_request_is_recomputed_to_the_tokens_it_gives_alone(tiny_model):
     """Three requests that outgrow a 36-page pool while decoding: vLLM preempts one (its blocks, kept pages
     included, go back) and recomputes it, prompt and outputs. kvlab's scheduler ends that prefill at the
     prompt's end, so the prompt is compressed again before the outputs are recomputed against it: every
     request gives the tokens it gives alone."""
-    from vllm import SamplingParams
-
-    pool = 36
-    llm = start(tiny_model, {"method": "kv-compress", "budget": 0.25}, blocks=pool, max_num_seqs=4,
-                max_model_len=(pool - 1) * PAGE)
-    try:
-        batch, new = prompts((600, 650, 700), seed=11), 300
-        alone = [greedy(llm, [p], new)[0] for p in batch]
-        params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True, detokenize=False)
-        preempted_before = next(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
-        together = [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
-        preempted = next(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions") - preempted_before
-    finally:
-        stop_llm(llm)
+    alone, together, preempted = alone_and_together(tiny_model, {"method": "kv-compress", "budget": 0.25}, 36,
+                                                    (600, 650, 700), seed=11)
     assert preempted >= 1
-    assert [list(t) for t in together] == alone
+    assert together == alone
 
 
 def test_a_preempted_held_request_is_replayed_to_the_tokens_it_gives_alone(tiny_model):
@@ -279,19 +285,7 @@ def test_a_preempted_held_request_is_replayed_to_the_tokens_it_gives_alone(tiny_
     held (evicting a token per head and step) well before the other two outgrow the 28-page pool, and vLLM
     preempts it (the last to arrive); recomputed, its prompt ends a step, then its outputs are replayed through
     the method's own steps, victims included: every request gives the tokens it gives alone."""
-    from vllm import SamplingParams
-
-    pool = 28
-    llm = start(tiny_model, {"method": "h2o", "budget_tokens": 256}, blocks=pool, max_num_seqs=4,
-                max_model_len=(pool - 1) * PAGE)
-    try:
-        batch, new = prompts((100, 150, 200), seed=13), 300
-        alone = [greedy(llm, [p], new)[0] for p in batch]
-        params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True, detokenize=False)
-        preempted_before = next(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
-        together = [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
-        preempted = next(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions") - preempted_before
-    finally:
-        stop_llm(llm)
+    alone, together, preempted = alone_and_together(tiny_model, {"method": "h2o", "budget_tokens": 256}, 28,
+                                                    (100, 150, 200), seed=13)
     assert preempted >= 1
-    assert [list(t) for t in together] == alone
+    assert together == alone
