@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from kvlab.errors import KVLabError
-from kvlab.experiments.bench_vllm_throughput import free_port, served
+from kvlab.experiments.bench_vllm_throughput import PAGE, free_port, served
 from kvlab.experiments.ruler import Sample, cell_key, new_tokens, order, score
 from kvlab.experiments.runner import Cells
 from kvlab.progress import track
 
 CONCURRENT = 2  # requests in flight per server
-PAGE = 128  # kvlab serve's default page size in tokens
 
 
 def serve_argv(model: str, method: str, ratio: float, port: int, max_model_len: int, dtype: str,
