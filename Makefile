@@ -50,11 +50,12 @@ test-main: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 # Two pytest workers, one core each (tests_vllm/conftest.py binds a worker and its vLLM engines to its core),
-# a test file at a time each; then the tests that serve two ranks, alone over every core.
+# a test file at a time each, the slowest files first (conftest.py's SLOWEST_FIRST); then the tests that
+# serve two ranks, alone over every core.
 VLLM_TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(2, len(os.sched_getaffinity(0))))")
 test-vllm: $(VLLM_STAMP) convert
 	$(VLLM_BIN)/python -m pytest -q -p no:cacheprovider --durations=20 -n $(VLLM_TEST_WORKERS) --dist loadfile \
-		-m "not both_cores" tests_vllm
+		--no-loadscope-reorder -m "not both_cores" tests_vllm
 	$(VLLM_BIN)/python -m pytest -q -p no:cacheprovider --durations=10 -m both_cores tests_vllm
 
 serve: $(VLLM_STAMP) convert
