@@ -78,8 +78,9 @@ class _AllBlocks(Method):
         return ReadPlan("blocks", idx.reshape(layer.batch, layer.kv_heads, w), block_size=self.block_size)
 
 
-@pytest.mark.parametrize("bs,tokens", [(8, False), (64, False), (1, True)])
+@pytest.mark.parametrize("bs,tokens", [(8, False), (64, False), (256, False), (1, True)])
 def test_sparse_paths_inside_the_model_equal_full(qwen, bs, tokens):
+    """256-token blocks: a block reaches past its row's capacity, the last row's past the pool's end."""
     model, snap, full = qwen
     out = _logits(model, snap, _AllBlocks(block_size=bs, tokens=tokens))
     assert (out - full).abs().max() <= 1e-4

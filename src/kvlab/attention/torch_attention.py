@@ -187,6 +187,9 @@ def _attend_plan(layer: LayerStore, query: torch.Tensor, q_positions: torch.Tens
         valid = (index[:, :, None] >= 0).expand(rows, index.shape[1], bs).flatten(1) & (slots < lengths[:, None])
         kpool, vpool = layer.keys.view(-1, unit * d), layer.values.view(-1, unit * d)
         ppool = layer.positions.view(-1, unit)
+        # A plan's block may be larger than the store's: the newest one can reach past the last row's capacity,
+        # so past the pool. Those slots are masked (slot < length); read the pool's last unit in their place.
+        ids = ids.clamp(max=kpool.shape[0] - 1)
     else:  # single slots
         valid = (index >= 0) & (index < lengths[:, None])
         ids = layer.row_base[:, None] + index.clamp(min=0)
