@@ -5,7 +5,7 @@ Each prompt is prefilled once (float32, 16-token store blocks) and decoded from 
 given. On 2 cores a 16K prompt's prefill takes 7-10 minutes. Run under .venv:
 
     python benchmarks/bench_vllm_needles_in_kvlab.py [--model qwen2.5-coder-0.5b] [--context 16384] [--batch 4]
-        [--budget 0.125] [--blocks 16,32,128]
+        [--budget 0.125] [--blocks 16,32,128] [--prompts 0,1]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--budget", type=float, default=0.125)
     ap.add_argument("--blocks", default="16,32,128", help="block-route block sizes (powers of two)")
+    ap.add_argument("--prompts", default=None, help="which of the batch's prompts, e.g. 0,1 (default: all)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not 0 < args.budget <= 1:
@@ -46,8 +47,11 @@ def main() -> None:
     specs = [("full", {})] + [("block-route", {"budget": args.budget, "block_size": b, "score": score,
                                                "score_block": min(b, 16)})
                               for b in (int(x) for x in args.blocks.split(",")) for score in ("centroid", "bound")]
+    chosen = range(args.batch) if args.prompts is None else [int(i) for i in args.prompts.split(",")]
+    if any(not 0 <= i < args.batch for i in chosen):
+        raise SystemExit(f"--prompts takes indices in 0..{args.batch - 1}, got {args.prompts}")
     rows = []
-    for i in range(args.batch):
+    for i in chosen:
         ids, gold = prompts[(args.context, i)]
         start = time.perf_counter()
         snapshot = prefill(model, [ids], block_size=16, reserve_tokens=ANSWER_TOKENS + 8)
@@ -63,7 +67,7 @@ def main() -> None:
         print(json.dumps(result, indent=1))
     for name, params in specs:
         found = sum(r["found"] for r in rows if r["method"] == name and all(r.get(k) == v for k, v in params.items()))
-        print(f"{name} {params}: {found} of {args.batch}")
+        print(f"{name} {params}: {found} of {len(chosen)}")
 
 
 if __name__ == "__main__":
