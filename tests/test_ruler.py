@@ -215,3 +215,18 @@ def test_the_vllm_engine_serves_each_method_with_its_params():
     assert "--block-size" not in argv and "--block-size" not in serve_argv("m", "full", 0.0, 1, 4200, "float32", (), 64)
     paged = serve_argv("m", "block-route", 0.875, 1, 4200, "float32", (), 64)
     assert paged[paged.index("--block-size") + 1] == "64"
+
+
+@pytest.mark.parametrize("page, label", [(None, "block-route per_head=false"), (32, "block-route per_head=false"),
+                                         (128, "block-route per_head=false page=128")])
+def test_a_vllm_row_is_named_by_the_command_line_that_reproduces_it(samples, tmp_path, page, label):
+    """A page size is in the row's name only where it is not the method's own, so the cells of a run are found
+    again by the same command, and rows of other pages stay apart (nothing is served: every cell is cached)."""
+    from kvlab.experiments.ruler_vllm import run_vllm
+
+    cells, sample = Cells(tmp_path), samples[0][0]
+    key = ruler.cell_key("vllm", "m", sample, label, 0.875, "aware", 4096, ruler.new_tokens(sample, 8))
+    cells.put("ruler", key, {**key, "answer": "x", "score": 0.0, "seconds": None})
+    found = run_vllm("unused", "m", [sample], [("block-route", 0.875)], cells, 4096, max_new=8,
+                     params=["per_head=false"], page_size=page, own_pages={"block-route": 32})
+    assert [c["method"] for c in found] == [label]

@@ -128,13 +128,19 @@ def test_what_each_adapter_asks_of_the_engine():
 
 def test_an_adapter_option_is_validated_and_carried_in_the_kvlab_entry():
     """block-route's ``per_head`` is the adapter's, not the method's: checked, in the startup line, and in the
-    entry the workers parse again; per request (one group) unless given."""
+    entry the workers parse again; per KV head unless given, or where the backend reads one page list per
+    request (CUDA), where asking for it is refused."""
     plain = kvconfig.parse({"method": "block-route", "budget": 0.125}, 128)
-    assert plain.adapter.head_groups(2) == 1 and "per_head" not in plain.additional_config()["kvlab"]
-    heads = kvconfig.parse({"method": "block-route", "budget": 0.125, "per_head": True}, 128)
-    assert heads.adapter.head_groups(2) == 2 and heads.describe()["per_head"] is True
-    again = kvconfig.parse(heads.additional_config()["kvlab"], 128)
-    assert again.adapter.option == {"per_head": True} and again.method == heads.method
+    assert plain.adapter.head_groups(2) == 2 and plain.describe()["per_head"] is True
+    assert plain.method.score == "centroid" and "per_head" not in plain.additional_config()["kvlab"]
+    request = kvconfig.parse({"method": "block-route", "budget": 0.125, "per_head": False}, 128)
+    assert request.adapter.head_groups(2) == 1 and request.describe()["per_head"] is False
+    again = kvconfig.parse(request.additional_config()["kvlab"], 128)
+    assert again.adapter.option == {"per_head": False} and again.method == request.method
+    cuda = kvconfig.parse({"method": "block-route", "budget": 0.125}, 128, heads_apart=False)
+    assert cuda.adapter.head_groups(2) == 1 and cuda.method == plain.method
+    with pytest.raises(KVLabError, match="per_head=true runs on vLLM's CPU backend"):
+        kvconfig.parse({"method": "block-route", "budget": 0.125, "per_head": True}, 128, heads_apart=False)
     with pytest.raises(KVLabError, match="per_head takes a bool, got 'yes'"):
         kvconfig.parse({"method": "block-route", "budget": 0.125, "per_head": "yes"}, 128)
     with pytest.raises(KVLabError, match="has no parameter per_head"):

@@ -1,4 +1,6 @@
-"""block-route inside a real vLLM engine, on a tiny random-weight model (three engines, shared by module)."""
+"""block-route inside a real vLLM engine, on a tiny random-weight model (three engines, shared by module): one page
+list per request and Quest's bound (``per_head=false score=bound``; per KV head, the default, is
+tests_vllm/test_two_ranks.py's)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ PAGE = 128
 
 @pytest.fixture(scope="module")
 def routed(tiny_model):
-    llm = start_llm(tiny_model, {"method": "block-route", "budget": 0.25})
+    llm = start_llm(tiny_model, {"method": "block-route", "budget": 0.25, "per_head": False, "score": "bound"})
     yield llm
     stop_llm(llm)
 
@@ -94,7 +96,7 @@ def test_page_summaries_equal_a_recomputation_from_the_cache(routed, max_tokens)
             for j in range(0, count, sb):
                 chunk = keys[p, :, j:min(j + sb, count)]
                 assert int(s["count"][p, j // sb]) == chunk.shape[1]
-                assert torch.equal(s["kmin"][p, j // sb], chunk.amin(1))  # score=bound, vLLM's default
+                assert torch.equal(s["kmin"][p, j // sb], chunk.amin(1))  # score=bound
                 assert torch.equal(s["kmax"][p, j // sb], chunk.amax(1))
 
 
@@ -105,3 +107,36 @@ def test_small_budget_selection_is_batch_invariant(routed):
     together = greedy(routed, batch)
     alone = [greedy(routed, [p])[0] for p in batch]
     assert together == alone
+
+
+def test_the_default_centroid_per_kv_head_on_32_token_pages(tiny_model, vanilla_tokens):
+    """block-route's defaults in vLLM (kvlab's centroid, a page list per KV head, on the 32-token pages kvlab
+    serve gives it): each KV head's selection keeps the sink, the newest page and the budget, the heads choose
+    differently somewhere, and the centroid summaries equal the sum of the keys in the cache."""
+    page = 32
+    llm = start_llm(tiny_model, {"method": "block-route", "budget": 0.25}, block_size=page)
+    try:
+        llm.apply_model(reset_records)
+        tokens = greedy(llm, prompts(LENGTHS, seed=0))
+        records = llm.apply_model(recorded_selections)[0]
+        snapshot = llm.apply_model(summary_snapshot)[0]
+    finally:
+        stop_llm(llm)
+    differ = 0
+    for r in records:
+        for n, k, per_head in zip(r["seq_lens"], r["k"], r["pages"], strict=True):
+            npages = -(-n // page)
+            assert len(per_head) == 2 and all(len(p) == k == min(npages, max(int(0.25 * n) // page, 2))
+                                              for p in per_head)
+            assert all(p == sorted(set(p)) and p[0] == 0 and p[-1] == npages - 1 for p in per_head)
+            differ += per_head[0] != per_head[1]
+    assert differ > 0 and tokens != vanilla_tokens[1]
+    assert {s["layer"] for s in snapshot} == {2, 3}
+    for s in snapshot:
+        assert "kmin" not in s and s["score_block"] == 16
+        keys = vec_keys(s["blocks"])  # [pages, H, page, D]
+        for p, count in enumerate(s["tokens"].tolist()):
+            for j in range(0, count, 16):
+                chunk = keys[p, :, j:min(j + 16, count)]
+                assert int(s["count"][p, j // 16]) == chunk.shape[1]
+                torch.testing.assert_close(s["ksum"][p, j // 16], chunk.sum(1))

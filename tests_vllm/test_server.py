@@ -33,7 +33,7 @@ def client(server):
 def test_startup_logs_the_kvlab_method_once(server):
     lines = [line for line in server["log"].read_text().splitlines() if "kvlab: method" in line]
     assert len(lines) == 1, lines
-    assert "kvlab: method block-route (budget=0.125 page_size=128" in lines[0]
+    assert "kvlab: method block-route (budget=0.125 page_size=32 score=centroid" in lines[0]
 
 
 def test_needle_over_5k_tokens_is_answered_at_budget_one_eighth(client):

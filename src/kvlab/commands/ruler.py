@@ -77,9 +77,10 @@ def register(eval_app: typer.Typer) -> None:
         param: Annotated[list[str] | None, typer.Option(
             "--param", "-p", help="vllm engine: NAME=VALUE given to every method's server (kvlab serve -p; the "
                                   "method's row is named with it)")] = None,
-        block_size: Annotated[int, typer.Option(
-            "--block-size", help="vllm engine: the methods' page size in tokens (kvlab serve --block-size; rows "
-                                 "named page=N when not 128; full runs on 128)")] = 128,
+        block_size: Annotated[int | None, typer.Option(
+            "--block-size", help="vllm engine: the methods' page size in tokens (kvlab serve --block-size; default "
+                                 "each method's own; rows named page=N when not the method's; full runs on "
+                                 "128)")] = None,
         out: Annotated[Path, typer.Option(help="directory: samples, one file per cell (resume), ruler.json, "
                                                "report.md, ruler.png; every engine's cells in it are tabled")] = Path(
             "kvlab-ruler"),
@@ -98,7 +99,7 @@ def register(eval_app: typer.Typer) -> None:
         check(dtype in DTYPES, f"unknown --dtype {dtype!r}; allowed: {', '.join(DTYPES)}")  # kvlab serve's
         check(engine == "vllm" or not param, "--param is the vllm engine's (the kvlab engine takes a preset name as "
                                              "--method)")
-        check(engine == "vllm" or block_size == 128, "--block-size is the vllm engine's (vLLM's page size)")
+        check(engine == "vllm" or block_size is None, "--block-size is the vllm engine's (vLLM's page size)")
         ratios = ratios_of(ratio, budget)
         modes = list(dict.fromkeys(mode or ruler.MODES))
         for m in modes:
@@ -106,11 +107,11 @@ def register(eval_app: typer.Typer) -> None:
         check(engine == "kvlab" or mode is None, "--mode is the kvlab engine's: vllm answers question-aware, kvpress "
                                                  "question-agnostic")
         methods = engine_methods(engine, method)
-        if param or block_size != 128:
-            from kvlab.commands.serve import kvlab_section
+        if param or block_size is not None:
+            from kvlab.commands.serve import kvlab_section, page_size_for
 
             for m in (m for m in methods if m != "full"):  # one line: a parameter or page a method does not take
-                kvlab_section(m, param, None, 0.5, None, block_size)
+                kvlab_section(m, param, None, 0.5, None, page_size_for(m, block_size))
         directory, served_name = _model_dir(model)
         _check_length(directory, model, length)
         claim_out_dir(out, served_name, "ruler")
@@ -120,10 +121,11 @@ def register(eval_app: typer.Typer) -> None:
         notes: list[str] = []
         runs = [(m, 0.0) if m == "full" else (m, r) for m in methods for r in ([0.0] if m == "full" else ratios)]
         if engine == "vllm":
+            from kvlab.commands.serve import page_size_for
             from kvlab.experiments.ruler_vllm import run_vllm
 
             run_vllm(str(directory), served_name, data, runs, cells, length, max_new_tokens, dtype, log_dir=out,
-                     params=param or [], page_size=block_size)
+                     params=param or [], page_size=block_size, own_pages={m: page_size_for(m, None) for m in methods})
         else:
             import kvlab
 

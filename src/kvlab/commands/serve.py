@@ -79,6 +79,14 @@ def model_facts(directory: Path) -> dict[str, Any]:
             "sliding": bool(config.get("use_sliding_window")) or config.get("model_type", "").startswith("gemma")}
 
 
+def page_size_for(method: str, block_size: int | None) -> int:
+    """``--block-size``, or, when it is not given, the page size the method's adapter runs on (block-route 32,
+    every other method vLLM's 128); one line for a method vLLM cannot run."""
+    from kvlab.vllm.methods import adapter_named
+
+    return adapter_named(method).page_tokens if block_size is None else block_size
+
+
 def kvlab_section(method: str, params: list[str] | None, budget: float | None, ratio: float | None,
                   budget_tokens: int | None, page_size: int, directory: Path | None = None) -> dict[str, Any]:
     """The validated ``"kvlab"`` entry of vLLM's ``--additional-config`` (raises KVLabError)."""
@@ -310,7 +318,9 @@ def run_vllm_server(argv: list[str]) -> None:
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="built-in name or a model directory")]
 MethodOpt = Annotated[str, typer.Option(help="full (plain vLLM) or a method `kvlab methods` marks as running in vLLM")]
-PageOpt = Annotated[int, typer.Option("--block-size", help="vLLM's page size in tokens (a multiple of 32)")]
+PageOpt = Annotated[int | None, typer.Option(
+    "--block-size", help="vLLM's page size in tokens (a multiple of 32; default: the method's, block-route 32, "
+                         "the others 128)")]
 DtypeOpt = Annotated[str, typer.Option(help="weights and KV dtype: bfloat16, float32, float16 or auto")]
 
 
@@ -328,12 +338,13 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
         max_model_len: Annotated[int | None, typer.Option("--max-model-len", help="longest prompt + output")] = None,
         dtype: DtypeOpt = "bfloat16",
-        block_size: PageOpt = 128,
+        block_size: PageOpt = None,
         kv_cache_gib: Annotated[int | None, typer.Option(
             "--kv-cache-gib", help="vLLM's KV pool in GiB (VLLM_CPU_KVCACHE_SPACE; default: that variable, else 4)")]
         = None,
     ) -> None:
         """Serve a model with vLLM's OpenAI-compatible server and kvlab's method (options after `--` go to vLLM)."""
+        block_size = page_size_for(method, block_size)
         section = kvlab_section(method, param, budget, ratio, budget_tokens, block_size)  # before any model work
         check(kv_cache_gib is None or kv_cache_gib >= 1,
               f"--kv-cache-gib must be a whole number of GiB >= 1, got {kv_cache_gib}")
@@ -366,8 +377,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             "--new-tokens", help="tokens decoded per sequence (default 32; 128 with --throughput)")] = None,
         param: ParamOpt = None,
         dtype: DtypeOpt = "bfloat16",
-        block_size: Annotated[int, typer.Option("--block-size", help="vLLM's page size in tokens, both engines "
-                                                                     "(block-route bench; 32, 64, 128 or 256)")] = 128,
+        block_size: Annotated[int | None, typer.Option(
+            "--block-size", help="vLLM's page size in tokens, both engines (block-route bench; 32, 64, 128 or 256; "
+                                 "default block-route's, 32)")] = None,
         kv_cache_gib: Annotated[int | None, typer.Option(
             "--kv-cache-gib", help="vLLM's KV pool (whole GiB; default 4; with --throughput the least that holds "
                                    "--kv-blocks, at least 1)")] = None,
@@ -432,6 +444,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                                      "--budget or --ratio")
         budget = one_budget(budget, ratio, None)
         cases = bench.parse_cases(contexts)
+        block_size = page_size_for("block-route", block_size)
         section = kvlab_section("block-route", param, budget, None, None, block_size)
         require_vllm()
         directory, served = resolve_model(model)

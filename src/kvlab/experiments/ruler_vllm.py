@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvlab.errors import KVLabError
-from kvlab.experiments.bench_vllm_throughput import PAGE, free_port, served
+from kvlab.experiments.bench_vllm_throughput import free_port, served
 from kvlab.experiments.ruler import Sample, cell_key, new_tokens, order, score
 from kvlab.experiments.runner import Cells
 from kvlab.progress import track
@@ -24,13 +24,13 @@ CONCURRENT = 2  # requests in flight per server
 
 
 def serve_argv(model: str, method: str, ratio: float, port: int, max_model_len: int, dtype: str,
-               params: list[str] = (), page_size: int = PAGE) -> list[str]:
+               params: list[str] = (), page_size: int | None = None) -> list[str]:
     """``python -m kvlab serve`` for one (method, ratio) with ``params`` (``-p NAME=VALUE``) on ``page_size``-token
-    pages; ``full`` is plain vLLM on kvlab serve's default pages."""
+    pages (``None``: the method's own); ``full`` is plain vLLM on kvlab serve's pages for it."""
     argv = [sys.executable, "-m", "kvlab", "serve", "--model", model, "--method", method]
     if method != "full":
         argv += ["--ratio", f"{ratio:g}", *[x for p in params for x in ("-p", p)]]
-        argv += ["--block-size", str(page_size)] if page_size != PAGE else []
+        argv += ["--block-size", str(page_size)] if page_size is not None else []
     return argv + ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len),
                    "--dtype", dtype]
 
@@ -58,17 +58,20 @@ def ask(lm: Any, samples: list[Sample], max_new: int | None) -> list[str]:
 
 def run_vllm(directory: str, served_name: str, samples: list[Sample], runs: list[tuple[str, float]], cells: Cells,
              length: int, max_new: int | None = None, dtype: str = "float32",
-             log_dir: Path | None = None, params: list[str] = (), page_size: int = PAGE) -> list[dict[str, Any]]:
+             log_dir: Path | None = None, params: list[str] = (), page_size: int | None = None,
+             own_pages: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """Every ``(method, ratio)`` of ``runs`` (``full`` at ratio 0): a server of the model in ``directory`` (whose
     tokenizer the client counts with), the samples not cached yet, the server stopped; each answer scored by
-    lm-eval and written as its own cell, under the method's name, ``params`` and a page size other than
-    :data:`PAGE` (``block-route per_head=true page=64``)."""
+    lm-eval and written as its own cell, under the method's name, ``params`` and a page size other than the
+    method's own (``own_pages``: kvlab serve's page size per method; ``block-route per_head=false page=64``): the
+    label is the command line that reproduces it."""
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="kvlab-ruler-"))
     ordered = order(samples)
     max_len = max(length, 1024) + max(new_tokens(s, max_new) for s in samples) + 64
     out = []
     for method, ratio in track(runs, "RULER vllm"):
-        pages = [f"page={page_size}"] if page_size != PAGE else []
+        own = (own_pages or {}).get(method)
+        pages = [f"page={page_size}"] if page_size is not None and page_size != own else []
         label = " ".join([method, *params, *pages]) if method != "full" else method
         keys = [cell_key("vllm", served_name, s, label, ratio, "aware", length, new_tokens(s, max_new))
                 for s in ordered]

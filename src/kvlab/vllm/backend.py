@@ -65,12 +65,20 @@ def engine_config(vllm_config: Any | None = None, log: bool = False) -> kvconfig
     vllm_config = vllm_config if vllm_config is not None else get_current_vllm_config_or_none()
     if vllm_config is None:
         return None
-    cfg = kvconfig.from_vllm_config(vllm_config)
+    cfg = kvconfig.from_vllm_config(vllm_config, heads_apart=heads_apart())
     global _logged
     if log and cfg is not None and not _logged:
         _logged = True
         logger.info(cfg.log_line())
     return cfg if cfg is not None and cfg.active else None
+
+
+def heads_apart() -> bool:
+    """Whether this platform's kvlab backend reads each KV head's own pages: the CPU backend calls vLLM's kernel
+    once per KV head; the CUDA variant reads one page list per request."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 def layer_index(layer_name: str) -> int:
@@ -95,7 +103,7 @@ class KVLabPlanMixin:
     reorder_batch_threshold: ClassVar[int | None] = 1  # decodes first, so they are rows 0 .. nd - 1
 
     def _kvlab_init(self, vllm_config: Any) -> None:
-        self.kvlab = kvconfig.from_vllm_config(vllm_config)
+        self.kvlab = kvconfig.from_vllm_config(vllm_config, heads_apart=heads_apart())
         if self.kvlab is not None:
             check(vllm_config.cache_config.cache_dtype == "auto",
                   f"kvlab block-route reads keys to score pages: --kv-cache-dtype must be auto, "
@@ -309,8 +317,6 @@ def _triton_classes() -> tuple[type, type, type]:
         def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
             super().__init__(kv_cache_spec, layer_names, vllm_config, device)
             self._kvlab_init(vllm_config)
-            check(self.kvlab is None or self.kvlab.adapter.head_groups(self.num_heads_kv) == 1,
-                  "block-route per_head=true runs on vLLM's CPU backend; on CUDA pages are chosen per request")
 
         def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
             md = super().build(common_prefix_len, common_attn_metadata, fast_build)

@@ -76,8 +76,9 @@ class ServeConfig:
         return {CONFIG_KEY: {"method": self.method.name, **body, **options}}
 
 
-def parse(section: Any, page_size: int) -> ServeConfig:
-    """Validate the ``"kvlab"`` section of ``additional_config`` for an engine with ``page_size``-token pages.
+def parse(section: Any, page_size: int, heads_apart: bool = True) -> ServeConfig:
+    """Validate the ``"kvlab"`` section of ``additional_config`` for an engine with ``page_size``-token pages
+    (``heads_apart``: its attention backend can read each KV head's own pages; vLLM's CPU backend can).
 
     Raises :class:`~kvlab.errors.KVLabError` with one line for an unknown method or one no adapter runs, an
     unknown parameter, a budget out of range, or what the method's adapter refuses (a page size /
@@ -94,14 +95,14 @@ def parse(section: Any, page_size: int) -> ServeConfig:
     cls = adapter_named(name)
     check(isinstance(page_size, int) and page_size >= 32 and page_size % 32 == 0,
           f"vLLM's page size (--block-size) must be a multiple of 32 on the CPU, got {page_size}")
-    adapter = cls.configure(name, section, page_size)
+    adapter = cls.configure(name, section, page_size, heads_apart)
     return ServeConfig(adapter.method, page_size, adapter)
 
 
-def from_vllm_config(vllm_config: Any) -> ServeConfig | None:
+def from_vllm_config(vllm_config: Any, heads_apart: bool = True) -> ServeConfig | None:
     """The kvlab configuration of an engine, or ``None`` when its ``additional_config`` has no kvlab entry."""
     extra = getattr(vllm_config, "additional_config", None) or {}
     if not isinstance(extra, dict) or CONFIG_KEY not in extra:
         return None
     page_size = int(vllm_config.cache_config.block_size)
-    return parse(extra[CONFIG_KEY], page_size)
+    return parse(extra[CONFIG_KEY], page_size, heads_apart)

@@ -5,7 +5,8 @@ finds the adapter of a class through its MRO, so an adapter registered for a bas
 subclass that has none of its own. An adapter answers, for one validated method and vLLM's page size:
 
 - **configuration** (no vLLM import; ``kvlab serve`` asks before an engine starts): ``defaults`` (where
-  vLLM's differ from kvlab's store), ``fixed`` (parameters vLLM runs with one value only),
+  vLLM's differ from kvlab's store), ``fixed`` (parameters vLLM runs with one value only), ``options`` (the
+  adapter's own), ``page_tokens`` (the page size ``kvlab serve`` gives vLLM unless ``--block-size`` says),
   :meth:`Adapter.params` and :meth:`Adapter.validate` (the checks), :meth:`Adapter.describe` (the startup
   line), :meth:`Adapter.check_model`;
 - its **role**: :data:`INERT` (vLLM as it is), :data:`ROUTES` (kvlab's attention backend picks the pages
@@ -110,6 +111,7 @@ class Adapter:
     defaults: ClassVar[dict[str, Any]] = {}  # parameter -> its value inside vLLM unless the user gives one
     fixed: ClassVar[dict[str, Any]] = {}  # parameter -> the only value vLLM runs
     options: ClassVar[dict[str, Any]] = {}  # the adapter's own parameters (how vLLM runs it) -> their defaults
+    page_tokens: ClassVar[int] = 128  # the page size kvlab's commands give vLLM for this method (vLLM's CPU default)
 
     def __init__(self, method: Method, page_size: int, options: dict[str, Any] | None = None) -> None:
         self.method, self.page_size = method, page_size
@@ -123,8 +125,9 @@ class Adapter:
 
     # ------------------------------------------------------------ configuration
     @classmethod
-    def configure(cls, name: str, section: dict[str, Any], page_size: int) -> Adapter:
-        """Validate the user's parameters (the ``"kvlab"`` entry less ``method``) and make the method."""
+    def configure(cls, name: str, section: dict[str, Any], page_size: int, heads_apart: bool = True) -> Adapter:
+        """Validate the user's parameters (the ``"kvlab"`` entry less ``method``) and make the method
+        (``heads_apart``: the backend can read each KV head's own pages, as vLLM's CPU backend can)."""
         section = dict(section)
         for key, only in cls.fixed.items():
             if key in section:
@@ -133,9 +136,16 @@ class Adapter:
         for key, value in options.items():
             kind = type(cls.options[key])
             check(type(value) is kind, f"{key} takes a {kind.__name__}, got {value!r}")
+        options = cls.backend_options(options, heads_apart)
         made = cls(make_method(name, **cls.params(section, page_size)), page_size, options)
         made.validate()
         return made
+
+    @classmethod
+    def backend_options(cls, given: dict[str, Any], heads_apart: bool) -> dict[str, Any]:
+        """The adapter's options for a backend that can (``heads_apart``) or cannot read each KV head's own
+        pages, from those the user gave. Default: as given."""
+        return given
 
     @classmethod
     def params(cls, section: dict[str, Any], page_size: int) -> dict[str, Any]:

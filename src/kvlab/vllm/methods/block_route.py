@@ -21,15 +21,25 @@ class BlockRouteAdapter(Adapter):
     """A page is one of vLLM's KV blocks: block-route's ``block_size`` is vLLM's page size."""
 
     role = ROUTES
-    # vLLM's pages are 128 tokens, so one sink page and the newest page already cover the 256 tokens kvlab's
-    # defaults protect; sub-pages of 16 tokens score at kvlab's granularity; and Quest's bound, not the
-    # centroid, because one page list serves every KV head (docs/vllm.md: on a 5.6K-token needle at 1/8 the
-    # bound found 4 of 4 keys, the centroid 2).
-    defaults = {"local_blocks": 1, "score_block": 16, "score": "bound"}
+    # kvlab's own choice (the centroid, per KV head: `options`) on 32-token pages, the smallest vLLM's CPU kernel
+    # reads, scored in sub-pages of 16 tokens; one sink page and the newest. docs/vllm.md ("Pages per request or
+    # per KV head"): at 1/8 it finds vanilla's 4 needles of 4 at 16K x 4, and on RULER (niah_multikey_2, vt) it
+    # scores within one sample in six of kvlab's own block-route; Quest's bound per request, the earlier
+    # default on 128-token pages, found 3 needles and scored 0 on both tasks.
+    defaults = {"local_blocks": 1, "score_block": 16}
+    page_tokens = 32
     fixed = {"refresh": 1, "record_recall": False}
     # per_head: every KV head chooses its own pages (one kernel call per KV head, on its slice of the cache),
     # as kvlab's own block-route does; false: one page list per request and layer, scores summed over heads.
-    options = {"per_head": False}
+    options = {"per_head": True}
+
+    @classmethod
+    def backend_options(cls, given: dict[str, Any], heads_apart: bool) -> dict[str, Any]:
+        if heads_apart:
+            return given
+        check(not given.get("per_head", False),
+              "block-route per_head=true runs on vLLM's CPU backend; on CUDA pages are chosen per request")
+        return {**given, "per_head": False}
 
     @classmethod
     def params(cls, section: dict[str, Any], page_size: int) -> dict[str, Any]:

@@ -149,10 +149,10 @@ class HeldScorerAdapter(ScorerAdapter):
     KV head and step, and the pages behind the last compaction back in vLLM's pool."""
 
     @classmethod
-    def configure(cls, name: str, section: dict[str, Any], page_size: int) -> Adapter:
+    def configure(cls, name: str, section: dict[str, Any], page_size: int, heads_apart: bool = True) -> Adapter:
         if section.get("decode_evict") is False:  # once, at the prompt's end, in whole pages
-            return ScorerAdapter.configure(name, section, page_size)
-        return super().configure(name, section, page_size)
+            return ScorerAdapter.configure(name, section, page_size, heads_apart)
+        return super().configure(name, section, page_size, heads_apart)
 
     @classmethod
     def params(cls, section: dict[str, Any], page_size: int) -> dict[str, Any]:
