@@ -1,6 +1,6 @@
-"""block-route inside a real vLLM engine, on a tiny random-weight model (three engines, shared by module): one page
-list per request and Quest's bound (``per_head=false score=bound``; per KV head, the default, is
-tests_vllm/test_two_ranks.py's)."""
+"""block-route inside a real vLLM engine, on a tiny random-weight model (four engines): one page list per request
+and Quest's bound (``per_head=false score=bound``, shared by module), and the defaults (the centroid, a page list
+per KV head, 32-token pages)."""
 
 from __future__ import annotations
 
@@ -79,6 +79,21 @@ def test_the_vec_key_layout_this_test_reads():
     assert torch.equal(vec_keys(cache).transpose(1, 2).reshape(2 * PAGE, 2, 64)[:200], keys)
 
 
+def assert_summaries_equal_the_cache(s: dict) -> None:
+    """Every sub-page's token count, and its key min/max (``score=bound``) or key sum (``centroid``), recomputed
+    from the page's raw cache block."""
+    keys, sb = vec_keys(s["blocks"]), s["score_block"]  # [pages, H, page, D]
+    for p, count in enumerate(s["tokens"].tolist()):
+        for j in range(0, count, sb):
+            chunk = keys[p, :, j:min(j + sb, count)]
+            assert int(s["count"][p, j // sb]) == chunk.shape[1]
+            if "kmin" in s:
+                assert torch.equal(s["kmin"][p, j // sb], chunk.amin(1))
+                assert torch.equal(s["kmax"][p, j // sb], chunk.amax(1))
+            else:
+                torch.testing.assert_close(s["ksum"][p, j // sb], chunk.sum(1))
+
+
 @pytest.mark.parametrize("max_tokens", [1, 60], ids=["after-prefill", "after-60-decode-steps"])
 def test_page_summaries_equal_a_recomputation_from_the_cache(routed, max_tokens):
     routed.apply_model(reset_records)
@@ -91,13 +106,8 @@ def test_page_summaries_equal_a_recomputation_from_the_cache(routed, max_tokens)
         tokens = s["tokens"].tolist()
         assert sum(tokens) == n + max_tokens - 1  # the last sampled token is never written
         assert min(tokens) == (n + max_tokens - 1) % PAGE  # the partial newest page
-        keys, sb = vec_keys(s["blocks"]), s["score_block"]  # [pages, H, PAGE, D]
-        for p, count in enumerate(tokens):
-            for j in range(0, count, sb):
-                chunk = keys[p, :, j:min(j + sb, count)]
-                assert int(s["count"][p, j // sb]) == chunk.shape[1]
-                assert torch.equal(s["kmin"][p, j // sb], chunk.amin(1))  # score=bound
-                assert torch.equal(s["kmax"][p, j // sb], chunk.amax(1))
+        assert "kmin" in s  # score=bound
+        assert_summaries_equal_the_cache(s)
 
 
 def test_small_budget_selection_is_batch_invariant(routed):
@@ -133,10 +143,5 @@ def test_the_default_centroid_per_kv_head_on_32_token_pages(tiny_model, vanilla_
     assert differ > 0 and tokens != vanilla_tokens[1]
     assert {s["layer"] for s in snapshot} == {2, 3}
     for s in snapshot:
-        assert "kmin" not in s and s["score_block"] == 16
-        keys = vec_keys(s["blocks"])  # [pages, H, page, D]
-        for p, count in enumerate(s["tokens"].tolist()):
-            for j in range(0, count, 16):
-                chunk = keys[p, :, j:min(j + 16, count)]
-                assert int(s["count"][p, j // 16]) == chunk.shape[1]
-                torch.testing.assert_close(s["ksum"][p, j // 16], chunk.sum(1))
+        assert "kmin" not in s and "ksum" in s and s["score_block"] == 16
+        assert_summaries_equal_the_cache(s)
